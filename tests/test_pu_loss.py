@@ -1,0 +1,184 @@
+"""pu_loss against values worked out by hand from the paper's equations."""
+
+import math
+
+import pytest
+import torch
+
+from pu_loss import (
+    bce_normal,
+    bce_sensitive,
+    compute_risk,
+    per_sample_diffusion_loss,
+    pu_risk,
+    supervised_risk,
+    unsupervised_risk,
+)
+
+
+def leaf(values):
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
+
+
+def sensitive_bce_by_hand(loss):
+    """Eq. (11), y = 1: -log(1 - exp(-l))."""
+    return -math.log(1.0 - math.exp(-loss))
+
+
+def sensitive_bce_grad_by_hand(loss):
+    """d/dl of -log(1 - exp(-l)) = -exp(-l) / (1 - exp(-l)) = -1 / (exp(l) - 1)."""
+    return -1.0 / (math.exp(loss) - 1.0)
+
+
+# --------------------------------------------------------------------------- Eq. (8)
+
+
+def test_per_sample_loss_sums_squared_error_over_non_batch_dims():
+    target = torch.zeros(2, 1, 2, 2)
+    pred = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    # sample 0: 1 + 4 = 5; sample 1: 4 * 1 = 4
+    assert per_sample_diffusion_loss(pred, target).tolist() == [5.0, 4.0]
+    assert per_sample_diffusion_loss(pred, target, reduction="mean").tolist() == [1.25, 1.0]
+
+
+def test_per_sample_loss_is_float32_for_half_inputs_and_rejects_bad_shapes():
+    pred = torch.full((1, 4, 64, 64), 2.0, dtype=torch.float16)  # sum = 4 * 16384 = 65536 > fp16 max
+    loss = per_sample_diffusion_loss(pred, torch.zeros_like(pred))
+    assert loss.dtype == torch.float32 and loss.item() == 65536.0
+    with pytest.raises(ValueError, match="shape"):
+        per_sample_diffusion_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="reduction"):
+        per_sample_diffusion_loss(pred, pred, reduction="max")
+
+
+# --------------------------------------------------------------------------- Eq. (10)-(11)
+
+
+def test_bce_terms_match_eq_11():
+    losses = leaf([0.5, 2.0, 7.0])
+    assert bce_normal(losses).tolist() == [0.5, 2.0, 7.0]
+    values = bce_sensitive(losses)
+    for value, loss in zip(values.tolist(), [0.5, 2.0, 7.0], strict=True):
+        assert value == pytest.approx(sensitive_bce_by_hand(loss), rel=1e-12)
+    values.sum().backward()
+    for grad, loss in zip(losses.grad.tolist(), [0.5, 2.0, 7.0], strict=True):
+        assert grad == pytest.approx(sensitive_bce_grad_by_hand(loss), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss_value", [0.0, 1e-8, 1e-3, 1.0, 1e5])
+def test_bce_sensitive_is_finite_with_finite_gradient(dtype, loss_value):
+    losses = torch.tensor([loss_value], dtype=dtype, requires_grad=True)
+    value = bce_sensitive(losses)
+    value.sum().backward()
+    assert value.dtype == dtype
+    assert torch.isfinite(value).all()
+    assert torch.isfinite(losses.grad).all()
+    # Minimising the term must never lower l: the gradient is <= 0 everywhere.
+    assert losses.grad.item() <= 0.0
+
+
+def test_bce_sensitive_keeps_pushing_below_its_floor():
+    """Below the dtype's epsilon the value is the floor's, and the gradient is the floor's, not zero."""
+    eps = torch.finfo(torch.float32).eps
+    losses = torch.tensor([0.0, 1e-12], requires_grad=True)
+    value = bce_sensitive(losses)
+    value.sum().backward()
+    expected = -math.log(-math.expm1(-eps))
+    assert value.tolist() == pytest.approx([expected, expected], rel=1e-5)
+    assert losses.grad.tolist() == pytest.approx([sensitive_bce_grad_by_hand(eps)] * 2, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- Eq. (9) and (12)
+
+
+def test_unsupervised_risk_is_mean_over_u():
+    risk = unsupervised_risk(leaf([1.0, 2.0, 6.0]))
+    assert risk.loss.item() == pytest.approx(3.0)
+    assert set(risk.to_log_dict()) == {"loss", "unlabeled_loss"}
+
+
+def test_supervised_risk_matches_eq_12():
+    unlabeled, sensitive = leaf([1.0, 3.0]), leaf([2.0, 4.0])
+    risk = supervised_risk(unlabeled, sensitive)
+    expected = 2.0 + (sensitive_bce_by_hand(2.0) + sensitive_bce_by_hand(4.0)) / 2
+    assert risk.loss.item() == pytest.approx(expected, rel=1e-12)
+    risk.loss.backward()
+    assert unlabeled.grad.tolist() == [0.5, 0.5]
+    assert sensitive.grad.tolist() == pytest.approx(
+        [sensitive_bce_grad_by_hand(2.0) / 2, sensitive_bce_grad_by_hand(4.0) / 2], rel=1e-9
+    )
+
+
+# --------------------------------------------------------------------------- Eq. (18)-(19), Algorithm 1
+
+
+def test_nnpu_positive_branch_minimises_the_unbiased_risk():
+    # L^-_U = 2, L^-_S = 2, beta = 0.1: r = 2 - 0.2 = 1.8 >= 0, so the loss is beta * L^+_S + r.
+    unlabeled, sensitive = leaf([1.0, 3.0]), leaf([2.0])
+    risk = pu_risk(unlabeled, sensitive, prior=0.1, nonnegative="nnpu")
+    assert risk.negative_risk.item() == pytest.approx(1.8)
+    assert risk.positive_risk.item() == pytest.approx(sensitive_bce_by_hand(2.0))
+    assert risk.loss.item() == pytest.approx(0.1 * sensitive_bce_by_hand(2.0) + 1.8, rel=1e-12)
+    assert risk.correction.item() == 0.0
+    risk.loss.backward()
+    assert unlabeled.grad.tolist() == [0.5, 0.5]
+    # d/dl_S [beta * BCE1(l_S) - beta * l_S]
+    assert sensitive.grad.item() == pytest.approx(0.1 * sensitive_bce_grad_by_hand(2.0) - 0.1, rel=1e-9)
+
+
+def test_nnpu_negative_branch_steps_on_minus_r():
+    # L^-_U = 0.5, L^-_S = 10, beta = 0.1: r = 0.5 - 1.0 = -0.5 < 0, so the loss is -r = 0.5.
+    unlabeled, sensitive = leaf([0.5, 0.5]), leaf([10.0])
+    risk = pu_risk(unlabeled, sensitive, prior=0.1, nonnegative="nnpu")
+    assert risk.negative_risk.item() == pytest.approx(-0.5)
+    assert risk.loss.item() == pytest.approx(0.5)
+    assert risk.correction.item() == 1.0
+    risk.loss.backward()
+    # Gradient of -(L^-_U - beta L^-_S): a descent step raises l on U and lowers it on S,
+    # pushing r back up towards 0. The positive risk takes no part in this step.
+    assert unlabeled.grad.tolist() == [-0.5, -0.5]
+    assert sensitive.grad.item() == pytest.approx(0.1)
+
+
+def test_abs_uses_the_absolute_negative_risk():
+    unlabeled, sensitive = leaf([0.5, 0.5]), leaf([10.0])
+    risk = pu_risk(unlabeled, sensitive, prior=0.1, nonnegative="abs")
+    assert risk.loss.item() == pytest.approx(0.1 * sensitive_bce_by_hand(10.0) + 0.5, rel=1e-12)
+    assert risk.correction is None
+    risk.loss.backward()
+    assert unlabeled.grad.tolist() == [-0.5, -0.5]
+    assert sensitive.grad.item() == pytest.approx(0.1 * sensitive_bce_grad_by_hand(10.0) + 0.1, rel=1e-9)
+
+
+def test_none_keeps_the_negative_unbiased_estimate():
+    risk = pu_risk(leaf([0.5, 0.5]), leaf([10.0]), prior=0.1, nonnegative="none")
+    assert risk.loss.item() == pytest.approx(0.1 * sensitive_bce_by_hand(10.0) - 0.5, rel=1e-12)
+
+
+def test_compute_risk_splits_one_forward_into_u_and_s():
+    losses = leaf([1.0, 3.0, 2.0])  # U = [1, 3], S = [2]
+    risk = compute_risk(losses, num_unlabeled=2, loss_type="pu", prior=0.1, nonnegative="nnpu")
+    assert risk.unlabeled_loss.item() == pytest.approx(2.0)
+    assert risk.sensitive_loss.item() == pytest.approx(2.0)
+    assert compute_risk(losses, 2, "unsupervised").loss.item() == pytest.approx(2.0)
+    assert set(risk.to_log_dict()) == {
+        "loss",
+        "unlabeled_loss",
+        "sensitive_loss",
+        "positive_risk",
+        "negative_risk",
+        "nnpu_correction",
+    }
+
+
+@pytest.mark.parametrize("loss_type", ["pu", "supervised"])
+def test_empty_sensitive_batch_is_rejected(loss_type):
+    with pytest.raises(ValueError, match="empty S batch"):
+        compute_risk(leaf([1.0, 2.0]), num_unlabeled=2, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("prior", [0.0, 1.0, -0.1])
+def test_prior_outside_the_open_unit_interval_is_rejected(prior):
+    with pytest.raises(ValueError, match="prior"):
+        pu_risk(leaf([1.0]), leaf([1.0]), prior=prior)
