@@ -1,0 +1,335 @@
+"""Unlabeled (U) and labeled sensitive (S) training data for PU diffusion.
+
+U and S come either from two sources (a Hub dataset, a local dataset folder or
+an image folder each), or from one labeled dataset split the way the paper
+does (its Table 1): disjoint random draws of normal and sensitive images into
+U, and of further sensitive images into S. The test split's normal images,
+obtained the same way, are the reference set for evaluation.
+
+Transforms use PIL, NumPy and torch only (torchvision is not required).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: Table 1 of the paper: U holds 10 normal images for each sensitive one.
+PAPER_NORMAL_PER_SENSITIVE = 10
+
+
+class InputError(ValueError):
+    """Bad input from the user. The message names the flag or file at fault."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    """True for a folder written by ``Dataset(Dict).save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_image_dataset(
+    dataset_name: str | None,
+    data_dir: str | None,
+    *,
+    name_flag: str,
+    dir_flag: str,
+    split: str = "train",
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+):
+    """Load one split of a dataset from the Hub, a local dataset folder, or an image folder.
+
+    ``dataset_name`` wins over ``data_dir``, as in the official examples. The
+    flag names are only used in error messages.
+    """
+    import datasets
+
+    if dataset_name is not None:
+        local = Path(dataset_name)
+        try:
+            if local.is_dir() and _is_saved_to_disk(local):
+                loaded = datasets.load_from_disk(str(local))
+                if isinstance(loaded, datasets.DatasetDict):
+                    if split not in loaded:
+                        raise InputError(f"{name_flag} {dataset_name}: no split {split!r} (has {list(loaded)})")
+                    loaded = loaded[split]
+                dataset = loaded
+            else:
+                dataset = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, split=split)
+        except InputError:
+            raise
+        except Exception as error:  # datasets raises many types; all mean "cannot load this"
+            raise InputError(f"{name_flag} {dataset_name}: could not load split {split!r}: {error}") from error
+        source = f"{name_flag} {dataset_name}"
+    else:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise InputError(f"{dir_flag} {data_dir}: no such folder")
+        if not any(p.is_file() for p in folder.rglob("*")):
+            raise InputError(f"{dir_flag} {data_dir}: the folder holds no files")
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir, split="train")
+        except Exception as error:
+            raise InputError(f"{dir_flag} {data_dir}: could not read it as an image folder: {error}") from error
+        source = f"{dir_flag} {data_dir}"
+    if len(dataset) == 0:
+        raise InputError(f"{source}: the dataset is empty")
+    return dataset
+
+
+def require_column(dataset, column: str, flag: str, source: str) -> None:
+    if column not in dataset.column_names:
+        raise InputError(f"{flag} {column!r}: no such column in {source} (columns: {dataset.column_names})")
+
+
+# --------------------------------------------------------------------------- label split (paper, Table 1)
+
+
+def resolve_label_values(dataset, label_column: str, labels: Sequence[str], flag: str = "--sensitive_labels") -> set:
+    """Map the user's label strings to the values stored in ``label_column``.
+
+    A ``ClassLabel`` column accepts class names or integer ids; any other
+    column is matched on ``str(value)``. Every label must occur in the data.
+    """
+    from datasets import ClassLabel
+
+    feature = dataset.features[label_column]
+    present = set(dataset.unique(label_column))
+    resolved = set()
+    for label in labels:
+        if isinstance(feature, ClassLabel) and label in feature.names:
+            value = feature.str2int(label)
+        else:
+            matches = [v for v in present if str(v) == str(label)]
+            value = matches[0] if matches else None
+        if value is None or value not in present:
+            raise InputError(f"{flag}: label {label!r} does not occur in column {label_column!r}")
+        resolved.add(value)
+    return resolved
+
+
+@dataclass
+class LabelSplit:
+    """Row indices of the three disjoint draws from one labeled dataset."""
+
+    unlabeled_normal: np.ndarray
+    unlabeled_sensitive: np.ndarray
+    labeled_sensitive: np.ndarray
+
+    @property
+    def unlabeled(self) -> np.ndarray:
+        return np.concatenate([self.unlabeled_normal, self.unlabeled_sensitive])
+
+
+def split_by_label(
+    is_sensitive: np.ndarray,
+    num_unlabeled_normal: int | None = None,
+    num_unlabeled_sensitive: int | None = None,
+    num_labeled_sensitive: int | None = None,
+    seed: int | None = None,
+) -> LabelSplit:
+    """Draw U (normal + sensitive) and S from one labeled dataset, disjointly.
+
+    Defaults follow Table 1 of the paper: U takes every normal image, then one
+    sensitive image for each ``PAPER_NORMAL_PER_SENSITIVE`` normal ones, and S
+    as many sensitive images again. The draw is reproducible with ``seed``.
+    """
+    is_sensitive = np.asarray(is_sensitive, dtype=bool)
+    normal_pool = np.flatnonzero(~is_sensitive)
+    sensitive_pool = np.flatnonzero(is_sensitive)
+    if num_unlabeled_normal is None:
+        num_unlabeled_normal = len(normal_pool)
+    if num_unlabeled_sensitive is None:
+        num_unlabeled_sensitive = num_unlabeled_normal // PAPER_NORMAL_PER_SENSITIVE
+    if num_labeled_sensitive is None:
+        num_labeled_sensitive = num_unlabeled_sensitive
+    for flag, value in (
+        ("--num_unlabeled_normal", num_unlabeled_normal),
+        ("--num_unlabeled_sensitive", num_unlabeled_sensitive),
+        ("--num_labeled_sensitive", num_labeled_sensitive),
+    ):
+        if value < 0:
+            raise InputError(f"{flag} must be >= 0, got {value}")
+    if num_unlabeled_normal + num_unlabeled_sensitive == 0:
+        raise InputError("--num_unlabeled_normal and --num_unlabeled_sensitive: U would be empty")
+    if num_unlabeled_normal > len(normal_pool):
+        raise InputError(f"--num_unlabeled_normal {num_unlabeled_normal}: the data has only {len(normal_pool)} normal")
+    if num_unlabeled_sensitive + num_labeled_sensitive > len(sensitive_pool):
+        raise InputError(
+            f"--num_unlabeled_sensitive {num_unlabeled_sensitive} + --num_labeled_sensitive {num_labeled_sensitive}"
+            f" = {num_unlabeled_sensitive + num_labeled_sensitive}: the data has only {len(sensitive_pool)} sensitive"
+        )
+    rng = np.random.default_rng(seed)
+    normal_draw = rng.permutation(normal_pool)
+    sensitive_draw = rng.permutation(sensitive_pool)
+    return LabelSplit(
+        unlabeled_normal=np.sort(normal_draw[:num_unlabeled_normal]),
+        unlabeled_sensitive=np.sort(sensitive_draw[:num_unlabeled_sensitive]),
+        labeled_sensitive=np.sort(
+            sensitive_draw[num_unlabeled_sensitive : num_unlabeled_sensitive + num_labeled_sensitive]
+        ),
+    )
+
+
+def sensitive_mask(dataset, label_column: str, sensitive_labels: Sequence[str]) -> np.ndarray:
+    values = resolve_label_values(dataset, label_column, sensitive_labels)
+    return np.array([label in values for label in dataset[label_column]], dtype=bool)
+
+
+def normal_reference_split(
+    dataset_name: str,
+    label_column: str,
+    sensitive_labels: Sequence[str],
+    split: str = "test",
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+):
+    """The normal-only images of a held-out split: the reference set of the evaluation.
+
+    Uses the same label semantics as training, and a split other than the
+    training one, so evaluation never sees a training image.
+    """
+    dataset = load_image_dataset(
+        dataset_name,
+        None,
+        name_flag="--dataset_name",
+        dir_flag="--train_data_dir",
+        split=split,
+        config_name=config_name,
+        cache_dir=cache_dir,
+    )
+    require_column(dataset, label_column, "--label_column", f"--dataset_name {dataset_name}")
+    normal = np.flatnonzero(~sensitive_mask(dataset, label_column, sensitive_labels))
+    return dataset.select(normal)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class ImageTransform:
+    """PIL image -> float tensor in [-1, 1] of shape (channels, resolution, resolution).
+
+    Resizes the shorter side to ``resolution`` (bilinear), then crops the
+    centre or a random window, then flips horizontally at random. Randomness
+    comes from torch's generator, so ``accelerate.utils.set_seed`` makes it
+    reproducible, data-loader workers included.
+    """
+
+    def __init__(self, resolution: int, channels: int, center_crop: bool = False, random_flip: bool = False):
+        if channels not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels, the model expects {channels}")
+        self.resolution = resolution
+        self.mode = "L" if channels == 1 else "RGB"
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert(self.mode)
+        width, height = image.size
+        scale = self.resolution / min(width, height)
+        if scale != 1.0:
+            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+            image = image.resize(size, Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+        tensor = self._crop(tensor)
+        if self.random_flip and torch.rand(()) < 0.5:
+            tensor = tensor.flip(-1)
+        return tensor / 127.5 - 1.0
+
+    def _crop(self, tensor: torch.Tensor) -> torch.Tensor:
+        height, width = tensor.shape[-2:]
+        if self.center_crop:
+            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+        else:
+            top = int(torch.randint(0, height - self.resolution + 1, ()))
+            left = int(torch.randint(0, width - self.resolution + 1, ()))
+        return tensor[:, top : top + self.resolution, left : left + self.resolution]
+
+
+class TransformedImages(torch.utils.data.Dataset):
+    """A torch view of one image column of a ``datasets.Dataset``, transformed on access."""
+
+    def __init__(self, dataset, image_column: str, transform: ImageTransform):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.dataset[index][self.image_column])
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def default_sensitive_batch_size(train_batch_size: int, num_unlabeled: int, num_sensitive: int) -> int:
+    """S images per step that one loader over U and S mixed would give, on average, per U batch.
+
+    At least 1, so that every step sees S.
+    """
+    return max(1, round(train_batch_size * num_sensitive / num_unlabeled))
+
+
+def endless(dataloader) -> Iterator:
+    """Yield batches forever, re-iterating (and so re-shuffling) the loader at each pass.
+
+    S is much smaller than U, so its stream cycles on its own; unlike
+    ``itertools.cycle`` this holds no batch in memory and reshuffles.
+    """
+    while True:
+        yield from dataloader
+
+
+# --------------------------------------------------------------------------- demo data
+
+
+def write_digits_dataset(output_dir: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Write scikit-learn's bundled 8x8 digits as a labeled dataset folder.
+
+    The folder holds ``data/train-*.parquet`` and ``data/test-*.parquet`` with
+    an ``image`` column (8x8 grayscale PNG) and a ``label`` column (class
+    names "0".."9"), so ``datasets.load_dataset(output_dir)`` reads it like a
+    Hub dataset. The split is stratified by digit and seeded. Returns the
+    number of rows per split.
+    """
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # The bundled images hold intensities 0..16; scale them to 8-bit grayscale.
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    indices = np.arange(len(images))
+    train_idx, test_idx = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=digits.target)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    data_dir = Path(output_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, split_idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
+        columns = {
+            "image": [Image.fromarray(images[i]) for i in split_idx],
+            "label": [int(digits.target[i]) for i in split_idx],
+        }
+        Dataset.from_dict(columns, features=features).to_parquet(str(data_dir / f"{split}-00000-of-00001.parquet"))
+        counts[split] = len(split_idx)
+    (Path(output_dir) / "README.md").write_text(
+        "# digits\n\nscikit-learn's bundled 8x8 handwritten digits (`sklearn.datasets.load_digits`), "
+        f"split stratified by label with seed {seed}: {json.dumps(counts)}.\n"
+    )
+    return counts

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny datasets and models built on the spot, and a launcher for the scripts.
+
+Nothing is downloaded: HF_HUB_OFFLINE=1 is set for the tests and every
+subprocess they start.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600):
+    """Run one of the repository's scripts the way a user does, and return the finished process.
+
+    ``launcher="accelerate"`` goes through ``accelerate launch`` on CPU;
+    ``"python"`` runs the file directly (for argument and input errors).
+    """
+    command = [sys.executable]
+    if launcher == "accelerate":
+        command += [
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+        if num_processes > 1:
+            command += ["--multi_gpu"]
+    command += [str(REPO_ROOT / script), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-6000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The built-in demo data, written once per test session."""
+    from pu_data import write_digits_dataset
+
+    path = tmp_path_factory.mktemp("digits")
+    write_digits_dataset(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_config(tmp_path_factory) -> Path:
+    """A UNet2DModel config of a few thousand parameters, for 8x8 grayscale images."""
+    from diffusers import UNet2DModel
+
+    path = tmp_path_factory.mktemp("tiny_unet")
+    UNet2DModel(**tiny_unet_kwargs()).save_config(path)
+    return path
+
+
+def tiny_unet_kwargs(channels: int = 1) -> dict:
+    return {
+        "sample_size": 8,
+        "in_channels": channels,
+        "out_channels": channels,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "norm_num_groups": 4,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    }
+
+
+def write_image_folder(path: Path, count: int, size: int = 8, mode: str = "L", seed: int = 0) -> Path:
+    """``count`` random PNG images in an image folder."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    channels = {"L": (size, size), "RGB": (size, size, 3)}[mode]
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8)).save(path / f"{index:03d}.png")
+    return path

@@ -1,0 +1,135 @@
+"""U/S construction, the paper's label split, transforms and the demo data."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pu_data import (
+    ImageTransform,
+    InputError,
+    default_sensitive_batch_size,
+    endless,
+    load_image_dataset,
+    normal_reference_split,
+    resolve_label_values,
+    sensitive_mask,
+    split_by_label,
+)
+from tests.conftest import write_image_folder
+
+ODD = ["1", "3", "5", "7", "9"]
+
+
+def test_digits_dataset_has_stratified_train_and_test_splits(digits_dir):
+    loaded = datasets.load_dataset(str(digits_dir))
+    assert {split: len(loaded[split]) for split in loaded} == {"train": 1437, "test": 360}
+    assert loaded["train"].features["label"].names == [str(d) for d in range(10)]
+    image = loaded["train"][0]["image"]
+    assert image.size == (8, 8) and image.mode == "L"
+    # 1797 digits split 80/20 per class: every class keeps about a fifth in test.
+    test_counts = np.bincount(loaded["test"]["label"], minlength=10)
+    assert test_counts.min() >= 35 and test_counts.max() <= 37
+
+
+def test_split_by_label_counts_are_exact_disjoint_and_seeded():
+    is_sensitive = np.array([False] * 50 + [True] * 30)
+    split = split_by_label(is_sensitive, 40, 4, 6, seed=1)
+    assert (len(split.unlabeled_normal), len(split.unlabeled_sensitive), len(split.labeled_sensitive)) == (40, 4, 6)
+    assert not is_sensitive[split.unlabeled_normal].any()
+    assert is_sensitive[split.unlabeled_sensitive].all() and is_sensitive[split.labeled_sensitive].all()
+    assert not set(split.unlabeled) & set(split.labeled_sensitive)
+    assert len(set(split.unlabeled)) == 44
+    again = split_by_label(is_sensitive, 40, 4, 6, seed=1)
+    other = split_by_label(is_sensitive, 40, 4, 6, seed=2)
+    assert np.array_equal(split.labeled_sensitive, again.labeled_sensitive)
+    assert not np.array_equal(split.unlabeled_normal, other.unlabeled_normal)
+
+
+def test_split_by_label_defaults_follow_the_papers_ratio():
+    split = split_by_label(np.array([False] * 100 + [True] * 50), seed=0)
+    assert (len(split.unlabeled_normal), len(split.unlabeled_sensitive), len(split.labeled_sensitive)) == (100, 10, 10)
+
+
+@pytest.mark.parametrize(
+    ("counts", "flag"),
+    [
+        ((101, 1, 1), "--num_unlabeled_normal"),
+        ((10, 30, 30), "--num_labeled_sensitive"),
+        ((-1, 1, 1), "--num_unlabeled_normal"),
+        ((0, 0, 5), "U would be empty"),
+    ],
+)
+def test_split_by_label_rejects_counts_beyond_the_data(counts, flag):
+    with pytest.raises(InputError, match=flag):
+        split_by_label(np.array([False] * 100 + [True] * 50), *counts)
+
+
+def test_labels_resolve_by_class_name_or_id_and_unknown_labels_are_named(digits_dir):
+    train = datasets.load_dataset(str(digits_dir), split="train")
+    assert resolve_label_values(train, "label", ["1", "3"]) == {1, 3}
+    with pytest.raises(InputError, match="--sensitive_labels: label '11'"):
+        resolve_label_values(train, "label", ["11"])
+    plain = datasets.Dataset.from_dict({"kind": ["cat", "dog", "cat"]})
+    assert sensitive_mask(plain, "kind", ["dog"]).tolist() == [False, True, False]
+
+
+def test_normal_reference_split_is_the_normal_part_of_the_test_split(digits_dir):
+    reference = normal_reference_split(str(digits_dir), "label", ODD)
+    labels = reference["label"]
+    assert set(labels) == {0, 2, 4, 6, 8}
+    test = datasets.load_dataset(str(digits_dir), split="test")
+    assert len(reference) == sum(1 for label in test["label"] if label % 2 == 0)
+
+
+def test_image_folder_loading_and_its_errors(tmp_path):
+    folder = write_image_folder(tmp_path / "u", 5)
+    assert len(load_image_dataset(None, str(folder), name_flag="--dataset_name", dir_flag="--train_data_dir")) == 5
+    with pytest.raises(InputError, match="--sensitive_data_dir .*no such folder"):
+        load_image_dataset(
+            None, str(tmp_path / "nope"), name_flag="--sensitive_dataset_name", dir_flag="--sensitive_data_dir"
+        )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="--sensitive_data_dir .*holds no files"):
+        load_image_dataset(
+            None, str(tmp_path / "empty"), name_flag="--sensitive_dataset_name", dir_flag="--sensitive_data_dir"
+        )
+    with pytest.raises(InputError, match="--dataset_name .*could not load"):
+        load_image_dataset(str(tmp_path / "missing"), None, name_flag="--dataset_name", dir_flag="--train_data_dir")
+
+
+def test_image_transform_scales_to_minus_one_one_and_picks_channels():
+    pixels = np.zeros((12, 16, 3), dtype=np.uint8)
+    pixels[:, :8] = 255  # left half white
+    image = Image.fromarray(pixels)
+    gray = ImageTransform(8, channels=1, center_crop=True)(image)
+    rgb = ImageTransform(8, channels=3, center_crop=True)(image)
+    assert gray.shape == (1, 8, 8) and rgb.shape == (3, 8, 8)
+    assert gray.min().item() == -1.0 and gray.max().item() == 1.0
+    # Shorter side 12 -> 8 gives 11x8 (w x h); the centre crop keeps columns 1..8 of 11.
+    assert gray[0, :, 0].tolist() == [1.0] * 8 and gray[0, :, -1].tolist() == [-1.0] * 8
+
+
+def test_random_flip_is_seeded_by_torch():
+    image = Image.fromarray(np.tile(np.arange(8, dtype=np.uint8) * 30, (8, 1)))
+    transform = ImageTransform(8, channels=1, center_crop=True, random_flip=True)
+    torch.manual_seed(0)
+    first = [transform(image)[0, 0, 0].item() for _ in range(20)]
+    torch.manual_seed(0)
+    assert [transform(image)[0, 0, 0].item() for _ in range(20)] == first
+    assert len(set(first)) == 2  # both orientations occur
+
+
+def test_default_sensitive_batch_size_is_the_mixed_loader_average():
+    assert default_sensitive_batch_size(128, num_unlabeled=792, num_sensitive=72) == 12
+    assert default_sensitive_batch_size(4, num_unlabeled=1000, num_sensitive=10) == 1
+
+
+def test_endless_stream_cycles_and_reshuffles():
+    loader = torch.utils.data.DataLoader(list(range(6)), batch_size=6, shuffle=True)
+    torch.manual_seed(0)
+    stream = endless(loader)
+    passes = [next(stream).tolist() for _ in range(4)]
+    assert all(sorted(p) == list(range(6)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1
