@@ -1,0 +1,568 @@
+"""What both PU training scripts share: flags, checks, checkpoints, saving, model cards, the Hub.
+
+The official Diffusers examples copy these pieces from script to script; here
+they live once. Nothing in this module knows which model is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pu_data import InputError
+from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS, RiskOutput, compute_risk, per_sample_diffusion_loss
+
+logger = logging.getLogger(__name__)
+
+#: Never uploaded to the Hub: resumable training state and old validation images.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*"]
+#: Files whose presence marks a finished model in an output folder.
+FINISHED_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = False) -> None:
+    group = parser.add_argument_group("data: U (unlabeled) and S (labeled sensitive)")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="U: a Hub dataset id or a local dataset folder. With --label_column, the labeled dataset"
+        " that U and S are both drawn from.",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The config of --dataset_name.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="U: an image folder (datasets' imagefolder layout). Ignored if --dataset_name is set.",
+    )
+    group.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
+    if with_captions:
+        group.add_argument("--caption_column", type=str, default="text", help="The column holding U's captions.")
+    group.add_argument(
+        "--sensitive_dataset_name",
+        type=str,
+        default=None,
+        help="S: a Hub dataset id or a local dataset folder of sensitive images only.",
+    )
+    group.add_argument(
+        "--sensitive_data_dir",
+        type=str,
+        default=None,
+        help="S: an image folder of sensitive images only. Ignored if --sensitive_dataset_name is set.",
+    )
+    if with_captions:
+        group.add_argument("--sensitive_caption_column", type=str, default=None, help="The column of S's captions.")
+        group.add_argument("--sensitive_prompt", type=str, default=None, help="One caption for every image of S.")
+    group.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help="Build U and S from one labeled --dataset_name, as in the paper's Table 1.",
+    )
+    group.add_argument(
+        "--sensitive_labels",
+        type=str,
+        nargs="+",
+        default=None,
+        help="With --label_column: the label values (names or ids) that are sensitive.",
+    )
+    group.add_argument(
+        "--num_unlabeled_normal",
+        type=int,
+        default=None,
+        help="With --label_column: normal images drawn into U (default: all of them).",
+    )
+    group.add_argument(
+        "--num_unlabeled_sensitive",
+        type=int,
+        default=None,
+        help="With --label_column: sensitive images drawn into U (default: a tenth of the normal"
+        " count, the paper's 10:1).",
+    )
+    group.add_argument(
+        "--num_labeled_sensitive",
+        type=int,
+        default=None,
+        help="With --label_column: sensitive images drawn into S, disjoint from U's (default: as many"
+        " as U's sensitive ones).",
+    )
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
+    group.add_argument("--resolution", type=int, default=64, help="Images are resized and cropped to this size.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random window.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loading subprocesses; 0: main.")
+
+
+def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str = "nnpu") -> None:
+    group = parser.add_argument_group("PU loss (Takahashi et al., 2025)")
+    group.add_argument(
+        "--loss_type",
+        choices=LOSS_TYPES,
+        default="pu",
+        help="pu: Eq. (19); supervised: Eq. (12), all of U taken as normal; unsupervised: Eq. (9),"
+        " plain diffusion training, S unused.",
+    )
+    group.add_argument(
+        "--prior",
+        type=float,
+        default=0.1,
+        help="beta, the share of sensitive data in U, in (0, 1). The paper uses 0.1.",
+    )
+    group.add_argument(
+        "--nonnegative",
+        choices=NONNEGATIVE_MODES,
+        default=default_nonnegative,
+        help="How the negative risk is kept >= 0: nnpu (Algorithm 1), abs (|r|), none (unbiased).",
+    )
+    group.add_argument(
+        "--sensitive_batch_size",
+        type=int,
+        default=None,
+        help="S images per step (default: train_batch_size * |S| / |U|, at least 1).",
+    )
+    group.add_argument(
+        "--loss_reduction",
+        choices=REDUCTIONS,
+        default="sum",
+        help="Per-sample loss of Eq. (8): sum over pixels (the paper) or mean.",
+    )
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", type=str, required=True, help="Where the model and checkpoints are written.")
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Train even if --output_dir already holds a finished model."
+    )
+    group.add_argument("--seed", type=int, default=None, help="Seed for the U/S draws, training and samples.")
+    group.add_argument("--train_batch_size", type=int, default=16, help="U images per step and device.")
+    group.add_argument("--num_train_epochs", "--num_epochs", type=int, default=100, dest="num_train_epochs")
+    group.add_argument("--max_train_steps", type=int, default=None, help="If set, overrides --num_train_epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps, batch size and process count.",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=500)
+    group.add_argument("--adam_beta1", type=float, default=0.95)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Default: what `accelerate launch` / `accelerate config` set.",
+    )
+    group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    group.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    group.add_argument("--ema_power", type=float, default=3 / 4)
+    group.add_argument("--ema_max_decay", type=float, default=0.9999)
+    group.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint-N folder every N optimizer steps.",
+    )
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint-N folder, or "latest" for the newest in --output_dir.',
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
+    group.add_argument(
+        "--report_to",
+        "--logger",
+        type=str,
+        default="tensorboard",
+        dest="report_to",
+        help='"tensorboard", "wandb", "all" or "none".',
+    )
+    group.add_argument("--logging_steps", type=int, default=1, help="Log the loss components every N steps.")
+    group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Hugging Face Hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the model (never the checkpoints).")
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--hub_model_id", type=str, default=None, help="Default: the name of --output_dir.")
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """Checks that need no data: bad values fail here, before anything is loaded or written."""
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError("U is missing: give --dataset_name or --train_data_dir")
+    if not 0.0 < args.prior < 1.0:
+        raise InputError(f"--prior must be in (0, 1), got {args.prior}")
+    if args.sensitive_batch_size is not None and args.sensitive_batch_size < 1:
+        raise InputError(f"--sensitive_batch_size must be >= 1, got {args.sensitive_batch_size}")
+    for flag in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "resolution",
+        "logging_steps",
+        "checkpointing_steps",
+    ):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise InputError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise InputError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
+    _check_sensitive_source(args)
+    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login` instead")
+    _check_output_dir(args)
+
+
+def _check_sensitive_source(args: argparse.Namespace) -> None:
+    label_flags = ("num_unlabeled_normal", "num_unlabeled_sensitive", "num_labeled_sensitive", "sensitive_labels")
+    if args.label_column is None:
+        given = [f"--{flag}" for flag in label_flags if getattr(args, flag) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} need --label_column")
+    else:
+        if args.dataset_name is None:
+            raise InputError("--label_column needs a labeled --dataset_name to draw U and S from")
+        if not args.sensitive_labels:
+            raise InputError("--label_column needs --sensitive_labels: which labels are sensitive")
+        if args.sensitive_dataset_name or args.sensitive_data_dir:
+            raise InputError("--label_column draws S from --dataset_name; drop --sensitive_dataset_name/_data_dir")
+    has_sensitive = args.label_column or args.sensitive_dataset_name or args.sensitive_data_dir
+    if args.loss_type != "unsupervised" and not has_sensitive:
+        raise InputError(
+            f"--loss_type {args.loss_type} needs labeled sensitive data S: give --sensitive_dataset_name,"
+            " --sensitive_data_dir, or --label_column with --sensitive_labels"
+        )
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    output_dir = Path(args.output_dir)
+    finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).exists()]
+    if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise InputError(
+            f"--output_dir {args.output_dir} already holds a finished model ({finished[0]}); pass"
+            " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
+        )
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpoint = Path(args.resume_from_checkpoint)
+        if not checkpoint.is_dir() and not (output_dir / checkpoint.name).is_dir():
+            raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+
+
+# --------------------------------------------------------------------------- training pieces
+
+
+def diffusion_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """The regression target of Eq. (8) for the scheduler's prediction type."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(clean, noise, timesteps)
+    if prediction_type == "sample":
+        return clean
+    raise InputError(f"--prediction_type {prediction_type!r}: use epsilon, v_prediction or sample")
+
+
+def pu_objective(model_pred, target, num_unlabeled: int, args: argparse.Namespace) -> RiskOutput:
+    """Per-sample losses of one forward over cat([U, S]), then the risk chosen by --loss_type."""
+    per_sample = per_sample_diffusion_loss(model_pred, target, reduction=args.loss_reduction)
+    return compute_risk(per_sample, num_unlabeled, args.loss_type, args.prior, args.nonnegative)
+
+
+def check_finite(risk: RiskOutput, global_step: int, output_dir: str) -> None:
+    """Stop with a message when the loss is NaN or infinite; the last checkpoint stays as it is."""
+    if not torch.isfinite(risk.loss).item():
+        components = {name: float(value) for name, value in risk.to_log_dict().items()}
+        raise FloatingPointError(
+            f"the loss is not finite at step {global_step} ({components}); training stopped. The last"
+            f" checkpoint-N in {output_dir} is intact: lower --learning_rate, or try --nonnegative abs or"
+            " --loss_reduction, and resume with --resume_from_checkpoint latest"
+        )
+
+
+def training_schedule(num_batches_per_epoch: int, args: argparse.Namespace) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps); sets args.num_train_epochs to match."""
+    steps_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    return steps_per_epoch, args.max_train_steps
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project_config = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    import datasets
+    import diffusers
+
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    return accelerator
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The dtype for frozen weights, from the accelerator's own mixed-precision state."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def log_risk(accelerator, risk: RiskOutput, lr: float, global_step: int) -> dict[str, float]:
+    logs = {name: float(value) for name, value in risk.to_log_dict().items()}
+    logs["lr"] = lr
+    accelerator.log(logs, step=global_step)
+    return logs
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """checkpoint-N folders of output_dir, oldest first."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int) -> Path:
+    """accelerator.save_state into checkpoint-N, first pruning to --checkpoints_total_limit - 1 old ones."""
+    if args.checkpoints_total_limit is not None and accelerator.is_main_process:
+        existing = list_checkpoints(args.output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            logger.info("removing old checkpoint %s", old)
+            shutil.rmtree(old)
+    path = Path(args.output_dir) / f"checkpoint-{global_step}"
+    accelerator.save_state(str(path))
+    logger.info("saved state to %s", path)
+    return path
+
+
+def resume_step(accelerator, args: argparse.Namespace) -> int:
+    """Load --resume_from_checkpoint and return its global step (0 when starting fresh)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
+            args.resume_from_checkpoint = None
+            return 0
+        path = checkpoints[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            path = Path(args.output_dir) / path.name
+    accelerator.print(f"resuming from {path}")
+    accelerator.load_state(str(path))
+    return int(path.name.split("-")[1])
+
+
+def register_model_hooks(accelerator, model_cls, ema_model=None, subfolder: str = "unet") -> None:
+    """Save checkpoints' models in Diffusers format (checkpoint-N/unet loads with from_pretrained)."""
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(output_dir, f"{subfolder}_ema"))
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, subfolder))
+        # Everything is saved above: stop Accelerate from saving the same weights again.
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if ema_model is not None:
+            loaded_ema = type(ema_model).from_pretrained(os.path.join(input_dir, f"{subfolder}_ema"), model_cls)
+            ema_model.load_state_dict(loaded_ema.state_dict())
+            ema_model.to(accelerator.device)
+            del loaded_ema
+        while models:
+            model = models.pop()
+            loaded = model_cls.from_pretrained(input_dir, subfolder=subfolder)
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_pipeline_atomically(pipeline, output_dir: str) -> None:
+    """Write a pipeline so that a crash never leaves a folder that loads half-written.
+
+    The pipeline is saved to a temporary folder beside its target, then moved
+    in piece by piece with ``model_index.json`` last: until that file is in
+    place, ``from_pretrained`` refuses the folder.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "model_index.json").unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=output))
+    try:
+        pipeline.save_pretrained(staging)
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
+            target = output / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2):
+    """(N, H, W, C) floats in [0, 1] -> one PIL grid, as square as N allows.
+
+    Tiles smaller than ``min_tile`` pixels are enlarged by a whole factor
+    (nearest neighbour, so an 8x8 digit stays sharp), with a gap between them.
+    """
+    from PIL import Image
+
+    pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    count, height, width, channels = pixels.shape
+    factor = max(1, math.ceil(min_tile / max(height, width)))
+    pixels = pixels.repeat(factor, axis=1).repeat(factor, axis=2)
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    tile_h, tile_w = height * factor, width * factor
+    grid = np.full((rows * (tile_h + gap) + gap, cols * (tile_w + gap) + gap, channels), 128, dtype=np.uint8)
+    for index, tile in enumerate(pixels):
+        top, left = gap + (index // cols) * (tile_h + gap), gap + (index % cols) * (tile_w + gap)
+        grid[top : top + tile_h, left : left + tile_w] = tile
+    return Image.fromarray(grid.squeeze(-1) if channels == 1 else grid)
+
+
+def save_validation_images(accelerator, images: np.ndarray, output_dir: str, tag: str, step: int) -> Path:
+    """Save a grid to output_dir/validation/<tag>.png and output_dir/samples.png, and log it."""
+    grid = image_grid(images)
+    folder = Path(output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag}.png"
+    grid.save(path)
+    grid.save(Path(output_dir) / "samples.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(images).transpose(0, 3, 1, 2), step)
+    return path
+
+
+def write_model_card(
+    output_dir: str,
+    args: argparse.Namespace,
+    *,
+    base_model: str | None,
+    tags: list[str],
+    title: str,
+    body: str = "",
+    image: str | None = None,
+) -> Path:
+    """README.md with the training data, the loss and how to load the model."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    datasets = [d for d in (args.dataset_name, args.sensitive_dataset_name) if d and not os.path.isdir(d)]
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=datasets or None,
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["diffusers", "pu-diffusion", "positive-unlabeled", *tags],
+    )
+    sensitive = args.sensitive_dataset_name or args.sensitive_data_dir
+    if args.label_column:
+        sensitive = f"labels {args.sensitive_labels} of `{args.label_column}` in {args.dataset_name}"
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        "Trained with positive-unlabeled diffusion (Takahashi et al., ICLR 2025): the ELBO of normal data is"
+        " maximised, estimated from the unlabeled data U and the labeled sensitive data S, and the ELBO of S is"
+        " minimised.",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| base model | {base_model or 'trained from scratch'} |",
+        f"| unlabeled data U | {args.dataset_name or args.train_data_dir} |",
+        f"| sensitive data S | {sensitive or 'none (unsupervised)'} |",
+        f"| images in U, S | {args.num_unlabeled_images}, {args.num_sensitive_images} |",
+        f"| loss type | {args.loss_type} |",
+        f"| prior (beta) | {args.prior} |",
+        f"| nonnegative | {args.nonnegative} |",
+        f"| loss reduction | {args.loss_reduction} |",
+        f"| steps, batch (U + S) | {args.max_train_steps}, {args.train_batch_size} + {args.sensitive_batch_size} |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}) |",
+        f"| EMA | {args.use_ema} |",
+        "",
+    ]
+    if image:
+        lines += [f"![samples]({image})", ""]
+    card = ModelCard("\n".join(lines) + "\n" + body)
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    from huggingface_hub import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    return create_repo(repo_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+
+
+def upload_to_hub(args: argparse.Namespace, repo_id: str, commit_message: str) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message=commit_message,
+        ignore_patterns=HUB_IGNORE_PATTERNS,
+        token=args.hub_token,
+    )

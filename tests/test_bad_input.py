@@ -1,0 +1,88 @@
+"""Bad input: a clear error naming the flag, a non-zero exit, before training, and no model written."""
+
+import pytest
+
+from tests.conftest import run_script, write_image_folder
+
+SCRIPT = "train_pu_unconditional.py"
+ODD = ["1", "3", "5", "7", "9"]
+
+
+def label_split_args(digits_dir, *extra):
+    return [
+        "--dataset_name",
+        digits_dir,
+        "--label_column",
+        "label",
+        "--resolution",
+        "8",
+        "--max_train_steps",
+        "1",
+        *extra,
+    ]
+
+
+CASES = {
+    "no S for pu": (lambda d, t: ["--dataset_name", d, "--resolution", "8"], "--sensitive_dataset_name"),
+    "no S for supervised": (
+        lambda d, t: ["--dataset_name", d, "--loss_type", "supervised"],
+        "--loss_type supervised needs",
+    ),
+    "S folder missing": (
+        lambda d, t: ["--dataset_name", d, "--sensitive_data_dir", t / "missing"],
+        "--sensitive_data_dir",
+    ),
+    "S folder empty": (lambda d, t: ["--dataset_name", d, "--sensitive_data_dir", t / "empty"], "holds no files"),
+    "label absent": (lambda d, t: label_split_args(d, "--sensitive_labels", "1", "11"), "--sensitive_labels"),
+    "too many normal": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--num_unlabeled_normal", "100000"),
+        "--num_unlabeled_normal",
+    ),
+    "too many sensitive": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--num_labeled_sensitive", "100000"),
+        "--num_labeled_sensitive",
+    ),
+    "no S drawn": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--num_labeled_sensitive", "0"),
+        "--num_labeled_sensitive",
+    ),
+    "label column absent": (
+        lambda d, t: ["--dataset_name", d, "--label_column", "digit", "--sensitive_labels", "1"],
+        "--label_column",
+    ),
+    "image column absent": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--image_column", "img"),
+        "--image_column",
+    ),
+    "prior zero": (lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prior", "0"), "--prior"),
+    "prior one": (lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prior", "1.0"), "--prior"),
+    "sensitive batch zero": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--sensitive_batch_size", "0"),
+        "--sensitive_batch_size",
+    ),
+    "counts without labels": (
+        lambda d, t: ["--dataset_name", d, "--num_unlabeled_normal", "5", "--loss_type", "unsupervised"],
+        "need --label_column",
+    ),
+    "no U": (lambda d, t: ["--sensitive_data_dir", t / "s"], "--dataset_name or --train_data_dir"),
+    "missing checkpoint": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resume_from_checkpoint", "checkpoint-7"),
+        "--resume_from_checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_early_naming_the_flag(case, tmp_path, digits_dir):
+    (tmp_path / "empty").mkdir()
+    write_image_folder(tmp_path / "s", 2)
+    build_args, expected = CASES[case]
+    output_dir = tmp_path / "out"
+    result = run_script(
+        SCRIPT, *build_args(str(digits_dir), tmp_path), "--output_dir", output_dir, launcher="python", timeout=120
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # Nothing was written: no model, no checkpoint, no logs.
+    assert not output_dir.exists() or not any(output_dir.iterdir())

@@ -1,0 +1,252 @@
+"""train_pu_unconditional.py, launched with `accelerate launch` on tiny models, then judged by what it saved."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import assert_ok, run_script, tiny_unet_kwargs, write_image_folder
+
+SCRIPT = "train_pu_unconditional.py"
+ODD = ["1", "3", "5", "7", "9"]
+
+
+def tiny_run_args(digits_dir, tiny_unet_config, output_dir, *extra):
+    """U = 40 even + 4 odd digits, S = 6 odd digits; 6 U batches of 8 per epoch."""
+    return [
+        "--dataset_name",
+        digits_dir,
+        "--label_column",
+        "label",
+        "--sensitive_labels",
+        *ODD,
+        "--num_unlabeled_normal",
+        "40",
+        "--num_unlabeled_sensitive",
+        "4",
+        "--num_labeled_sensitive",
+        "6",
+        "--resolution",
+        "8",
+        "--model_config_name_or_path",
+        tiny_unet_config,
+        "--train_batch_size",
+        "8",
+        "--sensitive_batch_size",
+        "2",
+        "--lr_warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--ddpm_num_inference_steps",
+        "2",
+        "--eval_batch_size",
+        "4",
+        "--seed",
+        "0",
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
+
+
+def scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars written under output_dir/logs: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, list[tuple[int, float]]] = {}
+    for event_file in sorted((output_dir / "logs").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return values
+
+
+def load_and_sample(output_dir: Path):
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert isinstance(pipeline, DDPMPipeline)
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    return pipeline, images
+
+
+def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    result = run_script(
+        SCRIPT, *tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "4", "--use_ema")
+    )
+    assert_ok(result)
+
+    assert json.loads((output_dir / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    pipeline, images = load_and_sample(output_dir)
+    assert images.shape == (2, 8, 8, 1)
+    assert pipeline.unet.config.block_out_channels == [8, 16]
+
+    card = (output_dir / "README.md").read_text()
+    for expected in (
+        "pu-diffusion",
+        "| loss type | pu |",
+        "| prior (beta) | 0.1 |",
+        "| nonnegative | nnpu |",
+        "| images in U, S | 44, 6 |",
+        "trained from scratch",
+        "DiffusionPipeline.from_pretrained",
+    ):
+        assert expected in card
+    assert (output_dir / "samples.png").is_file()
+    assert list((output_dir / "validation").glob("epoch-*.png"))
+    assert not list(output_dir.glob(".tmp-*"))
+
+    logged = scalars(output_dir)
+    for tag in ("loss", "positive_risk", "negative_risk", "nnpu_correction", "unlabeled_loss", "sensitive_loss"):
+        assert [step for step, _ in logged[tag]] == [1, 2, 3, 4], tag
+    assert all(value in (0.0, 1.0) for _, value in logged["nnpu_correction"])
+
+
+def test_checkpoint_limit_and_resume_continue_the_global_step(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    common = tiny_run_args(
+        digits_dir,
+        tiny_unet_config,
+        output_dir,
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+        "--use_ema",
+    )
+    assert_ok(run_script(SCRIPT, *common, "--max_train_steps", "6"))
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    # The checkpoint's model is in Diffusers format.
+    from diffusers import UNet2DModel
+
+    assert UNet2DModel.from_pretrained(output_dir / "checkpoint-6" / "unet").config.sample_size == 8
+
+    result = run_script(SCRIPT, *common, "--max_train_steps", "9", "--resume_from_checkpoint", "latest")
+    assert_ok(result)
+    assert "resuming from" in result.stdout + result.stderr
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    steps = sorted(step for step, _ in scalars(output_dir)["loss"])
+    assert steps == list(range(1, 10))  # 1-6 from the first run, 7-9 after resuming
+
+
+def test_resume_from_a_named_checkpoint(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    common = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "2")
+    assert_ok(run_script(SCRIPT, *common, "--max_train_steps", "4"))
+    result = run_script(SCRIPT, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "checkpoint-2")
+    assert_ok(result)
+    steps = [step for step, _ in scalars(output_dir)["loss"]]
+    assert steps.count(3) == 2 and steps.count(4) == 2 and 5 in steps  # steps 3-4 ran again from checkpoint-2
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "tags", "absent"),
+    [
+        ("unsupervised", {"loss", "unlabeled_loss"}, {"positive_risk", "sensitive_loss"}),
+        ("supervised", {"loss", "unlabeled_loss", "positive_risk", "sensitive_loss"}, {"negative_risk"}),
+    ],
+)
+def test_baseline_loss_types(tmp_path, digits_dir, tiny_unet_config, loss_type, tags, absent):
+    output_dir = tmp_path / loss_type
+    assert_ok(
+        run_script(
+            SCRIPT,
+            *tiny_run_args(
+                digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "2", "--loss_type", loss_type
+            ),
+        )
+    )
+    logged = set(scalars(output_dir))
+    assert tags <= logged and not absent & logged
+    assert f"| loss type | {loss_type} |" in (output_dir / "README.md").read_text()
+    load_and_sample(output_dir)
+
+
+def test_abs_mode_with_sample_prediction(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    assert_ok(
+        run_script(
+            SCRIPT,
+            *tiny_run_args(
+                digits_dir,
+                tiny_unet_config,
+                output_dir,
+                "--max_train_steps",
+                "2",
+                "--nonnegative",
+                "abs",
+                "--prediction_type",
+                "sample",
+            ),
+        )
+    )
+    pipeline, _ = load_and_sample(output_dir)
+    assert pipeline.scheduler.config.prediction_type == "sample"
+    assert "nnpu_correction" not in scalars(output_dir)
+
+
+def test_fine_tuning_a_saved_pipeline(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    scheduler = DDPMScheduler(num_train_timesteps=50, prediction_type="v_prediction")
+    DDPMPipeline(unet=UNet2DModel(**tiny_unet_kwargs(channels=3)), scheduler=scheduler).save_pretrained(base)
+    unlabeled = write_image_folder(tmp_path / "u", 12, mode="RGB", seed=1)
+    sensitive = write_image_folder(tmp_path / "s", 3, size=10, mode="RGB", seed=2)
+    output_dir = tmp_path / "out"
+
+    result = run_script(
+        SCRIPT,
+        "--pretrained_model_name_or_path",
+        base,
+        "--train_data_dir",
+        unlabeled,
+        "--sensitive_data_dir",
+        sensitive,
+        "--resolution",
+        "8",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "3",
+        "--lr_warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-2",
+        "--ddpm_num_inference_steps",
+        "2",
+        "--eval_batch_size",
+        "2",
+        "--output_dir",
+        output_dir,
+        "--seed",
+        "0",
+    )
+    assert_ok(result)
+    pipeline, images = load_and_sample(output_dir)
+    assert images.shape == (2, 8, 8, 3)
+    assert pipeline.scheduler.config.num_train_timesteps == 50
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    tuned = pipeline.unet.state_dict()
+    original = UNet2DModel.from_pretrained(base / "unet").state_dict()
+    assert tuned.keys() == original.keys()
+    assert any(not torch.equal(tuned[name], original[name]) for name in tuned)
+    assert f"| base model | {base} |" in (output_dir / "README.md").read_text()
+    assert "| images in U, S | 12, 3 |" in (output_dir / "README.md").read_text()
+
+
+def test_a_finished_model_is_not_overwritten_without_the_flag(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "1")
+    assert_ok(run_script(SCRIPT, *args))
+    before = (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    refused = run_script(SCRIPT, *args, launcher="python")
+    assert refused.returncode != 0 and "--overwrite_output_dir" in refused.stderr
+    assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert_ok(run_script(SCRIPT, *args, "--overwrite_output_dir", "--learning_rate", "1e-1"))
+    assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before

@@ -1,0 +1,94 @@
+"""The shared training pieces: Hub upload filter, atomic saves, the NaN stop, the default UNets."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pu_training_utils as common
+from pu_loss import RiskOutput
+
+
+def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    for name in (
+        "model_index.json",
+        "unet/config.json",
+        "README.md",
+        "checkpoint-500/optimizer.bin",
+        "checkpoint-500/unet/config.json",
+        "validation/epoch-0001.png",
+        ".tmp-pipeline-x/a.json",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    calls = {}
+
+    class Repo:
+        repo_id = "user/out"
+
+    monkeypatch.setattr(
+        huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(create=(repo_id, kw)) or Repo()
+    )
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
+    args = argparse.Namespace(hub_model_id=None, output_dir=str(tmp_path), hub_private_repo=True, hub_token="t")
+
+    repo_id = common.create_hub_repo(args)
+    common.upload_to_hub(args, repo_id, "step 10")
+    assert calls["create"] == (tmp_path.name, {"exist_ok": True, "private": True, "token": "t"})
+    assert calls["upload"]["repo_id"] == "user/out"
+    files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=calls["upload"]["ignore_patterns"]))
+    assert uploaded == {"model_index.json", "unet/config.json", "README.md", "validation/epoch-0001.png"}
+
+
+def test_an_interrupted_pipeline_save_leaves_no_loadable_model(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.conftest import tiny_unet_kwargs
+
+    pipeline = DDPMPipeline(unet=UNet2DModel(**tiny_unet_kwargs()), scheduler=DDPMScheduler())
+    common.save_pipeline_atomically(pipeline, tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    pipeline.save_pretrained = crash
+    with pytest.raises(KeyboardInterrupt):
+        common.save_pipeline_atomically(pipeline, tmp_path)
+    assert not (tmp_path / "model_index.json").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_non_finite_loss_stops_with_the_step_named():
+    risk = RiskOutput(loss=torch.tensor(float("nan")), unlabeled_loss=torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match="step 17"):
+        common.check_finite(risk, 17, "out")
+    common.check_finite(RiskOutput(loss=torch.tensor(2.0), unlabeled_loss=torch.tensor(2.0)), 18, "out")
+
+
+@pytest.mark.parametrize(("resolution", "low", "high"), [(8, 0.6e6, 0.8e6), (16, 1.0e6, 1.3e6), (32, 35e6, 36.5e6)])
+def test_default_unet_sizes(resolution, low, high):
+    from diffusers import UNet2DModel
+
+    from train_pu_unconditional import default_unet_config
+
+    model = UNet2DModel(**default_unet_config(resolution, channels=1 if resolution < 32 else 3))
+    parameters = sum(p.numel() for p in model.parameters())
+    assert low <= parameters <= high
+    sample = torch.zeros(1, model.config.in_channels, resolution, resolution)
+    assert model(sample, torch.tensor([10])).sample.shape == sample.shape
+
+
+def test_image_grid_enlarges_small_tiles_and_separates_them():
+    images = np.zeros((5, 8, 8, 1))
+    images[0] = 1.0  # first tile white
+    grid = np.asarray(common.image_grid(images, min_tile=32, gap=2))
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34)  # 2 rows x 3 columns of 32-px tiles
+    assert (grid[2:34, 2:34] == 255).all() and (grid[2:34, 36:68] == 0).all()
+    assert (grid[:2] == 128).all() and (grid[:, 34:36] == 128).all()

@@ -1,0 +1,428 @@
+"""Train or fine-tune an unconditional DDPM with the positive-unlabeled (PU) loss.
+
+    accelerate launch train_pu_unconditional.py \
+        --dataset_name ylecun/mnist --label_column label --sensitive_labels 1 3 5 7 9 \
+        --resolution 32 --output_dir ddpm-pu-mnist
+
+The model learns U's normal data and unlearns S: see README.md and pu_loss.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import pu_data
+import pu_training_utils as common
+from pu_data import InputError
+
+logger = logging.getLogger(__name__)
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F", "P"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Fine-tune this DDPM pipeline (folder or Hub id): its unet and scheduler.",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline.")
+    model.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    model.add_argument(
+        "--model_config_name_or_path",
+        type=str,
+        default=None,
+        help="UNet2DModel config (folder or Hub id) to train from scratch. Default: a UNet sized by --resolution.",
+    )
+    model.add_argument(
+        "--prediction_type",
+        choices=["epsilon", "v_prediction", "sample"],
+        default=None,
+        help="What the model predicts. Default: the pretrained scheduler's, else epsilon.",
+    )
+    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps T (from scratch).")
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (from scratch).")
+    model.add_argument(
+        "--ddpm_num_inference_steps", type=int, default=1000, help="Denoising steps for the validation samples."
+    )
+    model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    common.add_data_arguments(parser)
+    common.add_pu_arguments(parser)
+    common.add_training_arguments(parser)
+    validation = parser.add_argument_group("validation and saving")
+    validation.add_argument("--eval_batch_size", type=int, default=16, help="Images in each validation grid.")
+    validation.add_argument("--save_images_epochs", type=int, default=10, help="Validation grid every N epochs.")
+    validation.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs.")
+    common.add_hub_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        common.check_common_arguments(args)
+        if args.pretrained_model_name_or_path and args.model_config_name_or_path:
+            raise InputError("--pretrained_model_name_or_path and --model_config_name_or_path: give one")
+        for flag in ("eval_batch_size", "save_images_epochs", "save_model_epochs", "ddpm_num_inference_steps"):
+            if getattr(args, flag) < 1:
+                raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_training_data(args: argparse.Namespace):
+    """U and S as ``datasets.Dataset`` objects (S is None for --loss_type unsupervised)."""
+    unlabeled = pu_data.load_image_dataset(
+        args.dataset_name,
+        args.train_data_dir,
+        name_flag="--dataset_name",
+        dir_flag="--train_data_dir",
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+    )
+    source = f"--dataset_name {args.dataset_name}" if args.dataset_name else f"--train_data_dir {args.train_data_dir}"
+    pu_data.require_column(unlabeled, args.image_column, "--image_column", source)
+    if args.label_column is not None:
+        pu_data.require_column(unlabeled, args.label_column, "--label_column", source)
+        split = pu_data.split_by_label(
+            pu_data.sensitive_mask(unlabeled, args.label_column, args.sensitive_labels),
+            args.num_unlabeled_normal,
+            args.num_unlabeled_sensitive,
+            args.num_labeled_sensitive,
+            seed=args.seed,
+        )
+        logger.info(
+            "label split: U = %d normal + %d sensitive, S = %d sensitive",
+            len(split.unlabeled_normal),
+            len(split.unlabeled_sensitive),
+            len(split.labeled_sensitive),
+        )
+        sensitive = unlabeled.select(split.labeled_sensitive) if len(split.labeled_sensitive) else None
+        unlabeled = unlabeled.select(split.unlabeled)
+    elif args.loss_type != "unsupervised":
+        sensitive = pu_data.load_image_dataset(
+            args.sensitive_dataset_name,
+            args.sensitive_data_dir,
+            name_flag="--sensitive_dataset_name",
+            dir_flag="--sensitive_data_dir",
+            cache_dir=args.cache_dir,
+        )
+        s_source = args.sensitive_dataset_name or args.sensitive_data_dir
+        pu_data.require_column(sensitive, args.image_column, "--image_column", f"S ({s_source})")
+    else:
+        sensitive = None
+    if args.loss_type == "unsupervised":
+        sensitive = None
+    elif sensitive is None:
+        raise InputError(f"--num_labeled_sensitive: --loss_type {args.loss_type} needs at least one image in S")
+    return unlabeled, sensitive
+
+
+def make_dataloaders(args, unlabeled, sensitive, channels: int):
+    transform = pu_data.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip)
+    unlabeled_loader = torch.utils.data.DataLoader(
+        pu_data.TransformedImages(unlabeled, args.image_column, transform),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=False,
+        num_workers=args.dataloader_num_workers,
+    )
+    if sensitive is None:
+        return unlabeled_loader, None
+    if args.sensitive_batch_size is None:
+        args.sensitive_batch_size = pu_data.default_sensitive_batch_size(
+            args.train_batch_size, len(unlabeled), len(sensitive)
+        )
+    sensitive_loader = torch.utils.data.DataLoader(
+        pu_data.TransformedImages(sensitive, args.image_column, transform),
+        batch_size=args.sensitive_batch_size,
+        shuffle=True,
+        drop_last=len(sensitive) >= args.sensitive_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    return unlabeled_loader, sensitive_loader
+
+
+# --------------------------------------------------------------------------- model
+
+
+def default_unet_config(resolution: int, channels: int) -> dict:
+    """A UNet2DModel sized by resolution: ~0.7M parameters at 8 px, ~1.1M at 16, ~36M at 32 (the paper's)."""
+    if resolution <= 8:
+        widths, attention, layers, groups = (32, 64), (False, True), 1, 8
+    elif resolution <= 16:
+        widths, attention, layers, groups = (32, 64, 64), (False, False, True), 1, 8
+    elif resolution <= 32:
+        # The size of google/ddpm-cifar10-32, the architecture the paper trains at 32 px.
+        widths, attention, layers, groups = (128, 256, 256, 256), (False, True, False, False), 2, 32
+    else:
+        widths, attention, layers, groups = (128, 128, 256, 256, 512, 512), (False,) * 4 + (True, False), 2, 32
+    return {
+        "sample_size": resolution,
+        "in_channels": channels,
+        "out_channels": channels,
+        "layers_per_block": layers,
+        "block_out_channels": widths,
+        "norm_num_groups": groups,
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+    }
+
+
+def load_model(args: argparse.Namespace, data_channels: int):
+    """(unet, noise_scheduler, base model name or None)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    if args.pretrained_model_name_or_path:
+        hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+        try:
+            unet = UNet2DModel.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **hub_kwargs
+            )
+            scheduler = DDPMScheduler.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs
+            )
+        except (OSError, ValueError) as error:
+            raise InputError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a DDPM pipeline with"
+                f" unet/ and scheduler/: {error}"
+            ) from error
+        if args.prediction_type:
+            scheduler.register_to_config(prediction_type=args.prediction_type)
+        return unet, scheduler, args.pretrained_model_name_or_path
+    if args.model_config_name_or_path:
+        config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
+        unet = UNet2DModel.from_config(config)
+    else:
+        unet = UNet2DModel(**default_unet_config(args.resolution, data_channels))
+    scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type or "epsilon",
+    )
+    return unet, scheduler, None
+
+
+def image_channels(dataset, image_column: str) -> int:
+    return 1 if dataset[0][image_column].mode in GRAYSCALE_MODES else 3
+
+
+# --------------------------------------------------------------------------- validation and saving
+
+
+def make_pipeline(accelerator, unet, ema_model, noise_scheduler):
+    """A DDPMPipeline on the EMA weights when EMA is on (a copy, so training weights stay untouched)."""
+    from diffusers import DDPMPipeline
+
+    unet = accelerator.unwrap_model(unet)
+    if ema_model is not None:
+        unet = copy.deepcopy(unet)
+        ema_model.copy_to(unet.parameters())
+    return DDPMPipeline(unet=unet, scheduler=copy.deepcopy(noise_scheduler))
+
+
+def generate_validation_grid(accelerator, pipeline, args, epoch: int, global_step: int) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
+    images = pipeline(
+        generator=generator,
+        batch_size=args.eval_batch_size,
+        num_inference_steps=args.ddpm_num_inference_steps,
+        output_type="np",
+    ).images
+    path = common.save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
+    logger.info("validation grid: %s", path)
+
+
+def save_model(pipeline, args, base_model: str | None) -> None:
+    common.save_pipeline_atomically(pipeline, args.output_dir)
+    has_samples = (Path(args.output_dir) / "samples.png").exists()
+    common.write_model_card(
+        args.output_dir,
+        args,
+        base_model=base_model,
+        tags=["unconditional-image-generation", "ddpm"],
+        title="PU diffusion: unconditional DDPM",
+        image="samples.png" if has_samples else None,
+        body=(
+            "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+            f'pipeline = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")\n'
+            "images = pipeline(batch_size=16).images\n```\n"
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+def main(args: argparse.Namespace) -> None:
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    accelerator = common.make_accelerator(args)
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        unlabeled, sensitive = load_training_data(args)
+    args.num_unlabeled_images = len(unlabeled)
+    args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
+    channels = image_channels(unlabeled, args.image_column)
+    unet, noise_scheduler, base_model = load_model(args, channels)
+    channels = unet.config.in_channels
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            unet.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=type(unet),
+            model_config=unet.config,
+        )
+    common.register_model_hooks(accelerator, type(unet), ema_model)
+
+    unlabeled_loader, sensitive_loader = make_dataloaders(args, unlabeled, sensitive, channels)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch, max_train_steps = common.training_schedule(
+        math.ceil(len(unlabeled_loader) / accelerator.num_processes), args
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, unlabeled_loader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, unlabeled_loader, lr_scheduler
+    )
+    # PU risks are computed per process on its own U and S shards; DDP then averages the
+    # gradients. Each shard is an unbiased mini-batch estimate, as in the single-process case.
+    sensitive_stream = pu_data.endless(accelerator.prepare(sensitive_loader)) if sensitive_loader else None
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_pu_unconditional", config=tracker_config(args))
+    hub_repo_id = common.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+
+    global_step = common.resume_step(accelerator, args)
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    logger.info(
+        "U: %d images, S: %d images, %d steps of %d U + %s S images per process",
+        args.num_unlabeled_images,
+        args.num_sensitive_images,
+        max_train_steps,
+        args.train_batch_size,
+        args.sensitive_batch_size,
+    )
+
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(first_epoch, args.num_train_epochs):
+        unet.train()
+        loader = unlabeled_loader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(unlabeled_loader, skip_batches)
+        for unlabeled_batch in loader:
+            sensitive_batch = next(sensitive_stream) if sensitive_stream is not None else None
+            with accelerator.accumulate(unet):
+                risk = training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args)
+                accelerator.backward(risk.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            if ema_model is not None:
+                ema_model.step(unet.parameters())
+            global_step += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                common.check_finite(risk, global_step, args.output_dir)
+                logs = common.log_risk(accelerator, risk, lr_scheduler.get_last_lr()[0], global_step)
+                progress.set_postfix(loss=f"{logs['loss']:.4g}")
+            if global_step % args.checkpointing_steps == 0:
+                common.save_checkpoint(accelerator, args, global_step)
+            if global_step >= max_train_steps:
+                break
+        end_of_epoch(accelerator, unet, ema_model, noise_scheduler, args, epoch, global_step, base_model, hub_repo_id)
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    accelerator.end_training()
+
+
+def training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args):
+    """One forward over cat([U batch, S batch]) and the PU risk of its per-sample losses."""
+    clean = unlabeled_batch if sensitive_batch is None else torch.cat([unlabeled_batch, sensitive_batch])
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    model_pred = unet(noisy, timesteps).sample
+    target = common.diffusion_target(noise_scheduler, clean, noise, timesteps)
+    return common.pu_objective(model_pred, target, unlabeled_batch.shape[0], args)
+
+
+def end_of_epoch(accelerator, unet, ema_model, noise_scheduler, args, epoch, global_step, base_model, hub_repo_id):
+    """Validation grid and pipeline save on their epoch schedules, and always after the last step."""
+    accelerator.wait_for_everyone()
+    last = global_step >= args.max_train_steps
+    if accelerator.is_main_process:
+        images_due = last or (epoch + 1) % args.save_images_epochs == 0
+        model_due = last or (epoch + 1) % args.save_model_epochs == 0
+        if images_due or model_due:
+            pipeline = make_pipeline(accelerator, unet, ema_model, noise_scheduler)
+            if images_due:
+                generate_validation_grid(accelerator, pipeline, args, epoch, global_step)
+            if model_due:
+                save_model(pipeline, args, base_model)
+                if hub_repo_id:
+                    common.upload_to_hub(args, hub_repo_id, f"step {global_step}")
+    accelerator.wait_for_everyone()
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The run's flags for TensorBoard's hparams (scalars and strings only), without the Hub token."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for key, value in vars(args).items()
+        if key != "hub_token"
+    }
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (InputError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
