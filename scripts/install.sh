@@ -13,6 +13,8 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
 elif command -v nvidia-smi >/dev/null 2>&1; then
   "$PYTHON" -m pip install "torch>=2.4"
 else
-  "$PYTHON" -m pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+  # --retries 0: where that index cannot be reached, pip falls back to the other indexes at once
+  # instead of retrying for every one of torch's dependencies.
+  "$PYTHON" -m pip install "torch==2.13.0" --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 "$PYTHON" -m pip install -r "$REQUIREMENTS"
