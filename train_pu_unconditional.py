@@ -14,6 +14,7 @@ import copy
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,11 +121,9 @@ def load_training_data(args: argparse.Namespace):
         )
         s_source = args.sensitive_dataset_name or args.sensitive_data_dir
         pu_data.require_column(sensitive, args.image_column, "--image_column", f"S ({s_source})")
-    else:
-        sensitive = None
     if args.loss_type == "unsupervised":
-        sensitive = None
-    elif sensitive is None:
+        return unlabeled, None  # S, even when drawn, takes no part in Eq. (9)
+    if sensitive is None:
         raise InputError(f"--num_labeled_sensitive: --loss_type {args.loss_type} needs at least one image in S")
     return unlabeled, sensitive
 
@@ -265,27 +264,60 @@ def save_model(pipeline, args, base_model: str | None) -> None:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass
+class Run:
+    """What the training loop works on, prepared by Accelerate."""
+
+    unet: torch.nn.Module
+    noise_scheduler: object
+    ema_model: object | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    unlabeled_loader: torch.utils.data.DataLoader
+    sensitive_stream: object | None
+    steps_per_epoch: int
+    base_model: str | None
+    hub_repo_id: str | None = None
+
+
 def main(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     accelerator = common.make_accelerator(args)
     if args.seed is not None:
         set_seed(args.seed)
-
     with accelerator.main_process_first():
         unlabeled, sensitive = load_training_data(args)
     args.num_unlabeled_images = len(unlabeled)
     args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
-    channels = image_channels(unlabeled, args.image_column)
-    unet, noise_scheduler, base_model = load_model(args, channels)
-    channels = unet.config.in_channels
+    run = prepare_run(accelerator, args, unlabeled, sensitive)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_pu_unconditional", config=tracker_config(args))
+        if args.push_to_hub:
+            run.hub_repo_id = common.create_hub_repo(args)
+    logger.info(
+        "U: %d images, S: %d images, %d steps of %d U + %s S images per process",
+        args.num_unlabeled_images,
+        args.num_sensitive_images,
+        args.max_train_steps,
+        args.train_batch_size,
+        args.sensitive_batch_size,
+    )
+    train(accelerator, run, args)
+    accelerator.end_training()
+
+
+def prepare_run(accelerator, args, unlabeled, sensitive) -> Run:
+    """Model, EMA, loaders, optimizer and learning-rate schedule, passed through accelerator.prepare."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    unet, noise_scheduler, base_model = load_model(args, image_channels(unlabeled, args.image_column))
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-
     ema_model = None
     if args.use_ema:
         ema_model = EMAModel(
@@ -299,7 +331,7 @@ def main(args: argparse.Namespace) -> None:
         )
     common.register_model_hooks(accelerator, type(unet), ema_model)
 
-    unlabeled_loader, sensitive_loader = make_dataloaders(args, unlabeled, sensitive, channels)
+    unlabeled_loader, sensitive_loader = make_dataloaders(args, unlabeled, sensitive, unet.config.in_channels)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(
@@ -326,60 +358,60 @@ def main(args: argparse.Namespace) -> None:
     sensitive_stream = pu_data.endless(accelerator.prepare(sensitive_loader)) if sensitive_loader else None
     if ema_model is not None:
         ema_model.to(accelerator.device)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_pu_unconditional", config=tracker_config(args))
-    hub_repo_id = common.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-
-    global_step = common.resume_step(accelerator, args)
-    first_epoch = global_step // steps_per_epoch
-    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-    logger.info(
-        "U: %d images, S: %d images, %d steps of %d U + %s S images per process",
-        args.num_unlabeled_images,
-        args.num_sensitive_images,
-        max_train_steps,
-        args.train_batch_size,
-        args.sensitive_batch_size,
+    return Run(
+        unet,
+        noise_scheduler,
+        ema_model,
+        optimizer,
+        lr_scheduler,
+        unlabeled_loader,
+        sensitive_stream,
+        steps_per_epoch,
+        base_model,
     )
 
+
+def train(accelerator, run: Run, args: argparse.Namespace) -> None:
+    """The loop: one optimizer step per U batch (times accumulation), each paired with an S batch."""
+    global_step = common.resume_step(accelerator, args)
+    first_epoch = global_step // run.steps_per_epoch
+    skip_batches = (global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
     progress = tqdm(
-        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     for epoch in range(first_epoch, args.num_train_epochs):
-        unet.train()
-        loader = unlabeled_loader
+        run.unet.train()
+        loader = run.unlabeled_loader
         if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(unlabeled_loader, skip_batches)
+            loader = accelerator.skip_first_batches(loader, skip_batches)
         for unlabeled_batch in loader:
-            sensitive_batch = next(sensitive_stream) if sensitive_stream is not None else None
-            with accelerator.accumulate(unet):
-                risk = training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args)
+            sensitive_batch = next(run.sensitive_stream) if run.sensitive_stream is not None else None
+            with accelerator.accumulate(run.unet):
+                risk = training_step(run.unet, run.noise_scheduler, unlabeled_batch, sensitive_batch, args)
                 accelerator.backward(risk.loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            if ema_model is not None:
-                ema_model.step(unet.parameters())
+            if run.ema_model is not None:
+                run.ema_model.step(run.unet.parameters())
             global_step += 1
             progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                 common.check_finite(risk, global_step, args.output_dir)
-                logs = common.log_risk(accelerator, risk, lr_scheduler.get_last_lr()[0], global_step)
+                logs = common.log_risk(accelerator, risk, run.lr_scheduler.get_last_lr()[0], global_step)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
             if global_step % args.checkpointing_steps == 0:
                 common.save_checkpoint(accelerator, args, global_step)
-            if global_step >= max_train_steps:
+            if global_step >= args.max_train_steps:
                 break
-        end_of_epoch(accelerator, unet, ema_model, noise_scheduler, args, epoch, global_step, base_model, hub_repo_id)
-        if global_step >= max_train_steps:
+        end_of_epoch(accelerator, run, args, epoch, global_step)
+        if global_step >= args.max_train_steps:
             break
     progress.close()
-    accelerator.end_training()
 
 
 def training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args):
@@ -393,7 +425,7 @@ def training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args)
     return common.pu_objective(model_pred, target, unlabeled_batch.shape[0], args)
 
 
-def end_of_epoch(accelerator, unet, ema_model, noise_scheduler, args, epoch, global_step, base_model, hub_repo_id):
+def end_of_epoch(accelerator, run: Run, args: argparse.Namespace, epoch: int, global_step: int) -> None:
     """Validation grid and pipeline save on their epoch schedules, and always after the last step."""
     accelerator.wait_for_everyone()
     last = global_step >= args.max_train_steps
@@ -401,13 +433,13 @@ def end_of_epoch(accelerator, unet, ema_model, noise_scheduler, args, epoch, glo
         images_due = last or (epoch + 1) % args.save_images_epochs == 0
         model_due = last or (epoch + 1) % args.save_model_epochs == 0
         if images_due or model_due:
-            pipeline = make_pipeline(accelerator, unet, ema_model, noise_scheduler)
+            pipeline = make_pipeline(accelerator, run.unet, run.ema_model, run.noise_scheduler)
             if images_due:
                 generate_validation_grid(accelerator, pipeline, args, epoch, global_step)
             if model_due:
-                save_model(pipeline, args, base_model)
-                if hub_repo_id:
-                    common.upload_to_hub(args, hub_repo_id, f"step {global_step}")
+                save_model(pipeline, args, run.base_model)
+                if run.hub_repo_id:
+                    common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
 
 
