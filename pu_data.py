@@ -12,6 +12,7 @@ Transforms use PIL, NumPy and torch only (torchvision is not required).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 #: Table 1 of the paper: U holds 10 normal images for each sensitive one.
 PAPER_NORMAL_PER_SENSITIVE = 10
@@ -211,6 +214,63 @@ def normal_reference_split(
     require_column(dataset, label_column, "--label_column", f"--dataset_name {dataset_name}")
     normal = np.flatnonzero(~sensitive_mask(dataset, label_column, sensitive_labels))
     return dataset.select(normal)
+
+
+def _load_source(dataset_name, data_dir, name_flag: str, dir_flag: str, args):
+    """One of U or S, checked for its image column; returns (dataset, description for messages)."""
+    dataset = load_image_dataset(
+        dataset_name,
+        data_dir,
+        name_flag=name_flag,
+        dir_flag=dir_flag,
+        config_name=getattr(args, "dataset_config_name", None) if name_flag == "--dataset_name" else None,
+        cache_dir=args.cache_dir,
+    )
+    source = f"{name_flag} {dataset_name}" if dataset_name else f"{dir_flag} {data_dir}"
+    require_column(dataset, args.image_column, "--image_column", source)
+    return dataset, source
+
+
+def load_training_sets(args):
+    """U and S as ``datasets.Dataset`` objects from the training scripts' data flags.
+
+    S comes from its own source, or from the label split of U's dataset
+    (``--label_column``). It is None for ``--loss_type unsupervised``, which
+    does not use it.
+    """
+    unlabeled, source = _load_source(args.dataset_name, args.train_data_dir, "--dataset_name", "--train_data_dir", args)
+    sensitive = None
+    if args.label_column is not None:
+        require_column(unlabeled, args.label_column, "--label_column", source)
+        split = split_by_label(
+            sensitive_mask(unlabeled, args.label_column, args.sensitive_labels),
+            args.num_unlabeled_normal,
+            args.num_unlabeled_sensitive,
+            args.num_labeled_sensitive,
+            seed=args.seed,
+        )
+        logger.info(
+            "label split: U = %d normal + %d sensitive, S = %d sensitive",
+            len(split.unlabeled_normal),
+            len(split.unlabeled_sensitive),
+            len(split.labeled_sensitive),
+        )
+        if len(split.labeled_sensitive):
+            sensitive = unlabeled.select(split.labeled_sensitive)
+        unlabeled = unlabeled.select(split.unlabeled)
+    elif args.loss_type != "unsupervised":
+        sensitive, _ = _load_source(
+            args.sensitive_dataset_name,
+            args.sensitive_data_dir,
+            "--sensitive_dataset_name",
+            "--sensitive_data_dir",
+            args,
+        )
+    if args.loss_type == "unsupervised":
+        return unlabeled, None  # S, even when drawn, takes no part in Eq. (9)
+    if sensitive is None:
+        raise InputError(f"--num_labeled_sensitive: --loss_type {args.loss_type} needs at least one image in S")
+    return unlabeled, sensitive
 
 
 # --------------------------------------------------------------------------- transforms

@@ -82,52 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- data
 
 
-def load_training_data(args: argparse.Namespace):
-    """U and S as ``datasets.Dataset`` objects (S is None for --loss_type unsupervised)."""
-    unlabeled = pu_data.load_image_dataset(
-        args.dataset_name,
-        args.train_data_dir,
-        name_flag="--dataset_name",
-        dir_flag="--train_data_dir",
-        config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
-    )
-    source = f"--dataset_name {args.dataset_name}" if args.dataset_name else f"--train_data_dir {args.train_data_dir}"
-    pu_data.require_column(unlabeled, args.image_column, "--image_column", source)
-    if args.label_column is not None:
-        pu_data.require_column(unlabeled, args.label_column, "--label_column", source)
-        split = pu_data.split_by_label(
-            pu_data.sensitive_mask(unlabeled, args.label_column, args.sensitive_labels),
-            args.num_unlabeled_normal,
-            args.num_unlabeled_sensitive,
-            args.num_labeled_sensitive,
-            seed=args.seed,
-        )
-        logger.info(
-            "label split: U = %d normal + %d sensitive, S = %d sensitive",
-            len(split.unlabeled_normal),
-            len(split.unlabeled_sensitive),
-            len(split.labeled_sensitive),
-        )
-        sensitive = unlabeled.select(split.labeled_sensitive) if len(split.labeled_sensitive) else None
-        unlabeled = unlabeled.select(split.unlabeled)
-    elif args.loss_type != "unsupervised":
-        sensitive = pu_data.load_image_dataset(
-            args.sensitive_dataset_name,
-            args.sensitive_data_dir,
-            name_flag="--sensitive_dataset_name",
-            dir_flag="--sensitive_data_dir",
-            cache_dir=args.cache_dir,
-        )
-        s_source = args.sensitive_dataset_name or args.sensitive_data_dir
-        pu_data.require_column(sensitive, args.image_column, "--image_column", f"S ({s_source})")
-    if args.loss_type == "unsupervised":
-        return unlabeled, None  # S, even when drawn, takes no part in Eq. (9)
-    if sensitive is None:
-        raise InputError(f"--num_labeled_sensitive: --loss_type {args.loss_type} needs at least one image in S")
-    return unlabeled, sensitive
-
-
 def make_dataloaders(args, unlabeled, sensitive, channels: int):
     transform = pu_data.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip)
     unlabeled_loader = torch.utils.data.DataLoader(
@@ -287,7 +241,7 @@ def main(args: argparse.Namespace) -> None:
     if args.seed is not None:
         set_seed(args.seed)
     with accelerator.main_process_first():
-        unlabeled, sensitive = load_training_data(args)
+        unlabeled, sensitive = pu_data.load_training_sets(args)
     args.num_unlabeled_images = len(unlabeled)
     args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
     run = prepare_run(accelerator, args, unlabeled, sensitive)
