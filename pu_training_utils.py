@@ -346,11 +346,6 @@ def make_accelerator(args: argparse.Namespace):
     return accelerator
 
 
-def weight_dtype_of(accelerator) -> torch.dtype:
-    """The dtype for frozen weights, from the accelerator's own mixed-precision state."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
 def log_risk(accelerator, risk: RiskOutput, lr: float, global_step: int) -> dict[str, float]:
     logs = {name: float(value) for name, value in risk.to_log_dict().items()}
     logs["lr"] = lr

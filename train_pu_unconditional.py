@@ -26,7 +26,8 @@ from pu_data import InputError
 
 logger = logging.getLogger(__name__)
 
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F", "P"}
+# Palette ("P") images are often coloured, so they count as RGB.
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
