@@ -274,9 +274,7 @@ def _check_output_dir(args: argparse.Namespace) -> None:
             " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
         )
     if args.resume_from_checkpoint not in (None, "latest"):
-        checkpoint = Path(args.resume_from_checkpoint)
-        if not checkpoint.is_dir() and not (output_dir / checkpoint.name).is_dir():
-            raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+        named_checkpoint(args)  # raises when it does not exist
 
 
 # --------------------------------------------------------------------------- training pieces
@@ -356,10 +354,26 @@ def log_risk(accelerator, risk: RiskOutput, lr: float, global_step: int) -> dict
 # --------------------------------------------------------------------------- checkpoints
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named checkpoint-N, else None."""
+    prefix, _, step = path.name.partition("-")
+    return int(step) if prefix == "checkpoint" and step.isdigit() else None
+
+
 def list_checkpoints(output_dir: str) -> list[Path]:
     """checkpoint-N folders of output_dir, oldest first."""
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(folders, key=checkpoint_step)
+
+
+def named_checkpoint(args: argparse.Namespace) -> Path:
+    """The folder --resume_from_checkpoint names: a path, or a checkpoint-N inside --output_dir."""
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        path = Path(args.output_dir) / path.name
+    if not path.is_dir() or checkpoint_step(path) is None:
+        raise InputError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint-N folder")
+    return path
 
 
 def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int) -> Path:
@@ -387,12 +401,10 @@ def resume_step(accelerator, args: argparse.Namespace) -> int:
             return 0
         path = checkpoints[-1]
     else:
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            path = Path(args.output_dir) / path.name
+        path = named_checkpoint(args)
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(str(path))
-    return int(path.name.split("-")[1])
+    return checkpoint_step(path)
 
 
 def register_model_hooks(accelerator, model_cls, ema_model=None, subfolder: str = "unet") -> None:

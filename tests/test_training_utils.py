@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pu_training_utils as common
+from pu_data import InputError
 from pu_loss import RiskOutput
 
 
@@ -92,3 +93,17 @@ def test_image_grid_enlarges_small_tiles_and_separates_them():
     assert grid.shape == (2 + 2 * 34, 2 + 3 * 34)  # 2 rows x 3 columns of 32-px tiles
     assert (grid[2:34, 2:34] == 255).all() and (grid[2:34, 36:68] == 0).all()
     assert (grid[:2] == 128).all() and (grid[:, 34:36] == 128).all()
+
+
+def test_checkpoint_names_resolve_in_one_place(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-x", "my-ckpt"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in common.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="checkpoint-10")
+    assert common.named_checkpoint(args) == tmp_path / "checkpoint-10"
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
+    assert common.checkpoint_step(common.named_checkpoint(args)) == 2
+    for bad in ("checkpoint-7", "my-ckpt"):
+        args.resume_from_checkpoint = bad
+        with pytest.raises(InputError, match=f"--resume_from_checkpoint {bad}"):
+            common.named_checkpoint(args)
