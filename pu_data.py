@@ -11,6 +11,9 @@ Transforms use PIL, NumPy and torch only (torchvision is not required).
 
 from __future__ import annotations
 
+import hashlib
+import io
+import itertools
 import json
 import logging
 import os
@@ -216,6 +219,41 @@ def normal_reference_split(
     return dataset.select(normal)
 
 
+def check_images(dataset, image_column: str, resolution: int, source: str):
+    """Open every image once (header and checksum, no full decode); return the dataset without corrupt ones.
+
+    Corrupt or non-image entries are skipped with a warning that counts them
+    and names a few; a source with no readable image at all is an error.
+    Images smaller than ``resolution`` are kept (they are enlarged) and
+    counted in a warning.
+    """
+    from datasets import Image as ImageFeature
+
+    if not isinstance(dataset.features[image_column], ImageFeature):
+        raise InputError(
+            f"--image_column {image_column!r} of {source} holds {dataset.features[image_column]}, not images"
+        )
+    readable, corrupt, small = [], [], 0
+    for index, entry in enumerate(dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]):
+        try:
+            with Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]) as image:
+                small += min(image.size) < resolution
+                image.verify()
+            readable.append(index)
+        except Exception:  # PIL raises many types for a file that is not a readable image
+            corrupt.append(entry.get("path") or f"row {index}")
+    if not readable:
+        raise InputError(f"{source}: none of its {len(dataset)} images can be read (e.g. {corrupt[0]})")
+    if corrupt:
+        logger.warning("%s: skipping %d unreadable image(s), e.g. %s", source, len(corrupt), ", ".join(corrupt[:3]))
+        dataset = dataset.select(readable)
+    if small:
+        logger.warning(
+            "%s: %d image(s) are smaller than --resolution %d and will be enlarged", source, small, resolution
+        )
+    return dataset
+
+
 def _load_source(dataset_name, data_dir, name_flag: str, dir_flag: str, args):
     """One of U or S, checked for its image column; returns (dataset, description for messages)."""
     dataset = load_image_dataset(
@@ -228,7 +266,7 @@ def _load_source(dataset_name, data_dir, name_flag: str, dir_flag: str, args):
     )
     source = f"{name_flag} {dataset_name}" if dataset_name else f"{dir_flag} {data_dir}"
     require_column(dataset, args.image_column, "--image_column", source)
-    return dataset, source
+    return check_images(dataset, args.image_column, args.resolution, source), source
 
 
 def load_training_sets(args):
@@ -276,13 +314,19 @@ def load_training_sets(args):
 # --------------------------------------------------------------------------- transforms
 
 
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of integers: the same in every process, run and resume."""
+    digest = hashlib.sha256(",".join(str(int(part)) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class ImageTransform:
     """PIL image -> float tensor in [-1, 1] of shape (channels, resolution, resolution).
 
-    Resizes the shorter side to ``resolution`` (bilinear), then crops the
-    centre or a random window, then flips horizontally at random. Randomness
-    comes from torch's generator, so ``accelerate.utils.set_seed`` makes it
-    reproducible, data-loader workers included.
+    Converts to grayscale or RGB (an alpha channel is dropped), resizes the
+    shorter side to ``resolution`` (bilinear; smaller images are enlarged),
+    crops the centre or a random window, and flips horizontally at random.
+    The random choices come from ``generator``.
     """
 
     def __init__(self, resolution: int, channels: int, center_crop: bool = False, random_flip: bool = False):
@@ -293,7 +337,7 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = image.convert(self.mode)
         width, height = image.size
         scale = self.resolution / min(width, height)
@@ -304,37 +348,77 @@ class ImageTransform:
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)
-        tensor = self._crop(tensor)
-        if self.random_flip and torch.rand(()) < 0.5:
+        tensor = self._crop(tensor, generator)
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             tensor = tensor.flip(-1)
         return tensor / 127.5 - 1.0
 
-    def _crop(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _crop(self, tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         height, width = tensor.shape[-2:]
         if self.center_crop:
             top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
         else:
-            top = int(torch.randint(0, height - self.resolution + 1, ()))
-            left = int(torch.randint(0, width - self.resolution + 1, ()))
+            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
         return tensor[:, top : top + self.resolution, left : left + self.resolution]
 
 
 class TransformedImages(torch.utils.data.Dataset):
-    """A torch view of one image column of a ``datasets.Dataset``, transformed on access."""
+    """A torch view of one image column of a ``datasets.Dataset``, transformed on access.
 
-    def __init__(self, dataset, image_column: str, transform: ImageTransform):
+    Keys are ``(index, epoch)`` pairs from :class:`EpochShuffle` (a plain
+    index means epoch 0). The augmentation of an image is seeded by
+    ``(seed, epoch, index)``, so it does not depend on what was loaded before:
+    a resumed run, or a data-loader worker, draws the same crop and flip.
+    """
+
+    def __init__(self, dataset, image_column: str, transform: ImageTransform, seed: int = 0, source: str = ""):
         self.dataset = dataset
         self.image_column = image_column
         self.transform = transform
+        self.seed = seed
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(self.dataset[index][self.image_column])
+    def __getitem__(self, key) -> torch.Tensor:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        try:
+            image = self.dataset[index][self.image_column]
+        except Exception as error:  # PIL raises many types for a truncated or corrupt file
+            raise InputError(f"{self.source}: image {index} cannot be decoded: {error}") from error
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
+        return self.transform(image, generator)
 
 
 # --------------------------------------------------------------------------- batching
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A shuffle that is a pure function of ``(seed, epoch)``, yielding ``(index, epoch)`` keys.
+
+    Call :meth:`use_epoch` before each pass. The method is deliberately not
+    called ``set_epoch``: Accelerate calls that with its own pass counter,
+    which restarts at 0 after a resume.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        epoch = self.epoch
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+        for index in torch.randperm(self.size, generator=generator).tolist():
+            yield index, epoch
 
 
 def default_sensitive_batch_size(train_batch_size: int, num_unlabeled: int, num_sensitive: int) -> int:
@@ -345,14 +429,22 @@ def default_sensitive_batch_size(train_batch_size: int, num_unlabeled: int, num_
     return max(1, round(train_batch_size * num_sensitive / num_unlabeled))
 
 
-def endless(dataloader) -> Iterator:
-    """Yield batches forever, re-iterating (and so re-shuffling) the loader at each pass.
+def endless(dataloader, sampler: EpochShuffle, start_batch: int = 0, skip_first_batches=None) -> Iterator:
+    """Yield batches forever, pass after pass, each pass shuffled by ``sampler`` for its pass number.
 
-    S is much smaller than U, so its stream cycles on its own; unlike
-    ``itertools.cycle`` this holds no batch in memory and reshuffles.
+    S is much smaller than U, so its stream cycles on its own. ``start_batch``
+    batches are skipped first (a resumed run starts where the interrupted one
+    stopped); ``skip_first_batches(loader, n)`` skips without loading, for
+    example ``accelerator.skip_first_batches``.
     """
+    pass_index, offset = divmod(start_batch, len(dataloader))
     while True:
-        yield from dataloader
+        sampler.use_epoch(pass_index)
+        if offset and skip_first_batches is not None:
+            yield from skip_first_batches(dataloader, offset)
+        else:
+            yield from itertools.islice(dataloader, offset, None)
+        pass_index, offset = pass_index + 1, 0
 
 
 # --------------------------------------------------------------------------- demo data

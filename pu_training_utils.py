@@ -7,11 +7,14 @@ they live once. Nothing in this module knows which model is trained.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 #: Never uploaded to the Hub: resumable training state and old validation images.
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*"]
+#: Flags that define the objective: a resume must not change them.
+OBJECTIVE_FLAGS = ("loss_type", "prior", "nonnegative", "loss_reduction")
+#: Flags that define the data order: a resume that changes them trains on, but does not replay the run.
+DATA_ORDER_FLAGS = ("seed", "train_batch_size", "sensitive_batch_size", "gradient_accumulation_steps")
+CHECKPOINT_CONFIG = "training_config.json"
 #: Files whose presence marks a finished model in an output folder.
 FINISHED_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
 
@@ -273,8 +281,44 @@ def _check_output_dir(args: argparse.Namespace) -> None:
             f"--output_dir {args.output_dir} already holds a finished model ({finished[0]}); pass"
             " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
         )
-    if args.resume_from_checkpoint not in (None, "latest"):
-        named_checkpoint(args)  # raises when it does not exist
+    _check_resumed_run(args)
+
+
+def _check_resumed_run(args: argparse.Namespace) -> None:
+    """A resume must continue the same objective; it takes the checkpoint's seed when none is given."""
+    if not args.resume_from_checkpoint:
+        return
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            return  # as in the official examples: "latest" with nothing to resume starts fresh
+        checkpoint = checkpoints[-1]
+    else:
+        checkpoint = named_checkpoint(args)
+    config_file = checkpoint / CHECKPOINT_CONFIG
+    if not config_file.is_file():
+        logger.warning(
+            "%s has no %s: cannot check that the resume continues the same run", checkpoint, CHECKPOINT_CONFIG
+        )
+        return
+    saved = json.loads(config_file.read_text())
+    for key in OBJECTIVE_FLAGS:
+        if key in saved and saved[key] != getattr(args, key):
+            raise InputError(
+                f"--{key} {getattr(args, key)}: {checkpoint.name} was trained with --{key} {saved[key]}; a resume"
+                " continues the same objective (start a new --output_dir to train with another)"
+            )
+    if args.seed is None:
+        args.seed = saved.get("seed")
+    for key in DATA_ORDER_FLAGS:
+        if saved.get(key) is not None and getattr(args, key) is not None and saved[key] != getattr(args, key):
+            logger.warning(
+                "--%s %s differs from %s's %s: the data order will not replay the interrupted run",
+                key,
+                getattr(args, key),
+                checkpoint.name,
+                saved[key],
+            )
 
 
 # --------------------------------------------------------------------------- training pieces
@@ -304,8 +348,8 @@ def check_finite(risk: RiskOutput, global_step: int, output_dir: str) -> None:
         components = {name: float(value) for name, value in risk.to_log_dict().items()}
         raise FloatingPointError(
             f"the loss is not finite at step {global_step} ({components}); training stopped. The last"
-            f" checkpoint-N in {output_dir} is intact: lower --learning_rate, or try --nonnegative abs or"
-            " --loss_reduction, and resume with --resume_from_checkpoint latest"
+            f" checkpoint-N in {output_dir} is intact: lower --learning_rate (or try --nonnegative abs) and"
+            " resume with --resume_from_checkpoint latest"
         )
 
 
@@ -344,6 +388,62 @@ def make_accelerator(args: argparse.Namespace):
     return accelerator
 
 
+def settle_seed(accelerator, args: argparse.Namespace) -> int:
+    """Use --seed (or the resumed checkpoint's); without one draw a seed, the same in every process.
+
+    Everything random in training derives from it (U/S draws, data order,
+    augmentation, noise), so the seed is logged and saved with each checkpoint.
+    """
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    if args.seed is None:
+        args.seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
+        logger.info("no --seed given: using %d", args.seed)
+    set_seed(args.seed)
+    return args.seed
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a request to stop after the current optimizer step.
+
+    The loop then saves a checkpoint and exits. A second signal stops at once;
+    checkpoints are written atomically, so the last one stays intact even then.
+    """
+
+    def __init__(self):
+        self.signal_number = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was signalled. Several processes agree through one small all-reduce
+        per step; a single process needs no synchronisation."""
+        if accelerator.num_processes == 1:
+            return self.signal_number is not None
+        if self.signal_number is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 def log_risk(accelerator, risk: RiskOutput, lr: float, global_step: int) -> dict[str, float]:
     logs = {name: float(value) for name, value in risk.to_log_dict().items()}
     logs["lr"] = lr
@@ -377,16 +477,34 @@ def named_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int) -> Path:
-    """accelerator.save_state into checkpoint-N, first pruning to --checkpoints_total_limit - 1 old ones."""
-    if args.checkpoints_total_limit is not None and accelerator.is_main_process:
-        existing = list_checkpoints(args.output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            logger.info("removing old checkpoint %s", old)
-            shutil.rmtree(old)
-    path = Path(args.output_dir) / f"checkpoint-{global_step}"
-    accelerator.save_state(str(path))
-    logger.info("saved state to %s", path)
-    return path
+    """accelerator.save_state into checkpoint-N, atomically, then prune to --checkpoints_total_limit.
+
+    The state is written to a hidden staging folder and renamed into place,
+    so an interruption mid-save never leaves a checkpoint-N that looks
+    complete; old checkpoints are removed only once the new one is in place.
+    The run's objective and data settings go beside it (``training_config.json``),
+    so a resume can check that it continues the same run.
+    """
+    output_dir = Path(args.output_dir)
+    final, staging = output_dir / f"checkpoint-{global_step}", output_dir / f".tmp-checkpoint-{global_step}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run_config = {key: getattr(args, key, None) for key in (*OBJECTIVE_FLAGS, *DATA_ORDER_FLAGS)}
+        (staging / CHECKPOINT_CONFIG).write_text(json.dumps(run_config, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                logger.info("removing old checkpoint %s", old)
+                shutil.rmtree(old)
+        logger.info("saved state to %s", final)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def resume_step(accelerator, args: argparse.Namespace) -> int:

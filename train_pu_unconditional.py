@@ -13,6 +13,7 @@ import argparse
 import copy
 import logging
 import math
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pu_data import InputError
 
 logger = logging.getLogger(__name__)
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Palette ("P") images are often coloured, so they count as RGB.
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument(
         "--prediction_type",
-        choices=["epsilon", "v_prediction", "sample"],
+        choices=PREDICTION_TYPES,
         default=None,
         help="What the model predicts. Default: the pretrained scheduler's, else epsilon.",
     )
@@ -83,29 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- data
 
 
-def make_dataloaders(args, unlabeled, sensitive, channels: int):
+def make_dataloader(args, dataset, batch_size: int, channels: int, seed: int, source: str, drop_last: bool):
+    """A loader over ``dataset`` whose order and augmentation are functions of (seed, epoch) alone."""
     transform = pu_data.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip)
-    unlabeled_loader = torch.utils.data.DataLoader(
-        pu_data.TransformedImages(unlabeled, args.image_column, transform),
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=False,
+    sampler = pu_data.EpochShuffle(len(dataset), seed)
+    loader = torch.utils.data.DataLoader(
+        pu_data.TransformedImages(dataset, args.image_column, transform, seed=seed, source=source),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
         num_workers=args.dataloader_num_workers,
     )
-    if sensitive is None:
-        return unlabeled_loader, None
-    if args.sensitive_batch_size is None:
-        args.sensitive_batch_size = pu_data.default_sensitive_batch_size(
-            args.train_batch_size, len(unlabeled), len(sensitive)
-        )
-    sensitive_loader = torch.utils.data.DataLoader(
-        pu_data.TransformedImages(sensitive, args.image_column, transform),
-        batch_size=args.sensitive_batch_size,
-        shuffle=True,
-        drop_last=len(sensitive) >= args.sensitive_batch_size,
-        num_workers=args.dataloader_num_workers,
-    )
-    return unlabeled_loader, sensitive_loader
+    return loader, sampler
 
 
 # --------------------------------------------------------------------------- model
@@ -154,6 +145,11 @@ def load_model(args: argparse.Namespace, data_channels: int):
             ) from error
         if args.prediction_type:
             scheduler.register_to_config(prediction_type=args.prediction_type)
+        elif scheduler.config.prediction_type not in PREDICTION_TYPES:
+            raise InputError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: its scheduler predicts"
+                f" {scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
+            )
         return unet, scheduler, args.pretrained_model_name_or_path
     if args.model_config_name_or_path:
         config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
@@ -229,18 +225,17 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     unlabeled_loader: torch.utils.data.DataLoader
-    sensitive_stream: object | None
+    unlabeled_sampler: pu_data.EpochShuffle
+    sensitive_loader: torch.utils.data.DataLoader | None
+    sensitive_sampler: pu_data.EpochShuffle | None
     steps_per_epoch: int
     base_model: str | None
     hub_repo_id: str | None = None
 
 
 def main(args: argparse.Namespace) -> None:
-    from accelerate.utils import set_seed
-
     accelerator = common.make_accelerator(args)
-    if args.seed is not None:
-        set_seed(args.seed)
+    common.settle_seed(accelerator, args)
     with accelerator.main_process_first():
         unlabeled, sensitive = pu_data.load_training_sets(args)
     args.num_unlabeled_images = len(unlabeled)
@@ -286,7 +281,26 @@ def prepare_run(accelerator, args, unlabeled, sensitive) -> Run:
         )
     common.register_model_hooks(accelerator, type(unet), ema_model)
 
-    unlabeled_loader, sensitive_loader = make_dataloaders(args, unlabeled, sensitive, unet.config.in_channels)
+    channels = unet.config.in_channels
+    unlabeled_loader, unlabeled_sampler = make_dataloader(
+        args, unlabeled, args.train_batch_size, channels, pu_data.derived_seed(args.seed, 0), "U", drop_last=False
+    )
+    sensitive_loader = sensitive_sampler = None
+    if sensitive is not None:
+        if args.sensitive_batch_size is None:
+            args.sensitive_batch_size = pu_data.default_sensitive_batch_size(
+                args.train_batch_size, len(unlabeled), len(sensitive)
+            )
+        sensitive_loader, sensitive_sampler = make_dataloader(
+            args,
+            sensitive,
+            args.sensitive_batch_size,
+            channels,
+            pu_data.derived_seed(args.seed, 1),
+            "S",
+            # Full S batches only; an S smaller than one batch still gives one batch per pass.
+            drop_last=len(sensitive) >= args.sensitive_batch_size,
+        )
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(
@@ -310,7 +324,8 @@ def prepare_run(accelerator, args, unlabeled, sensitive) -> Run:
     )
     # PU risks are computed per process on its own U and S shards; DDP then averages the
     # gradients. Each shard is an unbiased mini-batch estimate, as in the single-process case.
-    sensitive_stream = pu_data.endless(accelerator.prepare(sensitive_loader)) if sensitive_loader else None
+    if sensitive_loader is not None:
+        sensitive_loader = accelerator.prepare(sensitive_loader)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     return Run(
@@ -320,29 +335,49 @@ def prepare_run(accelerator, args, unlabeled, sensitive) -> Run:
         optimizer,
         lr_scheduler,
         unlabeled_loader,
-        sensitive_stream,
+        unlabeled_sampler,
+        sensitive_loader,
+        sensitive_sampler,
         steps_per_epoch,
         base_model,
     )
 
 
 def train(accelerator, run: Run, args: argparse.Namespace) -> None:
-    """The loop: one optimizer step per U batch (times accumulation), each paired with an S batch."""
+    """The loop: one optimizer step per U batch (times accumulation), each paired with an S batch.
+
+    Data order, augmentation and each batch's noise and timesteps are functions
+    of (seed, epoch, batch), so a run resumed from checkpoint-N replays the
+    uninterrupted run from step N on.
+    """
     global_step = common.resume_step(accelerator, args)
+    batches_per_epoch = len(run.unlabeled_loader)
     first_epoch = global_step // run.steps_per_epoch
     skip_batches = (global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+    sensitive_stream = None
+    if run.sensitive_loader is not None:
+        sensitive_stream = pu_data.endless(
+            run.sensitive_loader,
+            run.sensitive_sampler,
+            first_epoch * batches_per_epoch + skip_batches,
+            accelerator.skip_first_batches,
+        )
+    stop = common.StopRequest()
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     for epoch in range(first_epoch, args.num_train_epochs):
         run.unet.train()
-        loader = run.unlabeled_loader
-        if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(loader, skip_batches)
-        for unlabeled_batch in loader:
-            sensitive_batch = next(run.sensitive_stream) if run.sensitive_stream is not None else None
+        run.unlabeled_sampler.use_epoch(epoch)
+        start = skip_batches if epoch == first_epoch else 0
+        loader = accelerator.skip_first_batches(run.unlabeled_loader, start) if start else run.unlabeled_loader
+        for batch_index, unlabeled_batch in enumerate(loader, start=start):
+            sensitive_batch = next(sensitive_stream) if sensitive_stream is not None else None
+            generator = torch.Generator(accelerator.device).manual_seed(
+                pu_data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
+            )
             with accelerator.accumulate(run.unet):
-                risk = training_step(run.unet, run.noise_scheduler, unlabeled_batch, sensitive_batch, args)
+                risk = training_step(run.unet, run.noise_scheduler, unlabeled_batch, sensitive_batch, args, generator)
                 accelerator.backward(risk.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
@@ -361,19 +396,37 @@ def train(accelerator, run: Run, args: argparse.Namespace) -> None:
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
             if global_step % args.checkpointing_steps == 0:
                 common.save_checkpoint(accelerator, args, global_step)
+            if stop.requested(accelerator):
+                interrupt(accelerator, args, global_step, stop.signal_number)
             if global_step >= args.max_train_steps:
                 break
         end_of_epoch(accelerator, run, args, epoch, global_step)
         if global_step >= args.max_train_steps:
             break
+    stop.restore()
     progress.close()
 
 
-def training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args):
+def interrupt(accelerator, args, global_step: int, signal_number: int | None) -> None:
+    """Save the state of the last finished step (unless just saved) and stop."""
+    if not (Path(args.output_dir) / f"checkpoint-{global_step}").is_dir():
+        common.save_checkpoint(accelerator, args, global_step)
+    accelerator.end_training()
+    number = signal_number or signal.SIGTERM
+    raise common.TrainingInterrupted(
+        f"interrupted by {signal.Signals(number).name} after step {global_step}; checkpoint-{global_step} is in"
+        f" {args.output_dir}: continue with --resume_from_checkpoint latest",
+        number,
+    )
+
+
+def training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args, generator=None):
     """One forward over cat([U batch, S batch]) and the PU risk of its per-sample losses."""
     clean = unlabeled_batch if sensitive_batch is None else torch.cat([unlabeled_batch, sensitive_batch])
-    noise = torch.randn_like(clean)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator, device=clean.device
+    )
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     model_pred = unet(noisy, timesteps).sample
     target = common.diffusion_target(noise_scheduler, clean, noise, timesteps)
@@ -413,3 +466,6 @@ if __name__ == "__main__":
         main(arguments)
     except (InputError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
+    except common.TrainingInterrupted as interruption:
+        print(f"stopped: {interruption}", file=sys.stderr)
+        sys.exit(interruption.exit_code)

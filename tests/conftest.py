@@ -17,12 +17,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(script: str, *args: str, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600):
-    """Run one of the repository's scripts the way a user does, and return the finished process.
-
-    ``launcher="accelerate"`` goes through ``accelerate launch`` on CPU;
-    ``"python"`` runs the file directly (for argument and input errors).
-    """
+def script_command(script: str, *args, launcher: str = "accelerate", num_processes: int = 1) -> list[str]:
+    """The command line a user types: ``accelerate launch`` on CPU, or ``python`` for the file itself."""
     command = [sys.executable]
     if launcher == "accelerate":
         command += [
@@ -39,9 +35,32 @@ def run_script(script: str, *args: str, launcher: str = "accelerate", num_proces
         ]
         if num_processes > 1:
             command += ["--multi_gpu"]
-    command += [str(REPO_ROOT / script), *map(str, args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return command + [str(REPO_ROOT / script), *map(str, args)]
+
+
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(script: str, *args, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600):
+    """Run one of the repository's scripts the way a user does, and return the finished process.
+
+    ``launcher="accelerate"`` goes through ``accelerate launch`` on CPU;
+    ``"python"`` runs the file directly (for argument and input errors).
+    """
+    command = script_command(script, *args, launcher=launcher, num_processes=num_processes)
+    return subprocess.run(command, cwd=REPO_ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def start_script(script: str, *args, launcher: str = "accelerate") -> subprocess.Popen:
+    """Like run_script, but return at once with the process running."""
+    return subprocess.Popen(
+        script_command(script, *args, launcher=launcher),
+        cwd=REPO_ROOT,
+        env=SCRIPT_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

@@ -65,6 +65,14 @@ CASES = {
         "need --label_column",
     ),
     "no U": (lambda d, t: ["--sensitive_data_dir", t / "s"], "--dataset_name or --train_data_dir"),
+    "unknown prediction type": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prediction_type", "x0"),
+        "--prediction_type",
+    ),
+    "image column holds no images": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--image_column", "label"),
+        "--image_column 'label'",
+    ),
     "missing checkpoint": (
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resume_from_checkpoint", "checkpoint-7"),
         "--resume_from_checkpoint",

@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 
 from pu_data import (
+    EpochShuffle,
     ImageTransform,
     InputError,
+    TransformedImages,
     default_sensitive_batch_size,
     endless,
     load_image_dataset,
@@ -126,10 +128,37 @@ def test_default_sensitive_batch_size_is_the_mixed_loader_average():
     assert default_sensitive_batch_size(4, num_unlabeled=1000, num_sensitive=10) == 1
 
 
-def test_endless_stream_cycles_and_reshuffles():
-    loader = torch.utils.data.DataLoader(list(range(6)), batch_size=6, shuffle=True)
-    torch.manual_seed(0)
-    stream = endless(loader)
-    passes = [next(stream).tolist() for _ in range(4)]
+class IndexOf(torch.utils.data.Dataset):
+    """Six items; each is its own index."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, key):
+        return key[0]
+
+
+def test_endless_stream_reshuffles_each_pass_and_restarts_where_it_stopped():
+    def stream(start_batch=0):
+        sampler = EpochShuffle(6, seed=3)
+        loader = torch.utils.data.DataLoader(IndexOf(), batch_size=2, sampler=sampler, collate_fn=list)
+        return endless(loader, sampler, start_batch)
+
+    uninterrupted = stream()
+    batches = [next(uninterrupted) for _ in range(12)]  # four passes of three batches
+    passes = [sum(batches[i : i + 3], []) for i in range(0, 12, 3)]
     assert all(sorted(p) == list(range(6)) for p in passes)
     assert len({tuple(p) for p in passes}) > 1
+    resumed = stream(start_batch=5)
+    assert [next(resumed) for _ in range(7)] == batches[5:]
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(digits_dir):
+    train = datasets.load_dataset(str(digits_dir), split="train").select(range(4))
+    images = TransformedImages(train, "image", ImageTransform(6, 1, random_flip=True), seed=7)
+    first = [images[(i, 2)] for i in (3, 0, 1)]
+    torch.manual_seed(123)  # the global generator plays no part
+    again = [images[(i, 2)] for i in (1, 0, 3)][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, [again[0], again[1], again[2]], strict=True))
+    crops = {tuple(images[(0, epoch)].flatten().tolist()) for epoch in range(8)}
+    assert len(crops) > 1  # another epoch, another crop or flip

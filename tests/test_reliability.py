@@ -1,0 +1,165 @@
+"""Interruption, resume, determinism, numerical safety and messy image folders."""
+
+import signal
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import assert_ok, run_script, start_script, write_image_folder
+from tests.test_train_unconditional import SCRIPT, load_and_sample, scalars, tiny_run_args
+
+STEPS = 200
+# Random crops (8 px images at 6 px) and flips, EMA: everything random that a resume must replay.
+AUGMENTED = [
+    "--resolution",
+    "6",
+    "--random_flip",
+    "--use_ema",
+    "--save_images_epochs",
+    "1000",
+    "--save_model_epochs",
+    "1000",
+    "--max_train_steps",
+    str(STEPS),
+]
+
+
+def loss_trace(output_dir):
+    return dict(scalars(output_dir)["loss"])
+
+
+def test_same_seed_gives_the_same_loss_trace(tmp_path, digits_dir, tiny_unet_config):
+    traces = []
+    for name in ("a", "b"):
+        args = tiny_run_args(digits_dir, tiny_unet_config, tmp_path / name, "--max_train_steps", "6", "--random_flip")
+        assert_ok(run_script(SCRIPT, *args))
+        traces.append(loss_trace(tmp_path / name))
+    assert list(traces[0]) == list(range(1, 7))
+    assert traces[0] == traces[1]
+    other = tmp_path / "other-seed"
+    args = tiny_run_args(digits_dir, tiny_unet_config, other, "--max_train_steps", "6", "--random_flip")
+    args[args.index("--seed") + 1] = "1"
+    assert_ok(run_script(SCRIPT, *args))
+    assert loss_trace(other) != traces[0]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
+    tmp_path, digits_dir, tiny_unet_config, signal_number
+):
+    def args(output_dir, *extra):
+        base = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", *extra)
+        base[base.index("--resolution") + 1] = "6"
+        return base + AUGMENTED
+
+    # All three runs start the same way (plain python, so the signal reaches the training process):
+    # a launcher that sets another CPU thread count changes float rounding from the first step on.
+    reference = tmp_path / "reference"
+    assert_ok(run_script(SCRIPT, *args(reference), launcher="python"))
+
+    interrupted = tmp_path / "interrupted"
+    process = start_script(SCRIPT, *args(interrupted), launcher="python")
+    deadline = time.monotonic() + 300
+    while not (interrupted / "checkpoint-3").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal_number, stderr[-3000:]
+    assert "stopped: interrupted by" in stderr and "--resume_from_checkpoint latest" in stderr
+    step = max(int(p.name.split("-")[1]) for p in interrupted.glob("checkpoint-*"))
+    assert 3 <= step < STEPS
+    assert not (interrupted / "model_index.json").exists()  # no final model from an interrupted run
+    assert not list(interrupted.glob(".tmp-*"))
+
+    assert_ok(run_script(SCRIPT, *args(interrupted, "--resume_from_checkpoint", "latest"), launcher="python"))
+    # Same data order, augmentation, noise and state: the same numbers, not merely close ones.
+    assert loss_trace(interrupted) == loss_trace(reference)
+    assert sorted(loss_trace(interrupted)) == list(range(1, STEPS + 1))
+    final_reference = load_and_sample(reference)[0].unet.state_dict()
+    final_resumed = load_and_sample(interrupted)[0].unet.state_dict()
+    assert all(torch.equal(final_resumed[name], weight) for name, weight in final_reference.items())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--loss_type", "supervised"), ("--prior", "0.2"), ("--nonnegative", "abs")]
+)
+def test_resume_refuses_another_objective(tmp_path, digits_dir, tiny_unet_config, flag, value):
+    output_dir = tmp_path / "out"
+    base = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "2", "--max_train_steps", "2"
+    )
+    assert_ok(run_script(SCRIPT, *base))
+    state = (output_dir / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    changed = [*base, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", flag, value]
+    result = run_script(SCRIPT, *changed, launcher="python", timeout=120)
+    assert result.returncode != 0
+    assert f"{flag} {value}: checkpoint-2 was trained with {flag}" in result.stderr
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (output_dir / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == state
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "20", "--checkpointing_steps", "1"
+    )
+    args[args.index("--learning_rate") + 1] = "1e30"  # the first Adam step blows the weights up
+    result = run_script(SCRIPT, *args)
+    assert result.returncode != 0
+    assert "the loss is not finite at step 2" in result.stderr
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (output_dir / "model_index.json").exists()
+
+
+def test_messy_image_folders_are_cleaned_or_explained(tmp_path):
+    unlabeled = write_image_folder(tmp_path / "u", 10, seed=1)
+    sensitive = write_image_folder(tmp_path / "s", 2, size=5, mode="RGB", seed=2)  # smaller than --resolution
+    Image.new("RGBA", (12, 9), (200, 10, 10, 128)).save(sensitive / "rgba.png")
+    (sensitive / "broken.png").write_bytes(b"\x89PNG but not really")
+    (sensitive / "notes.txt").write_text("not an image")
+    output_dir = tmp_path / "out"
+    result = run_script(
+        SCRIPT,
+        "--train_data_dir",
+        unlabeled,
+        "--sensitive_data_dir",
+        sensitive,
+        "--resolution",
+        "8",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "2",
+        "--ddpm_num_inference_steps",
+        "2",
+        "--eval_batch_size",
+        "2",
+        "--seed",
+        "0",
+        "--output_dir",
+        output_dir,
+    )
+    assert_ok(result)
+    assert "skipping 1 unreadable image(s), e.g." in result.stderr and "broken.png" in result.stderr
+    assert "2 image(s) are smaller than --resolution 8 and will be enlarged" in result.stderr
+    assert "| images in U, S | 10, 3 |" in (output_dir / "README.md").read_text()
+
+    (tmp_path / "all_broken").mkdir()
+    (tmp_path / "all_broken" / "a.png").write_bytes(b"garbage")
+    refused = run_script(
+        SCRIPT,
+        "--train_data_dir",
+        unlabeled,
+        "--sensitive_data_dir",
+        tmp_path / "all_broken",
+        "--output_dir",
+        tmp_path / "refused",
+        launcher="python",
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "--sensitive_data_dir" in refused.stderr and "none of its 1 images can be read" in refused.stderr
+    assert not (tmp_path / "refused").exists()
