@@ -163,3 +163,23 @@ def test_messy_image_folders_are_cleaned_or_explained(tmp_path):
     assert refused.returncode != 0
     assert "--sensitive_data_dir" in refused.stderr and "none of its 1 images can be read" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "2")
+    result = run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest")
+    assert_ok(result)
+    assert "no checkpoint in" in result.stdout + result.stderr
+    assert sorted(loss_trace(output_dir)) == [1, 2]
+
+
+def test_resume_with_another_batch_size_warns_that_it_will_not_replay(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "2")
+    assert_ok(run_script(SCRIPT, *args, "--max_train_steps", "2"))
+    args[args.index("--train_batch_size") + 1] = "4"
+    result = run_script(SCRIPT, *args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert_ok(result)
+    assert "--train_batch_size 4 differs from checkpoint-2's 8: the data order will not replay" in result.stderr
+    assert sorted(loss_trace(output_dir)) == [1, 2, 3]
