@@ -64,6 +64,14 @@ CASES = {
         lambda d, t: ["--dataset_name", d, "--num_unlabeled_normal", "5", "--loss_type", "unsupervised"],
         "need --label_column",
     ),
+    "U folder missing": (
+        lambda d, t: ["--train_data_dir", t / "missing", "--sensitive_data_dir", t / "s"],
+        "--train_data_dir",
+    ),
+    "U folder empty": (
+        lambda d, t: ["--train_data_dir", t / "empty", "--sensitive_data_dir", t / "s"],
+        "holds no files",
+    ),
     "no U": (lambda d, t: ["--sensitive_data_dir", t / "s"], "--dataset_name or --train_data_dir"),
     "unknown prediction type": (
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prediction_type", "x0"),
