@@ -48,19 +48,28 @@ def run_script(script: str, *args, launcher: str = "accelerate", num_processes: 
     ``"python"`` runs the file directly (for argument and input errors).
     """
     command = script_command(script, *args, launcher=launcher, num_processes=num_processes)
-    return subprocess.run(command, cwd=REPO_ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=script_env(num_processes), capture_output=True, text=True, timeout=timeout
+    )
 
 
-def start_script(script: str, *args, launcher: str = "accelerate") -> subprocess.Popen:
+def start_script(script: str, *args, launcher: str = "accelerate", num_processes: int = 1) -> subprocess.Popen:
     """Like run_script, but return at once with the process running."""
+    command = script_command(script, *args, launcher=launcher, num_processes=num_processes)
     return subprocess.Popen(
-        script_command(script, *args, launcher=launcher),
+        command,
         cwd=REPO_ROOT,
-        env=SCRIPT_ENV,
+        env=script_env(num_processes),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def script_env(num_processes: int) -> dict:
+    """Several processes on a machine without GPUs: torchrun's launcher with Accelerate told to use
+    the CPU, which makes it pick the gloo backend."""
+    return {**SCRIPT_ENV, "ACCELERATE_USE_CPU": "true"} if num_processes > 1 else SCRIPT_ENV
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

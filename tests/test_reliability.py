@@ -1,5 +1,6 @@
 """Interruption, resume, determinism, numerical safety and messy image folders."""
 
+import re
 import signal
 import time
 
@@ -183,3 +184,33 @@ def test_resume_with_another_batch_size_warns_that_it_will_not_replay(tmp_path, 
     assert_ok(result)
     assert "--train_batch_size 4 differs from checkpoint-2's 8: the data order will not replay" in result.stderr
     assert sorted(loss_trace(output_dir)) == [1, 2, 3]
+
+
+def test_sigterm_to_the_launcher_stops_all_processes_at_the_same_step(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir,
+        tiny_unet_config,
+        output_dir,
+        "--checkpointing_steps",
+        "3",
+        "--max_train_steps",
+        "100000",
+        "--save_images_epochs",
+        "100000",
+        "--save_model_epochs",
+        "100000",
+    )
+    process = start_script(SCRIPT, *args, num_processes=2)
+    deadline = time.monotonic() + 300
+    while not (output_dir / "checkpoint-3").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    stops = re.findall(r"stopped: interrupted by SIGTERM after step (\d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    last = output_dir / f"checkpoint-{stops[0]}"
+    assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert not list(output_dir.glob(".tmp-*"))

@@ -250,3 +250,25 @@ def test_a_finished_model_is_not_overwritten_without_the_flag(tmp_path, digits_d
     assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert_ok(run_script(SCRIPT, *args, "--overwrite_output_dir", "--learning_rate", "1e-1"))
     assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
+
+
+def test_two_processes_on_cpu_train_checkpoint_and_resume(tmp_path, digits_dir, tiny_unet_config):
+    """accelerate launch --num_processes 2 (gloo): U's 6 batches are sharded, 3 per process and epoch."""
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", "--use_ema", "--save_images_epochs", "1"
+    )
+    result = run_script(SCRIPT, *args, "--max_train_steps", "6", num_processes=2)
+    assert_ok(result)
+    assert result.stderr.count("U: 44 images, S: 6 images") == 2  # both processes trained
+    checkpoint = output_dir / "checkpoint-6"
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    # 6 steps of 3 per epoch: two epochs, so two validation grids.
+    assert sorted(p.name for p in (output_dir / "validation").glob("*.png")) == ["epoch-0000.png", "epoch-0001.png"]
+
+    assert_ok(
+        run_script(SCRIPT, *args, "--max_train_steps", "9", "--resume_from_checkpoint", "latest", num_processes=2)
+    )
+    assert sorted(step for step, _ in scalars(output_dir)["loss"]) == list(range(1, 10))
+    _, images = load_and_sample(output_dir)
+    assert images.shape == (2, 8, 8, 1)
