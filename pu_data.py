@@ -323,10 +323,11 @@ def derived_seed(*parts: int) -> int:
 class ImageTransform:
     """PIL image -> float tensor in [-1, 1] of shape (channels, resolution, resolution).
 
-    Converts to grayscale or RGB (an alpha channel is dropped), resizes the
-    shorter side to ``resolution`` (bilinear; smaller images are enlarged),
-    crops the centre or a random window, and flips horizontally at random.
-    The random choices come from ``generator``.
+    Two stages: :meth:`prepare` is deterministic (convert to grayscale or RGB,
+    dropping any alpha channel; resize the shorter side to ``resolution``,
+    bilinear, enlarging smaller images) and can be cached; :meth:`augment`
+    crops the centre or a random window and flips at random, with the random
+    choices drawn from ``generator``.
     """
 
     def __init__(self, resolution: int, channels: int, center_crop: bool = False, random_flip: bool = False):
@@ -338,17 +339,23 @@ class ImageTransform:
         self.random_flip = random_flip
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.augment(self.prepare(image), generator)
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """uint8 tensor (channels, height, width), shorter side == resolution."""
         image = image.convert(self.mode)
         width, height = image.size
         scale = self.resolution / min(width, height)
         if scale != 1.0:
             size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
             image = image.resize(size, Image.BILINEAR)
-        pixels = np.asarray(image, dtype=np.float32)
+        pixels = np.asarray(image, dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1)
-        tensor = self._crop(tensor, generator)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+    def augment(self, prepared: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        tensor = self._crop(prepared, generator).float()
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             tensor = tensor.flip(-1)
         return tensor / 127.5 - 1.0
@@ -363,6 +370,10 @@ class ImageTransform:
         return tensor[:, top : top + self.resolution, left : left + self.resolution]
 
 
+#: Datasets whose prepared (decoded and resized) images fit in this many bytes are kept in memory.
+PRELOAD_BUDGET_BYTES = 2**30
+
+
 class TransformedImages(torch.utils.data.Dataset):
     """A torch view of one image column of a ``datasets.Dataset``, transformed on access.
 
@@ -370,6 +381,10 @@ class TransformedImages(torch.utils.data.Dataset):
     index means epoch 0). The augmentation of an image is seeded by
     ``(seed, epoch, index)``, so it does not depend on what was loaded before:
     a resumed run, or a data-loader worker, draws the same crop and flip.
+
+    Small datasets are decoded and resized once, up front, when their square
+    size estimate fits ``PRELOAD_BUDGET_BYTES``: decoding a PNG per access
+    otherwise costs more than a training step of a small model.
     """
 
     def __init__(self, dataset, image_column: str, transform: ImageTransform, seed: int = 0, source: str = ""):
@@ -378,18 +393,26 @@ class TransformedImages(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.source = source
+        channels = 1 if transform.mode == "L" else 3
+        self.prepared = None
+        if len(dataset) * channels * transform.resolution**2 <= PRELOAD_BUDGET_BYTES:
+            self.prepared = [self._prepare(index) for index in range(len(dataset))]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key) -> torch.Tensor:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        prepared = self.prepared[index] if self.prepared is not None else self._prepare(index)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
+        return self.transform.augment(prepared, generator)
+
+    def _prepare(self, index: int) -> torch.Tensor:
         try:
             image = self.dataset[index][self.image_column]
         except Exception as error:  # PIL raises many types for a truncated or corrupt file
             raise InputError(f"{self.source}: image {index} cannot be decoded: {error}") from error
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
-        return self.transform(image, generator)
+        return self.transform.prepare(image)
 
 
 # --------------------------------------------------------------------------- batching

@@ -162,3 +162,16 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(digits_dir):
     assert all(torch.equal(a, b) for a, b in zip(first, [again[0], again[1], again[2]], strict=True))
     crops = {tuple(images[(0, epoch)].flatten().tolist()) for epoch in range(8)}
     assert len(crops) > 1  # another epoch, another crop or flip
+
+
+def test_preloaded_images_equal_the_ones_decoded_on_access(digits_dir, monkeypatch):
+    import pu_data
+
+    train = datasets.load_dataset(str(digits_dir), split="train").select(range(6))
+    transform = ImageTransform(6, 1, random_flip=True)
+    preloaded = TransformedImages(train, "image", transform, seed=4)
+    monkeypatch.setattr(pu_data, "PRELOAD_BUDGET_BYTES", 0)
+    on_access = TransformedImages(train, "image", transform, seed=4)
+    assert preloaded.prepared is not None and on_access.prepared is None
+    for key in [(0, 0), (5, 0), (5, 3), (2, 9)]:
+        assert torch.equal(preloaded[key], on_access[key])
