@@ -31,6 +31,15 @@ def loss_trace(output_dir):
     return dict(scalars(output_dir)["loss"])
 
 
+def signal_once_saved(process, checkpoint, signal_number, timeout: float = 300) -> None:
+    """Send the signal as soon as ``checkpoint`` exists, while the run is still training."""
+    deadline = time.monotonic() + timeout
+    while not checkpoint.is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+
+
 def test_same_seed_gives_the_same_loss_trace(tmp_path, digits_dir, tiny_unet_config):
     traces = []
     for name in ("a", "b"):
@@ -62,11 +71,7 @@ def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
 
     interrupted = tmp_path / "interrupted"
     process = start_script(SCRIPT, *args(interrupted), launcher="python")
-    deadline = time.monotonic() + 300
-    while not (interrupted / "checkpoint-3").is_dir():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.01)
-    process.send_signal(signal_number)
+    signal_once_saved(process, interrupted / "checkpoint-3", signal_number)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal_number, stderr[-3000:]
     assert "stopped: interrupted by" in stderr and "--resume_from_checkpoint latest" in stderr
@@ -202,11 +207,7 @@ def test_sigterm_to_the_launcher_stops_all_processes_at_the_same_step(tmp_path, 
         "100000",
     )
     process = start_script(SCRIPT, *args, num_processes=2)
-    deadline = time.monotonic() + 300
-    while not (output_dir / "checkpoint-3").is_dir():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    signal_once_saved(process, output_dir / "checkpoint-3", signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
     stops = re.findall(r"stopped: interrupted by SIGTERM after step (\d+)", stderr)
