@@ -1,0 +1,656 @@
+"""Evaluate PU diffusion models the way the paper does (section 5.2): non-sensitive rate, FID and a sample grid.
+
+Two steps. First a classifier, unless you already have a Hugging Face
+image-classification model for your data:
+
+    python evaluate.py train-classifier --dataset_name data/digits --label_column label \\
+        --output_dir outputs/digits-classifier
+
+Then the samples of a trained pipeline, scored by that classifier and compared
+with the normal images of a held-out split:
+
+    python evaluate.py unconditional --pipeline outputs/digits-pu \\
+        --classifier outputs/digits-classifier --sensitive_labels 1 3 5 7 9 \\
+        --reference_dataset_name data/digits --reference_label_column label \\
+        --fid_features classifier --output_dir outputs/digits-pu/evaluation
+
+The output folder gets ``metrics.json`` (written last, so a folder holding it
+is complete) and ``samples.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pu_data import InputError, derived_seed, load_image_dataset, require_column, resolve_label_values
+from pu_training_utils import image_grid
+
+logger = logging.getLogger("evaluate")
+
+SCHEDULERS = ("ddpm", "ddim")
+FID_FEATURES = ("inception", "classifier", "none")
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+METRICS_FILE = "metrics.json"
+CLASSIFIER_METRICS_FILE = "classifier_metrics.json"
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", required=True, help="A trained pipeline: a folder or a Hub id.")
+    parser.add_argument("--num_samples", type=int, default=None, help="Default: as many as reference images.")
+    parser.add_argument("--batch_size", type=int, default=250, help="Samples generated per forward pass.")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="ddpm samples as trained.")
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=None, help="Default: 50 for ddim, the training steps for ddpm."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+
+
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classifier", required=True, help="An image-classification model (folder or Hub id) for the rate."
+    )
+    parser.add_argument(
+        "--sensitive_labels", nargs="+", required=True, help="Which of the classifier's labels are sensitive."
+    )
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference_dataset_name", default=None, help="Held-out images for FID (Hub id or folder).")
+    parser.add_argument("--reference_data_dir", default=None, help="... or an image folder.")
+    parser.add_argument("--reference_split", default="test", help="Split of --reference_dataset_name.")
+    parser.add_argument("--reference_image_column", default="image")
+    parser.add_argument(
+        "--reference_label_column",
+        default=None,
+        help="Drop the images whose label is in --sensitive_labels, keeping a normal-only reference (the paper's).",
+    )
+    parser.add_argument(
+        "--fid_features",
+        choices=FID_FEATURES,
+        default="inception",
+        help="inception: the standard FID (needs torch-fidelity and a download of its weights once); "
+        "classifier: the classifier's penultimate features, reported as classifier_fid, works offline.",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train-classifier", help="Train and save an image classifier on a labeled dataset.")
+    train.add_argument("--dataset_name", default=None, help="Labeled dataset: Hub id or local folder.")
+    train.add_argument("--train_data_dir", default=None, help="... or an image folder (labels from sub-folders).")
+    train.add_argument("--image_column", default="image")
+    train.add_argument("--label_column", default="label")
+    train.add_argument("--train_split", default="train")
+    train.add_argument("--test_split", default="test", help="Split whose accuracy is reported.")
+    train.add_argument("--image_size", type=int, default=32, help="Images are resized to this before the network.")
+    train.add_argument("--num_epochs", type=int, default=30)
+    train.add_argument("--batch_size", type=int, default=64)
+    train.add_argument("--learning_rate", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output_dir", required=True)
+
+    unconditional = commands.add_parser("unconditional", help="Score samples of an unconditional pipeline.")
+    add_sampling_arguments(unconditional)
+    add_classifier_arguments(unconditional)
+    add_reference_arguments(unconditional)
+    unconditional.add_argument("--grid_size", type=int, default=100, help="Samples shown in samples.png.")
+    unconditional.add_argument("--output_dir", required=True)
+
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.command == "train-classifier":
+        if args.dataset_name is None and args.train_data_dir is None:
+            raise InputError("train-classifier needs --dataset_name or --train_data_dir")
+        for flag in ("num_epochs", "batch_size", "image_size"):
+            if getattr(args, flag) < 1:
+                raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        return
+    for flag in ("num_samples", "batch_size", "num_inference_steps", "grid_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be >= 1, got {value}")
+    has_reference = args.reference_dataset_name is not None or args.reference_data_dir is not None
+    if args.fid_features != "none" and not has_reference:
+        raise InputError(
+            f"--fid_features {args.fid_features} needs --reference_dataset_name or --reference_data_dir "
+            "(or --fid_features none)"
+        )
+    if args.num_samples is None and not has_reference:
+        raise InputError("--num_samples is needed when there is no reference dataset to take the count from")
+    if Path(args.output_dir).is_file():
+        raise InputError(f"--output_dir {args.output_dir} is a file")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def images_to_uint8(dataset, image_column: str, source: str) -> torch.Tensor:
+    """Every image of ``dataset`` as one (N, C, H, W) uint8 tensor; sizes and channel counts must agree."""
+    arrays, shapes = [], set()
+    for image in dataset[image_column]:
+        mode = "L" if image.mode in GRAYSCALE_MODES else "RGB"
+        array = np.asarray(image.convert(mode))
+        array = array[:, :, None] if array.ndim == 2 else array
+        shapes.add(array.shape)
+        arrays.append(array)
+    if len(shapes) > 1:
+        raise InputError(f"{source}: images of several sizes or channel counts {sorted(shapes)}; expected one")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def float_to_uint8(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) floats in [0, 1] -> (N, C, H, W) uint8."""
+    pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def uint8_to_float(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).float().numpy() / 255.0
+
+
+def load_reference_images(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
+    """The normal-only reference images for FID, and a description for metrics.json."""
+    dataset = load_image_dataset(
+        args.reference_dataset_name,
+        args.reference_data_dir,
+        name_flag="--reference_dataset_name",
+        dir_flag="--reference_data_dir",
+        split=args.reference_split,
+    )
+    source = (
+        f"--reference_dataset_name {args.reference_dataset_name}"
+        if args.reference_dataset_name is not None
+        else f"--reference_data_dir {args.reference_data_dir}"
+    )
+    require_column(dataset, args.reference_image_column, "--reference_image_column", source)
+    total = len(dataset)
+    if args.reference_label_column is not None:
+        require_column(dataset, args.reference_label_column, "--reference_label_column", source)
+        sensitive = resolve_label_values(dataset, args.reference_label_column, args.sensitive_labels)
+        keep = [i for i, value in enumerate(dataset[args.reference_label_column]) if value not in sensitive]
+        if not keep:
+            raise InputError(f"{source}: every image has a label in --sensitive_labels; no normal reference is left")
+        dataset = dataset.select(keep)
+    description = {
+        "source": source,
+        "split": args.reference_split if args.reference_dataset_name is not None else None,
+        "num_images": len(dataset),
+        "num_dropped_sensitive": total - len(dataset),
+    }
+    return images_to_uint8(dataset, args.reference_image_column, source), description
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+class ClassifierFeatures(torch.nn.Module):
+    """A Hugging Face image classifier behind a uint8 (N, C, H, W) interface.
+
+    Pre-processing (resize, rescale, normalise) follows the model's image
+    processor when it has one, done in torch on whole batches. ``forward``
+    returns the penultimate features, the input of the last linear layer,
+    which is what a custom FID feature extractor must return; ``classify``
+    returns the logits too.
+    """
+
+    def __init__(self, model, image_size: tuple[int, int] | None, mean, std, channels: int):
+        super().__init__()
+        self.model = model.eval()
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.channels = channels
+        head = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+        if not head:
+            raise InputError("--classifier: the model has no linear layer whose input could serve as features")
+        self.num_features = head[-1].in_features
+        self._features = None
+        head[-1].register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, inputs, output) -> None:
+        self._features = inputs[0]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.to(self.mean.device, torch.float32) / 255.0
+        if pixels.shape[1] != self.channels:
+            if pixels.shape[1] == 1 and self.channels == 3:
+                pixels = pixels.expand(-1, 3, -1, -1)
+            elif pixels.shape[1] == 3 and self.channels == 1:
+                pixels = pixels.mean(dim=1, keepdim=True)
+            else:
+                raise InputError(f"--classifier takes {self.channels}-channel images, got {pixels.shape[1]} channels")
+        if self.image_size is not None and tuple(pixels.shape[-2:]) != self.image_size:
+            pixels = torch.nn.functional.interpolate(pixels, size=self.image_size, mode="bilinear", antialias=True)
+        return (pixels - self.mean) / self.std
+
+    def classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(pixel_values=self.preprocess(images)).logits
+        return logits, self._features.flatten(start_dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(images)[1]
+
+
+def _processor_settings(processor, config) -> tuple[tuple[int, int] | None, list, list]:
+    size = getattr(processor, "size", None) or {}
+    if "height" in size:
+        image_size = (size["height"], size["width"])
+    elif "shortest_edge" in size:
+        image_size = (size["shortest_edge"], size["shortest_edge"])
+    else:
+        configured = getattr(config, "image_size", None)
+        image_size = (configured, configured) if isinstance(configured, int) else None
+    normalize = processor is not None and getattr(processor, "do_normalize", True)
+    mean = list(np.atleast_1d(processor.image_mean)) if normalize else [0.0]
+    std = list(np.atleast_1d(processor.image_std)) if normalize else [1.0]
+    return image_size, mean, std
+
+
+def load_classifier(name_or_path: str, device: str) -> ClassifierFeatures:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(name_or_path)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError for "not that kind of model"
+        raise InputError(f"--classifier {name_or_path}: not an image-classification model: {error}") from error
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except Exception:  # no preprocessor_config.json: images go in at their own size, scaled to [-1, 1]
+        processor = None
+        logger.warning(
+            "--classifier %s has no image processor; using its config's image_size, mean/std 0.5", name_or_path
+        )
+    image_size, mean, std = _processor_settings(processor, model.config)
+    if processor is None:
+        mean, std = [0.5], [0.5]
+    channels = getattr(model.config, "num_channels", 3)
+    mean = mean if len(mean) == channels else mean[:1] * channels
+    std = std if len(std) == channels else std[:1] * channels
+    return ClassifierFeatures(model, image_size, mean, std, channels).to(device)
+
+
+def sensitive_class_ids(classifier: ClassifierFeatures, labels: list[str]) -> list[int]:
+    """Map ``--sensitive_labels`` (names or ids) to the classifier's class ids."""
+    id2label = {int(i): str(name) for i, name in classifier.model.config.id2label.items()}
+    by_name = {name: i for i, name in id2label.items()}
+    ids = []
+    for label in labels:
+        if label in by_name:
+            ids.append(by_name[label])
+        elif label.isdigit() and int(label) in id2label:
+            ids.append(int(label))
+        else:
+            raise InputError(
+                f"--sensitive_labels {label!r} is not a label of the classifier (labels: {sorted(by_name)})"
+            )
+    if len(set(ids)) == len(id2label):
+        raise InputError("--sensitive_labels names every label of the classifier; nothing could count as normal")
+    return sorted(set(ids))
+
+
+@torch.inference_mode()
+def classify_all(classifier: ClassifierFeatures, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    predictions = []
+    for start in tqdm(range(0, len(images), batch_size), desc="classifying", leave=False):
+        logits, _ = classifier.classify(images[start : start + batch_size])
+        predictions.append(logits.argmax(dim=1).cpu())
+    return torch.cat(predictions)
+
+
+# --------------------------------------------------------------------------- classifier training
+
+
+def digits_classifier_config(channels: int, labels: list[str], image_size: int):
+    """A small ResNet (about 0.1M parameters) that reaches the paper's 98-99% test accuracy on 8x8 digits."""
+    from transformers import ResNetConfig
+
+    return ResNetConfig(
+        num_channels=channels,
+        embedding_size=32,
+        hidden_sizes=[64, 128],
+        depths=[1, 1],
+        layer_type="basic",
+        image_size=image_size,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+
+
+def _label_names(dataset, label_column: str) -> list[str]:
+    from datasets import ClassLabel
+
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return sorted({str(value) for value in dataset.unique(label_column)})
+
+
+def _labeled_tensors(dataset, args, labels: list[str], source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from datasets import ClassLabel
+
+    require_column(dataset, args.image_column, "--image_column", source)
+    require_column(dataset, args.label_column, "--label_column", source)
+    images = images_to_uint8(dataset, args.image_column, source)
+    feature = dataset.features[args.label_column]
+    values = dataset[args.label_column]
+    if isinstance(feature, ClassLabel):
+        targets = torch.tensor(values)
+    else:
+        index = {name: i for i, name in enumerate(labels)}
+        unknown = sorted({str(v) for v in values} - set(index))
+        if unknown:
+            raise InputError(f"{source}: labels {unknown} do not occur in the training split")
+        targets = torch.tensor([index[str(v)] for v in values])
+    return images, targets
+
+
+def _shift_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random translations of up to 1/8 of the image (pad by replication, crop back)."""
+    pad = max(1, images.shape[-1] // 8)
+    padded = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode="replicate")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]].round().to(torch.uint8)
+
+
+@torch.inference_mode()
+def accuracy(classifier: ClassifierFeatures, images: torch.Tensor, targets: torch.Tensor) -> float:
+    classifier.eval()
+    return (classify_all(classifier, images, 500) == targets).float().mean().item()
+
+
+def train_classifier(args: argparse.Namespace) -> dict:
+    """Train a small ResNet on a labeled dataset and save it with ``save_pretrained``."""
+    from transformers import ViTImageProcessor
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    load = dict(name_flag="--dataset_name", dir_flag="--train_data_dir")
+    source = f"--dataset_name {args.dataset_name}" if args.dataset_name else f"--train_data_dir {args.train_data_dir}"
+    train_set = load_image_dataset(args.dataset_name, args.train_data_dir, split=args.train_split, **load)
+    test_set = load_image_dataset(args.dataset_name, args.train_data_dir, split=args.test_split, **load)
+    require_column(train_set, args.label_column, "--label_column", source)
+    labels = _label_names(train_set, args.label_column)
+    train_images, train_targets = _labeled_tensors(train_set, args, labels, f"{source} ({args.train_split})")
+    test_images, test_targets = _labeled_tensors(test_set, args, labels, f"{source} ({args.test_split})")
+
+    channels = train_images.shape[1]
+    model = _build_classifier(channels, labels, args.image_size)
+    classifier = ClassifierFeatures(model, (args.image_size,) * 2, [0.5] * channels, [0.5] * channels, channels)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
+    )
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(args.num_epochs), desc="training classifier"):
+        classifier.train()
+        order = torch.randperm(len(train_images), generator=generator)
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start : start + args.batch_size]
+            logits, _ = classifier.classify(_shift_augment(train_images[batch], generator))
+            loss = torch.nn.functional.cross_entropy(logits, train_targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+    metrics = {
+        "test_accuracy": accuracy(classifier, test_images, test_targets),
+        "train_accuracy": accuracy(classifier, train_images, train_targets),
+        "num_train_images": len(train_images),
+        "num_test_images": len(test_images),
+        "labels": labels,
+        "source": source,
+        "test_split": args.test_split,
+        "epochs": args.num_epochs,
+        "seed": args.seed,
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    processor = ViTImageProcessor(
+        size={"height": args.image_size, "width": args.image_size},
+        image_mean=[0.5] * channels,
+        image_std=[0.5] * channels,
+    )
+    processor.save_pretrained(output_dir)
+    model.save_pretrained(output_dir)
+    _write_json_atomically(output_dir / CLASSIFIER_METRICS_FILE, metrics)
+    return metrics
+
+
+def _build_classifier(channels: int, labels: list[str], image_size: int):
+    from transformers import ResNetForImageClassification
+
+    return ResNetForImageClassification(digits_classifier_config(channels, labels, image_size))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def load_unconditional_pipeline(name_or_path: str, scheduler: str, device: str):
+    """A pipeline with a ``unet`` and a ``scheduler``, with the sampling scheduler swapped in."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(name_or_path)
+    except Exception as error:  # diffusers raises OSError, ValueError, EnvironmentError for "not a pipeline"
+        raise InputError(f"--pipeline {name_or_path}: not a diffusion pipeline: {error}") from error
+    components = pipeline.components
+    if "unet" not in components or "scheduler" not in components or "text_encoder" in components:
+        raise InputError(
+            f"--pipeline {name_or_path}: a {type(pipeline).__name__} is not an unconditional (DDPM-style) pipeline"
+        )
+    scheduler_cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
+    pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def attention_processors(unet) -> list[str]:
+    """Names of the attention implementations in use (AttnProcessor2_0 means PyTorch SDPA)."""
+    from diffusers.models.attention_processor import Attention
+
+    return sorted({type(module.processor).__name__ for module in unet.modules() if isinstance(module, Attention)})
+
+
+@torch.inference_mode()
+def generate_samples(pipeline, num_samples: int, batch_size: int, num_inference_steps: int, seed: int):
+    """Sample in batches; batch b draws its noise from a generator seeded with (seed, b).
+
+    Returns (N, C, H, W) uint8 samples and the samples per second.
+    """
+    from tqdm.auto import tqdm
+
+    batches = []
+    start = time.perf_counter()
+    for index, first in enumerate(tqdm(range(0, num_samples, batch_size), desc="sampling")):
+        generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, index))
+        images = pipeline(
+            batch_size=min(batch_size, num_samples - first),
+            generator=generator,
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+        ).images
+        batches.append(float_to_uint8(images))
+    elapsed = time.perf_counter() - start
+    return torch.cat(batches), num_samples / elapsed
+
+
+# --------------------------------------------------------------------------- FID
+
+
+def make_fid(fid_features: str, classifier: ClassifierFeatures):
+    """A torchmetrics FID on the chosen features, and the name its value is reported under."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if fid_features == "classifier":
+        return FrechetInceptionDistance(feature=classifier, normalize=False), "classifier_fid"
+    try:
+        return FrechetInceptionDistance(feature=2048, normalize=False), "fid"
+    except (ModuleNotFoundError, OSError, RuntimeError) as error:
+        raise InputError(
+            "--fid_features inception needs torch-fidelity (pip install torch-fidelity) and, the first time, a "
+            f"network to download the Inception weights ({error}); offline, use --fid_features classifier"
+        ) from error
+
+
+def _for_fid(images: torch.Tensor, fid_features: str) -> torch.Tensor:
+    # Inception takes three channels; the classifier adapts channels itself.
+    return images.expand(-1, 3, -1, -1) if fid_features == "inception" and images.shape[1] == 1 else images
+
+
+@torch.inference_mode()
+def compute_fid(fid, fid_features: str, samples: torch.Tensor, reference: torch.Tensor, batch_size: int) -> float:
+    from tqdm.auto import tqdm
+
+    fid = fid.to(samples.device)
+    for real, images in ((True, reference), (False, samples)):
+        for start in tqdm(range(0, len(images), batch_size), desc="FID features", leave=False):
+            fid.update(_for_fid(images[start : start + batch_size], fid_features), real=real)
+    return float(fid.compute())
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def check_reference_matches(reference: torch.Tensor, samples_shape: tuple[int, ...], flag_source: str) -> None:
+    if tuple(reference.shape[1:]) != tuple(samples_shape):
+        channels, height, width = reference.shape[1:]
+        raise InputError(
+            f"{flag_source}: reference images are {channels}x{height}x{width} (channels x height x width) but the "
+            f"pipeline generates {'x'.join(map(str, samples_shape))}; FID needs the same size and channel count"
+        )
+
+
+def sample_shape(pipeline) -> tuple[int, int, int]:
+    config = pipeline.unet.config
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    return (config.out_channels, size, size)
+
+
+def non_sensitive_rate(predictions: torch.Tensor, sensitive_ids: list[int], id2label: dict) -> dict:
+    """Paper section 5.2: the share of samples the classifier does not put in a sensitive class."""
+    counts = torch.bincount(predictions, minlength=len(id2label)).tolist()
+    sensitive = sum(counts[i] for i in sensitive_ids)
+    return {
+        "non_sensitive_rate": 1.0 - sensitive / len(predictions),
+        "prediction_counts": {str(id2label[i]): count for i, count in enumerate(counts)},
+    }
+
+
+def evaluate_unconditional(args: argparse.Namespace) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    classifier = load_classifier(args.classifier, device)
+    sensitive_ids = sensitive_class_ids(classifier, args.sensitive_labels)
+    pipeline = load_unconditional_pipeline(args.pipeline, args.scheduler, device)
+    reference, reference_info = (None, None)
+    if args.reference_dataset_name is not None or args.reference_data_dir is not None:
+        reference, reference_info = load_reference_images(args)
+        check_reference_matches(reference, sample_shape(pipeline), reference_info["source"])
+    fid, fid_name = make_fid(args.fid_features, classifier) if args.fid_features != "none" else (None, None)
+
+    num_samples = args.num_samples or len(reference)
+    steps = args.num_inference_steps or (
+        50 if args.scheduler == "ddim" else pipeline.scheduler.config.num_train_timesteps
+    )
+    samples, samples_per_second = generate_samples(pipeline, num_samples, args.batch_size, steps, args.seed)
+    predictions = classify_all(classifier, samples.to(device), args.batch_size)
+    id2label = {int(i): name for i, name in classifier.model.config.id2label.items()}
+    metrics = non_sensitive_rate(predictions, sensitive_ids, id2label)
+    if fid is not None:
+        metrics[fid_name] = compute_fid(fid, args.fid_features, samples.to(device), reference.to(device), 500)
+    metrics.update(
+        num_samples=num_samples,
+        samples_per_second=samples_per_second,
+        classifier=_classifier_info(args.classifier, sensitive_ids, id2label),
+        reference=reference_info,
+        settings=_settings(args, steps, device),
+        attention=attention_processors(pipeline.unet),
+        versions=_versions(),
+    )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    image_grid(uint8_to_float(samples[: args.grid_size])).save(output_dir / "samples.png")
+    _write_json_atomically(output_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def _classifier_info(name_or_path: str, sensitive_ids: list[int], id2label: dict) -> dict:
+    info = {"name_or_path": name_or_path, "sensitive_labels": [id2label[i] for i in sensitive_ids]}
+    saved_metrics = Path(name_or_path) / CLASSIFIER_METRICS_FILE
+    if saved_metrics.is_file():
+        info["test_accuracy"] = json.loads(saved_metrics.read_text())["test_accuracy"]
+    return info
+
+
+def _settings(args: argparse.Namespace, steps: int, device: str) -> dict:
+    settings = {key: value for key, value in vars(args).items() if key not in ("command",)}
+    settings.update(num_inference_steps=steps, device=device)
+    return settings
+
+
+def _versions() -> dict:
+    import diffusers
+    import torchmetrics
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torchmetrics": torchmetrics.__version__,
+    }
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(staging, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    try:
+        if args.command == "train-classifier":
+            metrics = train_classifier(args)
+            print(f"test accuracy {metrics['test_accuracy']:.4f}; classifier saved to {args.output_dir}")
+        else:
+            metrics = evaluate_unconditional(args)
+            summary = {key: metrics[key] for key in ("non_sensitive_rate", "fid", "classifier_fid") if key in metrics}
+            print(json.dumps(summary), f"-> {Path(args.output_dir) / METRICS_FILE}")
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

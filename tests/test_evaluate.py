@@ -1,0 +1,226 @@
+"""evaluate.py: the classifier it trains, the non-sensitive rate, the FID, and its errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+import evaluate
+from pu_data import InputError
+from tests.conftest import assert_ok, run_script, tiny_unet_kwargs
+
+ODD = ["1", "3", "5", "7", "9"]
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(digits_dir, tmp_path_factory) -> Path:
+    """A digits classifier trained by evaluate.py for a few epochs."""
+    output_dir = tmp_path_factory.mktemp("classifier")
+    result = run_script(
+        "evaluate.py",
+        "train-classifier",
+        "--dataset_name",
+        digits_dir,
+        "--num_epochs",
+        "4",
+        "--output_dir",
+        output_dir,
+        launcher="python",
+    )
+    assert_ok(result)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """An untrained tiny DDPM pipeline for 8x8 grayscale images, saved like the training script saves."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pipeline")
+    DDPMPipeline(
+        unet=UNet2DModel(**tiny_unet_kwargs()), scheduler=DDPMScheduler(num_train_timesteps=50)
+    ).save_pretrained(path)
+    return path
+
+
+def evaluation_args(pipeline, classifier, digits_dir, output_dir, *extra):
+    return [
+        "unconditional",
+        "--pipeline",
+        pipeline,
+        "--classifier",
+        classifier,
+        "--sensitive_labels",
+        *ODD,
+        "--reference_dataset_name",
+        digits_dir,
+        "--reference_label_column",
+        "label",
+        "--fid_features",
+        "classifier",
+        "--num_samples",
+        "24",
+        "--batch_size",
+        "10",
+        "--num_inference_steps",
+        "3",
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
+
+
+def test_trained_classifier_loads_and_its_reported_accuracy_is_real(classifier_dir, digits_dir):
+    from datasets import load_dataset
+    from transformers import AutoModelForImageClassification
+
+    saved = json.loads((classifier_dir / "classifier_metrics.json").read_text())
+    model = AutoModelForImageClassification.from_pretrained(classifier_dir)
+    assert model.config.id2label == {i: str(i) for i in range(10)}
+
+    # Recompute the test accuracy from the saved files through the public loader.
+    classifier = evaluate.load_classifier(str(classifier_dir), "cpu")
+    test = load_dataset(str(digits_dir), split="test")
+    images = evaluate.images_to_uint8(test, "image", "test")
+    predictions = evaluate.classify_all(classifier, images, 100)
+    recomputed = (predictions == torch.tensor(test["label"])).float().mean().item()
+    assert recomputed == pytest.approx(saved["test_accuracy"], abs=1e-6)
+    assert saved["test_accuracy"] > 0.5  # chance is 0.1; 4 epochs already learn the digits
+    assert saved["num_test_images"] == len(test)
+
+
+def test_non_sensitive_rate_counts_the_classes_by_hand():
+    predictions = torch.tensor([0, 1, 1, 3, 4, 2, 2, 0])
+    id2label = {0: "cat", 1: "dog", 2: "car", 3: "bus", 4: "fox"}
+    result = evaluate.non_sensitive_rate(predictions, sensitive_ids=[1, 4], id2label=id2label)
+    # Sensitive: dog x2, fox x1 -> 3 of 8.
+    assert result["non_sensitive_rate"] == pytest.approx(5 / 8)
+    assert result["prediction_counts"] == {"cat": 2, "dog": 2, "car": 2, "bus": 1, "fox": 1}
+
+
+def test_classifier_fid_matches_the_frechet_distance_computed_by_hand(classifier_dir, digits_dir):
+    from datasets import load_dataset
+
+    classifier = evaluate.load_classifier(str(classifier_dir), "cpu")
+    test = load_dataset(str(digits_dir), split="test")
+    images = evaluate.images_to_uint8(test, "image", "test")
+    labels = np.array(test["label"])
+    even, odd = images[torch.from_numpy(labels % 2 == 0)], images[torch.from_numpy(labels % 2 == 1)]
+
+    fid, name = evaluate.make_fid("classifier", classifier)
+    value = evaluate.compute_fid(fid, "classifier", samples=odd, reference=even, batch_size=64)
+    assert name == "classifier_fid"
+
+    with torch.inference_mode():
+        first, second = classifier(even).double().numpy(), classifier(odd).double().numpy()
+    mean_diff = first.mean(0) - second.mean(0)
+    cov_first, cov_second = np.cov(first, rowvar=False), np.cov(second, rowvar=False)
+    covmean = linalg.sqrtm(cov_first @ cov_second).real
+    by_hand = mean_diff @ mean_diff + np.trace(cov_first + cov_second - 2 * covmean)
+    assert value == pytest.approx(by_hand, rel=1e-3)
+
+    # The same images on both sides are at distance ~0.
+    fid, _ = evaluate.make_fid("classifier", classifier)
+    assert evaluate.compute_fid(fid, "classifier", samples=even, reference=even, batch_size=64) < 1e-2 * by_hand
+
+
+def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
+    tiny_pipeline, classifier_dir, digits_dir, tmp_path
+):
+    output_dir = tmp_path / "evaluation"
+    result = run_script(
+        "evaluate.py", *evaluation_args(tiny_pipeline, classifier_dir, digits_dir, output_dir), launcher="python"
+    )
+    assert_ok(result)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    counts = metrics["prediction_counts"]
+    assert sum(counts.values()) == metrics["num_samples"] == 24
+    assert metrics["non_sensitive_rate"] == pytest.approx(1 - sum(counts[label] for label in ODD) / 24)
+    assert metrics["classifier_fid"] > 0 and "fid" not in metrics
+    assert metrics["classifier"]["sensitive_labels"] == ODD
+    assert metrics["classifier"]["test_accuracy"] > 0.5
+    assert metrics["reference"]["num_images"] + metrics["reference"]["num_dropped_sensitive"] == 360
+    assert metrics["settings"]["scheduler"] == "ddim" and metrics["settings"]["num_inference_steps"] == 3
+    assert metrics["attention"] == ["AttnProcessor2_0"]  # PyTorch SDPA
+    assert metrics["samples_per_second"] > 0
+    assert {"torch", "diffusers", "torchmetrics"} <= set(metrics["versions"])
+    from PIL import Image
+
+    assert Image.open(output_dir / "samples.png").size[0] > 8 * 4
+
+    # Same seed, same samples: the evaluation is reproducible.
+    again = tmp_path / "again"
+    assert_ok(
+        run_script("evaluate.py", *evaluation_args(tiny_pipeline, classifier_dir, digits_dir, again), launcher="python")
+    )
+    assert json.loads((again / "metrics.json").read_text())["prediction_counts"] == counts
+
+
+@pytest.mark.parametrize("scheduler, expected", [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler")])
+def test_the_sampling_scheduler_is_swapped_in(tiny_pipeline, scheduler, expected):
+    pipeline = evaluate.load_unconditional_pipeline(str(tiny_pipeline), scheduler, "cpu")
+    assert type(pipeline.scheduler).__name__ == expected
+    assert pipeline.scheduler.config.num_train_timesteps == 50
+
+
+def test_inception_fid_without_torch_fidelity_says_what_to_do(monkeypatch):
+    import torchmetrics.image.fid
+
+    monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", False)
+    with pytest.raises(InputError, match="--fid_features inception needs torch-fidelity.*--fid_features classifier"):
+        evaluate.make_fid("inception", classifier=None)
+
+
+def test_bad_pipeline_is_named(classifier_dir, digits_dir, tmp_path):
+    result = run_script(
+        "evaluate.py", *evaluation_args(classifier_dir, classifier_dir, digits_dir, tmp_path / "out"), launcher="python"
+    )
+    assert result.returncode == 1
+    assert f"--pipeline {classifier_dir}: not a diffusion pipeline" in result.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_unknown_sensitive_label_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path):
+    args = evaluation_args(tiny_pipeline, classifier_dir, digits_dir, tmp_path / "out")
+    args[args.index("--sensitive_labels") + 1] = "eleven"
+    result = run_script("evaluate.py", *args, launcher="python")
+    assert result.returncode == 1
+    assert "--sensitive_labels 'eleven' is not a label of the classifier" in result.stderr
+
+
+def test_reference_of_another_size_is_refused(classifier_dir, digits_dir, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    kwargs = {**tiny_unet_kwargs(), "sample_size": 16}
+    DDPMPipeline(unet=UNet2DModel(**kwargs), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
+        tmp_path / "pipeline16"
+    )
+    result = run_script(
+        "evaluate.py",
+        *evaluation_args(tmp_path / "pipeline16", classifier_dir, digits_dir, tmp_path / "out"),
+        launcher="python",
+    )
+    assert result.returncode == 1
+    assert "reference images are 1x8x8" in result.stderr and "generates 1x16x16" in result.stderr
+
+
+def test_fid_without_reference_is_refused_before_any_work(tiny_pipeline, classifier_dir, tmp_path):
+    result = run_script(
+        "evaluate.py",
+        "unconditional",
+        "--pipeline",
+        tiny_pipeline,
+        "--classifier",
+        classifier_dir,
+        "--sensitive_labels",
+        "1",
+        "--output_dir",
+        tmp_path / "out",
+        launcher="python",
+    )
+    assert result.returncode == 2
+    assert "--fid_features inception needs --reference_dataset_name or --reference_data_dir" in result.stderr
