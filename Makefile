@@ -1,8 +1,8 @@
 # The two commands of the README:
-#   make demo   trains a PU diffusion model on the built-in digits data and writes a sample grid
+#   make demo   trains unsupervised and PU diffusion models on the built-in digits data and prints their scores
 #   make test   runs the test suite
 PYTHON ?= python3
-DEMO_DIR ?= outputs/digits-pu
+DEMO_DIR ?= outputs/digits-benchmark
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install install-dev demo test lint
