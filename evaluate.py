@@ -32,14 +32,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pu_data import InputError, derived_seed, load_image_dataset, require_column, resolve_label_values
+from pu_data import (
+    GRAYSCALE_MODES,
+    InputError,
+    derived_seed,
+    load_image_dataset,
+    require_column,
+    resolve_label_values,
+)
 from pu_training_utils import image_grid
 
 logger = logging.getLogger("evaluate")
 
 SCHEDULERS = ("ddpm", "ddim")
 FID_FEATURES = ("inception", "classifier", "none")
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 METRICS_FILE = "metrics.json"
 CLASSIFIER_METRICS_FILE = "classifier_metrics.json"
 

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Table 1 of the paper: U holds 10 normal images for each sensitive one.
 PAPER_NORMAL_PER_SENSITIVE = 10
+#: PIL modes read as one channel. Palette ("P") images are often coloured, so they count as RGB.
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
 class InputError(ValueError):

@@ -28,8 +28,6 @@ from pu_data import InputError
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# Palette ("P") images are often coloured, so they count as RGB.
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,7 +163,7 @@ def load_model(args: argparse.Namespace, data_channels: int):
 
 
 def image_channels(dataset, image_column: str) -> int:
-    return 1 if dataset[0][image_column].mode in GRAYSCALE_MODES else 3
+    return 1 if dataset[0][image_column].mode in pu_data.GRAYSCALE_MODES else 3
 
 
 # --------------------------------------------------------------------------- validation and saving
