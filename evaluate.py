@@ -40,7 +40,7 @@ from pu_data import (
     require_column,
     resolve_label_values,
 )
-from pu_training_utils import image_grid
+from pu_training_utils import image_grid, to_uint8
 
 logger = logging.getLogger("evaluate")
 
@@ -169,12 +169,7 @@ def images_to_uint8(dataset, image_column: str, source: str) -> torch.Tensor:
 
 def float_to_uint8(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) floats in [0, 1] -> (N, C, H, W) uint8."""
-    pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-
-
-def uint8_to_float(images: torch.Tensor) -> np.ndarray:
-    return images.permute(0, 2, 3, 1).float().numpy() / 255.0
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def load_reference_images(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
@@ -603,7 +598,7 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
     )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    image_grid(uint8_to_float(samples[: args.grid_size])).save(output_dir / "samples.png")
+    image_grid(samples[: args.grid_size].permute(0, 2, 3, 1).numpy()).save(output_dir / "samples.png")
     _write_json_atomically(output_dir / METRICS_FILE, metrics)
     return metrics
 

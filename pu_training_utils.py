@@ -580,15 +580,20 @@ def save_pipeline_atomically(pipeline, output_dir: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] (what pipelines return with output_type="np") -> uint8 pixels."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
 def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2):
-    """(N, H, W, C) floats in [0, 1] -> one PIL grid, as square as N allows.
+    """(N, H, W, C) floats in [0, 1], or uint8 pixels -> one PIL grid, as square as N allows.
 
     Tiles smaller than ``min_tile`` pixels are enlarged by a whole factor
     (nearest neighbour, so an 8x8 digit stays sharp), with a gap between them.
     """
     from PIL import Image
 
-    pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    pixels = images if images.dtype == np.uint8 else to_uint8(images)
     count, height, width, channels = pixels.shape
     factor = max(1, math.ceil(min_tile / max(height, width)))
     pixels = pixels.repeat(factor, axis=1).repeat(factor, axis=2)

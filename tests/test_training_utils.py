@@ -93,6 +93,8 @@ def test_image_grid_enlarges_small_tiles_and_separates_them():
     assert grid.shape == (2 + 2 * 34, 2 + 3 * 34)  # 2 rows x 3 columns of 32-px tiles
     assert (grid[2:34, 2:34] == 255).all() and (grid[2:34, 36:68] == 0).all()
     assert (grid[:2] == 128).all() and (grid[:, 34:36] == 128).all()
+    # uint8 pixels are taken as they are: the same grid as their [0, 1] floats.
+    assert np.array_equal(np.asarray(common.image_grid((images * 255).astype(np.uint8))), grid)
 
 
 def test_checkpoint_names_resolve_in_one_place(tmp_path):
