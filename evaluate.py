@@ -228,6 +228,7 @@ class ClassifierFeatures(torch.nn.Module):
         if not head:
             raise InputError("--classifier: the model has no linear layer whose input could serve as features")
         self.num_features = head[-1].in_features
+        self.labels = {int(i): str(name) for i, name in model.config.id2label.items()}
         self._features = None
         head[-1].register_forward_hook(self._keep_features)
 
@@ -264,10 +265,11 @@ def _processor_settings(processor, config) -> tuple[tuple[int, int] | None, list
     else:
         configured = getattr(config, "image_size", None)
         image_size = (configured, configured) if isinstance(configured, int) else None
-    normalize = processor is not None and getattr(processor, "do_normalize", True)
-    mean = list(np.atleast_1d(processor.image_mean)) if normalize else [0.0]
-    std = list(np.atleast_1d(processor.image_std)) if normalize else [1.0]
-    return image_size, mean, std
+    if processor is None:
+        return image_size, [0.5], [0.5]
+    if not getattr(processor, "do_normalize", True):
+        return image_size, [0.0], [1.0]
+    return image_size, list(np.atleast_1d(processor.image_mean)), list(np.atleast_1d(processor.image_std))
 
 
 def load_classifier(name_or_path: str, device: str) -> ClassifierFeatures:
@@ -285,8 +287,6 @@ def load_classifier(name_or_path: str, device: str) -> ClassifierFeatures:
             "--classifier %s has no image processor; using its config's image_size, mean/std 0.5", name_or_path
         )
     image_size, mean, std = _processor_settings(processor, model.config)
-    if processor is None:
-        mean, std = [0.5], [0.5]
     channels = getattr(model.config, "num_channels", 3)
     mean = mean if len(mean) == channels else mean[:1] * channels
     std = std if len(std) == channels else std[:1] * channels
@@ -295,7 +295,7 @@ def load_classifier(name_or_path: str, device: str) -> ClassifierFeatures:
 
 def sensitive_class_ids(classifier: ClassifierFeatures, labels: list[str]) -> list[int]:
     """Map ``--sensitive_labels`` (names or ids) to the classifier's class ids."""
-    id2label = {int(i): str(name) for i, name in classifier.model.config.id2label.items()}
+    id2label = classifier.labels
     by_name = {name: i for i, name in id2label.items()}
     ids = []
     for label in labels:
@@ -528,13 +528,16 @@ def _for_fid(images: torch.Tensor, fid_features: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def compute_fid(fid, fid_features: str, samples: torch.Tensor, reference: torch.Tensor, batch_size: int) -> float:
+def compute_fid(
+    fid, fid_features: str, samples: torch.Tensor, reference: torch.Tensor, batch_size: int, device: str = "cpu"
+) -> float:
+    """Feed reference and samples to ``fid`` batch by batch, each batch moved to ``device``."""
     from tqdm.auto import tqdm
 
-    fid = fid.to(samples.device)
+    fid = fid.to(device)
     for real, images in ((True, reference), (False, samples)):
         for start in tqdm(range(0, len(images), batch_size), desc="FID features", leave=False):
-            fid.update(_for_fid(images[start : start + batch_size], fid_features), real=real)
+            fid.update(_for_fid(images[start : start + batch_size].to(device), fid_features), real=real)
     return float(fid.compute())
 
 
@@ -554,6 +557,11 @@ def sample_shape(pipeline) -> tuple[int, int, int]:
     config = pipeline.unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     return (config.out_channels, size, size)
+
+
+def score_images(classifier: ClassifierFeatures, images: torch.Tensor, sensitive_ids: list[int], batch_size: int):
+    """Classify ``images`` and return their non-sensitive rate and per-class counts."""
+    return non_sensitive_rate(classify_all(classifier, images, batch_size), sensitive_ids, classifier.labels)
 
 
 def non_sensitive_rate(predictions: torch.Tensor, sensitive_ids: list[int], id2label: dict) -> dict:
@@ -582,15 +590,14 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
         50 if args.scheduler == "ddim" else pipeline.scheduler.config.num_train_timesteps
     )
     samples, samples_per_second = generate_samples(pipeline, num_samples, args.batch_size, steps, args.seed)
-    predictions = classify_all(classifier, samples.to(device), args.batch_size)
-    id2label = {int(i): name for i, name in classifier.model.config.id2label.items()}
-    metrics = non_sensitive_rate(predictions, sensitive_ids, id2label)
+    # Samples stay on the CPU; the classifier and the FID move each batch to the device.
+    metrics = score_images(classifier, samples, sensitive_ids, args.batch_size)
     if fid is not None:
-        metrics[fid_name] = compute_fid(fid, args.fid_features, samples.to(device), reference.to(device), 500)
+        metrics[fid_name] = compute_fid(fid, args.fid_features, samples, reference, 500, device)
     metrics.update(
         num_samples=num_samples,
         samples_per_second=samples_per_second,
-        classifier=_classifier_info(args.classifier, sensitive_ids, id2label),
+        classifier=_classifier_info(args.classifier, sensitive_ids, classifier.labels),
         reference=reference_info,
         settings=_settings(args, steps, device),
         attention=attention_processors(pipeline.unet),

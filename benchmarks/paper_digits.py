@@ -160,10 +160,8 @@ def classifier_ceiling(data: Path, classifier: Path) -> float:
     )  # fmt: skip
     images, _ = evaluate.load_reference_images(reference_args)
     model = evaluate.load_classifier(str(classifier), "cpu")
-    predictions = evaluate.classify_all(model, images, 500)
     sensitive_ids = evaluate.sensitive_class_ids(model, SENSITIVE_LABELS)
-    id2label = {int(i): name for i, name in model.model.config.id2label.items()}
-    return evaluate.non_sensitive_rate(predictions, sensitive_ids, id2label)["non_sensitive_rate"]
+    return evaluate.score_images(model, images, sensitive_ids, 500)["non_sensitive_rate"]
 
 
 # --------------------------------------------------------------------------- reporting
