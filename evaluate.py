@@ -387,10 +387,9 @@ def accuracy(classifier: ClassifierFeatures, images: torch.Tensor, targets: torc
 
 def train_classifier(args: argparse.Namespace) -> dict:
     """Train a small ResNet on a labeled dataset and save it with ``save_pretrained``."""
-    from transformers import ViTImageProcessor
+    from transformers import ResNetForImageClassification
 
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
     load = dict(name_flag="--dataset_name", dir_flag="--train_data_dir")
     source = f"--dataset_name {args.dataset_name}" if args.dataset_name else f"--train_data_dir {args.train_data_dir}"
     train_set = load_image_dataset(args.dataset_name, args.train_data_dir, split=args.train_split, **load)
@@ -401,27 +400,9 @@ def train_classifier(args: argparse.Namespace) -> dict:
     test_images, test_targets = _labeled_tensors(test_set, args, labels, f"{source} ({args.test_split})")
 
     channels = train_images.shape[1]
-    model = _build_classifier(channels, labels, args.image_size)
+    model = ResNetForImageClassification(digits_classifier_config(channels, labels, args.image_size))
     classifier = ClassifierFeatures(model, (args.image_size,) * 2, [0.5] * channels, [0.5] * channels, channels)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
-    )
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(args.num_epochs), desc="training classifier"):
-        classifier.train()
-        order = torch.randperm(len(train_images), generator=generator)
-        for start in range(0, len(order), args.batch_size):
-            batch = order[start : start + args.batch_size]
-            logits, _ = classifier.classify(_shift_augment(train_images[batch], generator))
-            loss = torch.nn.functional.cross_entropy(logits, train_targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-
+    _fit(classifier, train_images, train_targets, args)
     metrics = {
         "test_accuracy": accuracy(classifier, test_images, test_targets),
         "train_accuracy": accuracy(classifier, train_images, train_targets),
@@ -433,6 +414,37 @@ def train_classifier(args: argparse.Namespace) -> dict:
         "epochs": args.num_epochs,
         "seed": args.seed,
     }
+    _save_classifier(model, channels, metrics, args)
+    return metrics
+
+
+def _fit(classifier: ClassifierFeatures, images: torch.Tensor, targets: torch.Tensor, args) -> None:
+    """AdamW with a one-cycle schedule; order and shifts drawn from a generator seeded with --seed."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(images) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
+    )
+    for _ in tqdm(range(args.num_epochs), desc="training classifier"):
+        classifier.train()
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start : start + args.batch_size]
+            logits, _ = classifier.classify(_shift_augment(images[batch], generator))
+            loss = torch.nn.functional.cross_entropy(logits, targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+
+def _save_classifier(model, channels: int, metrics: dict, args: argparse.Namespace) -> None:
+    """Model, image processor (the resize and normalisation used in training), then the metrics file last."""
+    from transformers import ViTImageProcessor
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     processor = ViTImageProcessor(
@@ -443,13 +455,6 @@ def train_classifier(args: argparse.Namespace) -> dict:
     processor.save_pretrained(output_dir)
     model.save_pretrained(output_dir)
     _write_json_atomically(output_dir / CLASSIFIER_METRICS_FILE, metrics)
-    return metrics
-
-
-def _build_classifier(channels: int, labels: list[str], image_size: int):
-    from transformers import ResNetForImageClassification
-
-    return ResNetForImageClassification(digits_classifier_config(channels, labels, image_size))
 
 
 # --------------------------------------------------------------------------- sampling
