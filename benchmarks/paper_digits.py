@@ -111,18 +111,19 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return data, classifier
 
 
+def pu_flags(prior: float, nonnegative: str | None) -> list[str]:
+    return ["--prior", str(prior)] + ([] if nonnegative is None else ["--nonnegative", nonnegative])
+
+
 def planned_runs(args: argparse.Namespace) -> list[Run]:
-    pu_flags = [flag for name in ("prior", "nonnegative") if getattr(args, name) is not None
-                for flag in (f"--{name}", str(getattr(args, name)))]  # fmt: skip
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            runs.append(Run(method, seed, method, pu_flags if method == "pu" else []))
+            runs.append(Run(method, seed, method, pu_flags(args.prior, args.nonnegative) if method == "pu" else []))
         if not args.no_oracle:
             runs.append(Run("oracle", seed, "unsupervised", ["--num_unlabeled_sensitive", "0"]))
         for prior in args.priors:
-            flags = ["--prior", str(prior)] + ([] if args.nonnegative is None else ["--nonnegative", args.nonnegative])
-            runs.append(Run(f"pu prior {prior:g}", seed, "pu", flags))
+            runs.append(Run(f"pu prior {prior:g}", seed, "pu", pu_flags(prior, args.nonnegative)))
     return runs
 
 
@@ -210,20 +211,34 @@ def markdown_report(summary: dict, ceiling: float | None, accuracy: float, fid_n
     lines += ["", f"Classifier test accuracy: {accuracy:.4f}. {args.num_samples} samples per run, DDIM 50 steps."]
     if "pu" in summary and "unsupervised" in summary:
         pu, unsupervised = summary["pu"], summary["unsupervised"]
-        lines.append(f"PU vs unsupervised, Welch t-test: rate {welch_t_test(pu['rate'], unsupervised['rate'])}; ")
-        lines[-1] += f"{fid_name} {welch_t_test(pu['fid'], unsupervised['fid'])}."
+        rate_test = welch_t_test(pu["rate"], unsupervised["rate"])
+        fid_test = welch_t_test(pu["fid"], unsupervised["fid"])
+        lines.append(f"PU vs unsupervised, Welch t-test: rate {rate_test}; {fid_name} {fid_test}.")
     lines.append(f"Steps {args.max_train_steps}; shared flags: {' '.join(COMMON_TRAINING + args.train_args)}")
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(summary: dict, fid_name: str, path: Path) -> None:
+def two_panels(width: float, height: float):
+    """A figure with two side-by-side axes, drawn without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, 2, figsize=(width, height))
+
+
+def save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def bar_chart(summary: dict, fid_name: str, path: Path) -> None:
     names = list(summary)
-    figure, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(names), 3.6))
+    figure, axes = two_panels(4 + 1.3 * len(names), 3.6)
     for axis, key, label in ((axes[0], "rate", "non-sensitive rate (higher is better)"),
                              (axes[1], "fid", f"{fid_name} (lower is better)")):  # fmt: skip
         means = [summary[name][f"{key}_mean"] for name in names]
@@ -233,9 +248,7 @@ def bar_chart(summary: dict, fid_name: str, path: Path) -> None:
         axis.set_title(label, fontsize=10)
     low = min(summary[name]["rate_mean"] - summary[name]["rate_std"] for name in names)
     axes[0].set_ylim(max(0.0, low - 0.05), 1.0)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def side_by_side_grids(output_dir: Path, runs: list[Run], path: Path) -> None:
@@ -258,14 +271,9 @@ def side_by_side_grids(output_dir: Path, runs: list[Run], path: Path) -> None:
 
 
 def prior_sweep_chart(summary: dict, fid_name: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = sorted((float(name.split()[-1]), entry) for name, entry in summary.items() if name.startswith("pu prior"))
     priors = [prior for prior, _ in points]
-    figure, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    figure, axes = two_panels(8, 3.4)
     for axis, key, label in ((axes[0], "rate", "non-sensitive rate"), (axes[1], "fid", fid_name)):
         means = [entry[f"{key}_mean"] for _, entry in points]
         stds = [entry[f"{key}_std"] for _, entry in points]
@@ -273,9 +281,7 @@ def prior_sweep_chart(summary: dict, fid_name: str, path: Path) -> None:
         axis.set_xscale("log")
         axis.set_xlabel("prior (beta)")
         axis.set_title(label, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:
