@@ -15,11 +15,15 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+import pu_data
 from pu_data import InputError
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS, RiskOutput, compute_risk, per_sample_diffusion_loss
 
@@ -336,9 +340,15 @@ def diffusion_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, 
     raise InputError(f"--prediction_type {prediction_type!r}: use epsilon, v_prediction or sample")
 
 
-def pu_objective(model_pred, target, num_unlabeled: int, args: argparse.Namespace) -> RiskOutput:
-    """Per-sample losses of one forward over cat([U, S]), then the risk chosen by --loss_type."""
+def pu_objective(model_pred, target, num_unlabeled: int, args: argparse.Namespace, weights=None) -> RiskOutput:
+    """Per-sample losses of one forward over cat([U, S]), then the risk chosen by --loss_type.
+
+    ``weights`` (one per sample, e.g. Min-SNR) scale each l(x) of Eq. (8) before
+    the risk, so U and S terms are weighted alike.
+    """
     per_sample = per_sample_diffusion_loss(model_pred, target, reduction=args.loss_reduction)
+    if weights is not None:
+        per_sample = per_sample * weights
     return compute_risk(per_sample, num_unlabeled, args.loss_type, args.prior, args.nonnegative)
 
 
@@ -449,6 +459,210 @@ def log_risk(accelerator, risk: RiskOutput, lr: float, global_step: int) -> dict
     logs["lr"] = lr
     accelerator.log(logs, step=global_step)
     return logs
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+@dataclass(kw_only=True)
+class TrainingRun:
+    """What the shared training loop works on, after ``accelerator.prepare``.
+
+    ``model`` is the module the optimizer updates (the UNet, with or without
+    LoRA adapters); ``trainable_parameters`` are what is clipped and averaged
+    by EMA. Scripts subclass this for the parts only they use.
+    """
+
+    model: torch.nn.Module
+    trainable_parameters: list
+    noise_scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    unlabeled_loader: torch.utils.data.DataLoader
+    unlabeled_sampler: pu_data.EpochShuffle
+    sensitive_loader: torch.utils.data.DataLoader | None
+    sensitive_sampler: pu_data.EpochShuffle | None
+    steps_per_epoch: int
+    ema_model: object | None = None
+    base_model: str | None = None
+    hub_repo_id: str | None = None
+
+
+def make_training_loaders(args: argparse.Namespace, unlabeled, sensitive, make_dataset: Callable):
+    """U and S loaders whose order and augmentation are functions of (seed, epoch) alone.
+
+    ``make_dataset(dataset, seed, source)`` turns a ``datasets.Dataset`` into
+    the torch dataset the script trains on. Fills in the default
+    ``--sensitive_batch_size``. Returns (U loader, U sampler, S loader, S sampler);
+    the S pair is None without S.
+    """
+    unlabeled_seed = pu_data.derived_seed(args.seed, 0)
+    unlabeled_loader, unlabeled_sampler = seeded_loader(
+        args, make_dataset(unlabeled, unlabeled_seed, "U"), args.train_batch_size, unlabeled_seed, drop_last=False
+    )
+    if sensitive is None:
+        return unlabeled_loader, unlabeled_sampler, None, None
+    if args.sensitive_batch_size is None:
+        args.sensitive_batch_size = pu_data.default_sensitive_batch_size(
+            args.train_batch_size, len(unlabeled), len(sensitive)
+        )
+    sensitive_seed = pu_data.derived_seed(args.seed, 1)
+    sensitive_loader, sensitive_sampler = seeded_loader(
+        args,
+        make_dataset(sensitive, sensitive_seed, "S"),
+        args.sensitive_batch_size,
+        sensitive_seed,
+        # Full S batches only; an S smaller than one batch still gives one batch per pass.
+        drop_last=len(sensitive) >= args.sensitive_batch_size,
+    )
+    return unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler
+
+
+def seeded_loader(args, dataset, batch_size: int, seed: int, drop_last: bool):
+    sampler = pu_data.EpochShuffle(len(dataset), seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=args.dataloader_num_workers
+    )
+    return loader, sampler
+
+
+def make_optimizer(args: argparse.Namespace, parameters, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW (8-bit with --use_8bit_adam), after --scale_lr."""
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    optimizer_cls = torch.optim.AdamW
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes
+
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
+    return optimizer_cls(
+        parameters,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_ema(unet, args: argparse.Namespace):
+    """An EMA of the UNet's weights (--use_ema), saved with the checkpoints by :func:`register_model_hooks`."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(
+        unet.parameters(),
+        decay=args.ema_max_decay,
+        use_ema_warmup=True,
+        inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power,
+        model_cls=type(unet),
+        model_config=unet.config,
+    )
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer, num_batches_per_process: int, num_processes: int):
+    """(optimizer steps per epoch, the learning-rate schedule over --max_train_steps)."""
+    from diffusers.optimization import get_scheduler
+
+    steps_per_epoch, max_train_steps = training_schedule(num_batches_per_process, args)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+    )
+    return steps_per_epoch, lr_scheduler
+
+
+def train(accelerator, run: TrainingRun, args: argparse.Namespace, training_step: Callable, end_of_epoch: Callable):
+    """The loop: one optimizer step per U batch (times accumulation), each paired with an S batch.
+
+    ``training_step(run, unlabeled_batch, sensitive_batch, generator)`` returns
+    the step's :class:`RiskOutput`; ``end_of_epoch(epoch, global_step)`` does the
+    script's validation and saving. Data order, augmentation and each batch's
+    noise and timesteps are functions of (seed, epoch, batch), so a run resumed
+    from checkpoint-N replays the uninterrupted run from step N on.
+    """
+    global_step = resume_step(accelerator, args)
+    first_epoch = global_step // run.steps_per_epoch
+    skip_batches = (global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+    sensitive_stream = None
+    if run.sensitive_loader is not None:
+        sensitive_stream = pu_data.endless(
+            run.sensitive_loader,
+            run.sensitive_sampler,
+            first_epoch * len(run.unlabeled_loader) + skip_batches,
+            accelerator.skip_first_batches,
+        )
+    stop = StopRequest()
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(first_epoch, args.num_train_epochs):
+        run.model.train()
+        run.unlabeled_sampler.use_epoch(epoch)
+        start = skip_batches if epoch == first_epoch else 0
+        loader = accelerator.skip_first_batches(run.unlabeled_loader, start) if start else run.unlabeled_loader
+        for batch_index, unlabeled_batch in enumerate(loader, start=start):
+            sensitive_batch = next(sensitive_stream) if sensitive_stream is not None else None
+            generator = torch.Generator(accelerator.device).manual_seed(
+                pu_data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
+            )
+            with accelerator.accumulate(run.model):
+                risk = training_step(run, unlabeled_batch, sensitive_batch, generator)
+                accelerator.backward(risk.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(run.trainable_parameters, args.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            if run.ema_model is not None:
+                run.ema_model.step(run.trainable_parameters)
+            global_step += 1
+            progress.update(1)
+            _after_step(accelerator, run, args, risk, global_step, progress, stop)
+            if global_step >= args.max_train_steps:
+                break
+        end_of_epoch(epoch, global_step)
+        if global_step >= args.max_train_steps:
+            break
+    stop.restore()
+    progress.close()
+
+
+def _after_step(accelerator, run: TrainingRun, args, risk: RiskOutput, global_step: int, progress, stop) -> None:
+    """Logging (it synchronises with the device, hence only every --logging_steps), checkpoints, signals."""
+    if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+        check_finite(risk, global_step, args.output_dir)
+        logs = log_risk(accelerator, risk, run.lr_scheduler.get_last_lr()[0], global_step)
+        progress.set_postfix(loss=f"{logs['loss']:.4g}")
+    if global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args, global_step)
+    if stop.requested(accelerator):
+        interrupt(accelerator, args, global_step, stop.signal_number)
+
+
+def interrupt(accelerator, args, global_step: int, signal_number: int | None) -> None:
+    """Save the state of the last finished step (unless just saved) and stop."""
+    if not (Path(args.output_dir) / f"checkpoint-{global_step}").is_dir():
+        save_checkpoint(accelerator, args, global_step)
+    accelerator.end_training()
+    number = signal_number or signal.SIGTERM
+    raise TrainingInterrupted(
+        f"interrupted by {signal.Signals(number).name} after step {global_step}; checkpoint-{global_step} is in"
+        f" {args.output_dir}: continue with --resume_from_checkpoint latest",
+        number,
+    )
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The run's flags for TensorBoard's hparams (scalars and strings only), without the Hub token."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for key, value in vars(args).items()
+        if key != "hub_token"
+    }
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -585,8 +799,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2):
-    """(N, H, W, C) floats in [0, 1], or uint8 pixels -> one PIL grid, as square as N allows.
+def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2, columns: int | None = None):
+    """(N, H, W, C) floats in [0, 1], or uint8 pixels -> one PIL grid, as square as N allows
+    unless ``columns`` is given.
 
     Tiles smaller than ``min_tile`` pixels are enlarged by a whole factor
     (nearest neighbour, so an 8x8 digit stays sharp), with a gap between them.
@@ -597,7 +812,7 @@ def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2):
     count, height, width, channels = pixels.shape
     factor = max(1, math.ceil(min_tile / max(height, width)))
     pixels = pixels.repeat(factor, axis=1).repeat(factor, axis=2)
-    cols = math.ceil(math.sqrt(count))
+    cols = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     tile_h, tile_w = height * factor, width * factor
     grid = np.full((rows * (tile_h + gap) + gap, cols * (tile_w + gap) + gap, channels), 128, dtype=np.uint8)
@@ -607,9 +822,11 @@ def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2):
     return Image.fromarray(grid.squeeze(-1) if channels == 1 else grid)
 
 
-def save_validation_images(accelerator, images: np.ndarray, output_dir: str, tag: str, step: int) -> Path:
+def save_validation_images(
+    accelerator, images: np.ndarray, output_dir: str, tag: str, step: int, columns: int | None = None
+) -> Path:
     """Save a grid to output_dir/validation/<tag>.png and output_dir/samples.png, and log it."""
-    grid = image_grid(images)
+    grid = image_grid(images, columns=columns)
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}.png"

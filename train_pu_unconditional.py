@@ -13,13 +13,10 @@ import argparse
 import copy
 import logging
 import math
-import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import pu_data
 import pu_training_utils as common
@@ -83,18 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- data
 
 
-def make_dataloader(args, dataset, batch_size: int, channels: int, seed: int, source: str, drop_last: bool):
-    """A loader over ``dataset`` whose order and augmentation are functions of (seed, epoch) alone."""
+def image_dataset(args, channels: int):
+    """``make_dataset`` for the shared loaders: the images of one image column, transformed."""
     transform = pu_data.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip)
-    sampler = pu_data.EpochShuffle(len(dataset), seed)
-    loader = torch.utils.data.DataLoader(
-        pu_data.TransformedImages(dataset, args.image_column, transform, seed=seed, source=source),
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=drop_last,
-        num_workers=args.dataloader_num_workers,
-    )
-    return loader, sampler
+
+    def make_dataset(dataset, seed: int, source: str):
+        return pu_data.TransformedImages(dataset, args.image_column, transform, seed=seed, source=source)
+
+    return make_dataset
 
 
 # --------------------------------------------------------------------------- model
@@ -213,24 +206,6 @@ def save_model(pipeline, args, base_model: str | None) -> None:
 # --------------------------------------------------------------------------- training
 
 
-@dataclass
-class Run:
-    """What the training loop works on, prepared by Accelerate."""
-
-    unet: torch.nn.Module
-    noise_scheduler: object
-    ema_model: object | None
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    unlabeled_loader: torch.utils.data.DataLoader
-    unlabeled_sampler: pu_data.EpochShuffle
-    sensitive_loader: torch.utils.data.DataLoader | None
-    sensitive_sampler: pu_data.EpochShuffle | None
-    steps_per_epoch: int
-    base_model: str | None
-    hub_repo_id: str | None = None
-
-
 def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args)
     common.settle_seed(accelerator, args)
@@ -241,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
     run = prepare_run(accelerator, args, unlabeled, sensitive)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_pu_unconditional", config=tracker_config(args))
+        accelerator.init_trackers("train_pu_unconditional", config=common.tracker_config(args))
         if args.push_to_hub:
             run.hub_repo_id = common.create_hub_repo(args)
     logger.info(
@@ -252,70 +227,34 @@ def main(args: argparse.Namespace) -> None:
         args.train_batch_size,
         args.sensitive_batch_size,
     )
-    train(accelerator, run, args)
+    common.train(
+        accelerator,
+        run,
+        args,
+        training_step=lambda run, unlabeled_batch, sensitive_batch, generator: training_step(
+            run, unlabeled_batch, sensitive_batch, args, generator
+        ),
+        end_of_epoch=lambda epoch, global_step: end_of_epoch(accelerator, run, args, epoch, global_step),
+    )
     accelerator.end_training()
 
 
-def prepare_run(accelerator, args, unlabeled, sensitive) -> Run:
+def prepare_run(accelerator, args, unlabeled, sensitive) -> common.TrainingRun:
     """Model, EMA, loaders, optimizer and learning-rate schedule, passed through accelerator.prepare."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
     unet, noise_scheduler, base_model = load_model(args, image_channels(unlabeled, args.image_column))
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(
-            unet.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=type(unet),
-            model_config=unet.config,
-        )
+    ema_model = common.make_ema(unet, args) if args.use_ema else None
     common.register_model_hooks(accelerator, type(unet), ema_model)
 
-    channels = unet.config.in_channels
-    unlabeled_loader, unlabeled_sampler = make_dataloader(
-        args, unlabeled, args.train_batch_size, channels, pu_data.derived_seed(args.seed, 0), "U", drop_last=False
+    unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler = common.make_training_loaders(
+        args, unlabeled, sensitive, image_dataset(args, unet.config.in_channels)
     )
-    sensitive_loader = sensitive_sampler = None
-    if sensitive is not None:
-        if args.sensitive_batch_size is None:
-            args.sensitive_batch_size = pu_data.default_sensitive_batch_size(
-                args.train_batch_size, len(unlabeled), len(sensitive)
-            )
-        sensitive_loader, sensitive_sampler = make_dataloader(
-            args,
-            sensitive,
-            args.sensitive_batch_size,
-            channels,
-            pu_data.derived_seed(args.seed, 1),
-            "S",
-            # Full S batches only; an S smaller than one batch still gives one batch per pass.
-            drop_last=len(sensitive) >= args.sensitive_batch_size,
-        )
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    steps_per_epoch, max_train_steps = common.training_schedule(
-        math.ceil(len(unlabeled_loader) / accelerator.num_processes), args
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+    optimizer = common.make_optimizer(args, unet.parameters(), accelerator.num_processes)
+    steps_per_epoch, lr_scheduler = common.make_lr_scheduler(
+        args, optimizer, math.ceil(len(unlabeled_loader) / accelerator.num_processes), accelerator.num_processes
     )
     unet, optimizer, unlabeled_loader, lr_scheduler = accelerator.prepare(
         unet, optimizer, unlabeled_loader, lr_scheduler
@@ -326,112 +265,37 @@ def prepare_run(accelerator, args, unlabeled, sensitive) -> Run:
         sensitive_loader = accelerator.prepare(sensitive_loader)
     if ema_model is not None:
         ema_model.to(accelerator.device)
-    return Run(
-        unet,
-        noise_scheduler,
-        ema_model,
-        optimizer,
-        lr_scheduler,
-        unlabeled_loader,
-        unlabeled_sampler,
-        sensitive_loader,
-        sensitive_sampler,
-        steps_per_epoch,
-        base_model,
+    return common.TrainingRun(
+        model=unet,
+        trainable_parameters=list(unet.parameters()),
+        noise_scheduler=noise_scheduler,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        unlabeled_loader=unlabeled_loader,
+        unlabeled_sampler=unlabeled_sampler,
+        sensitive_loader=sensitive_loader,
+        sensitive_sampler=sensitive_sampler,
+        steps_per_epoch=steps_per_epoch,
+        ema_model=ema_model,
+        base_model=base_model,
     )
 
 
-def train(accelerator, run: Run, args: argparse.Namespace) -> None:
-    """The loop: one optimizer step per U batch (times accumulation), each paired with an S batch.
-
-    Data order, augmentation and each batch's noise and timesteps are functions
-    of (seed, epoch, batch), so a run resumed from checkpoint-N replays the
-    uninterrupted run from step N on.
-    """
-    global_step = common.resume_step(accelerator, args)
-    batches_per_epoch = len(run.unlabeled_loader)
-    first_epoch = global_step // run.steps_per_epoch
-    skip_batches = (global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
-    sensitive_stream = None
-    if run.sensitive_loader is not None:
-        sensitive_stream = pu_data.endless(
-            run.sensitive_loader,
-            run.sensitive_sampler,
-            first_epoch * batches_per_epoch + skip_batches,
-            accelerator.skip_first_batches,
-        )
-    stop = common.StopRequest()
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
-    for epoch in range(first_epoch, args.num_train_epochs):
-        run.unet.train()
-        run.unlabeled_sampler.use_epoch(epoch)
-        start = skip_batches if epoch == first_epoch else 0
-        loader = accelerator.skip_first_batches(run.unlabeled_loader, start) if start else run.unlabeled_loader
-        for batch_index, unlabeled_batch in enumerate(loader, start=start):
-            sensitive_batch = next(sensitive_stream) if sensitive_stream is not None else None
-            generator = torch.Generator(accelerator.device).manual_seed(
-                pu_data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
-            )
-            with accelerator.accumulate(run.unet):
-                risk = training_step(run.unet, run.noise_scheduler, unlabeled_batch, sensitive_batch, args, generator)
-                accelerator.backward(risk.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if run.ema_model is not None:
-                run.ema_model.step(run.unet.parameters())
-            global_step += 1
-            progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                common.check_finite(risk, global_step, args.output_dir)
-                logs = common.log_risk(accelerator, risk, run.lr_scheduler.get_last_lr()[0], global_step)
-                progress.set_postfix(loss=f"{logs['loss']:.4g}")
-            if global_step % args.checkpointing_steps == 0:
-                common.save_checkpoint(accelerator, args, global_step)
-            if stop.requested(accelerator):
-                interrupt(accelerator, args, global_step, stop.signal_number)
-            if global_step >= args.max_train_steps:
-                break
-        end_of_epoch(accelerator, run, args, epoch, global_step)
-        if global_step >= args.max_train_steps:
-            break
-    stop.restore()
-    progress.close()
-
-
-def interrupt(accelerator, args, global_step: int, signal_number: int | None) -> None:
-    """Save the state of the last finished step (unless just saved) and stop."""
-    if not (Path(args.output_dir) / f"checkpoint-{global_step}").is_dir():
-        common.save_checkpoint(accelerator, args, global_step)
-    accelerator.end_training()
-    number = signal_number or signal.SIGTERM
-    raise common.TrainingInterrupted(
-        f"interrupted by {signal.Signals(number).name} after step {global_step}; checkpoint-{global_step} is in"
-        f" {args.output_dir}: continue with --resume_from_checkpoint latest",
-        number,
-    )
-
-
-def training_step(unet, noise_scheduler, unlabeled_batch, sensitive_batch, args, generator=None):
+def training_step(run: common.TrainingRun, unlabeled_batch, sensitive_batch, args, generator=None):
     """One forward over cat([U batch, S batch]) and the PU risk of its per-sample losses."""
+    noise_scheduler = run.noise_scheduler
     clean = unlabeled_batch if sensitive_batch is None else torch.cat([unlabeled_batch, sensitive_batch])
     noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator, device=clean.device
     )
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    model_pred = unet(noisy, timesteps).sample
+    model_pred = run.model(noisy, timesteps).sample
     target = common.diffusion_target(noise_scheduler, clean, noise, timesteps)
     return common.pu_objective(model_pred, target, unlabeled_batch.shape[0], args)
 
 
-def end_of_epoch(accelerator, run: Run, args: argparse.Namespace, epoch: int, global_step: int) -> None:
+def end_of_epoch(accelerator, run: common.TrainingRun, args: argparse.Namespace, epoch: int, global_step: int) -> None:
     """Validation grid and pipeline save on their epoch schedules, and always after the last step."""
     accelerator.wait_for_everyone()
     last = global_step >= args.max_train_steps
@@ -439,7 +303,7 @@ def end_of_epoch(accelerator, run: Run, args: argparse.Namespace, epoch: int, gl
         images_due = last or (epoch + 1) % args.save_images_epochs == 0
         model_due = last or (epoch + 1) % args.save_model_epochs == 0
         if images_due or model_due:
-            pipeline = make_pipeline(accelerator, run.unet, run.ema_model, run.noise_scheduler)
+            pipeline = make_pipeline(accelerator, run.model, run.ema_model, run.noise_scheduler)
             if images_due:
                 generate_validation_grid(accelerator, pipeline, args, epoch, global_step)
             if model_due:
@@ -447,15 +311,6 @@ def end_of_epoch(accelerator, run: Run, args: argparse.Namespace, epoch: int, gl
                 if run.hub_repo_id:
                     common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
-
-
-def tracker_config(args: argparse.Namespace) -> dict:
-    """The run's flags for TensorBoard's hparams (scalars and strings only), without the Hub token."""
-    return {
-        key: value if isinstance(value, (int, float, str, bool)) else str(value)
-        for key, value in vars(args).items()
-        if key != "hub_token"
-    }
 
 
 if __name__ == "__main__":

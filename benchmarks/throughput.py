@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pu_data  # noqa: E402
+import pu_training_utils as common  # noqa: E402
 from pu_loss import compute_risk  # noqa: E402
-from train_pu_unconditional import default_unet_config, make_dataloader, training_step  # noqa: E402
+from train_pu_unconditional import default_unet_config, image_dataset, training_step  # noqa: E402
 
 #: name -> (resolution, U images per step, S images per step). The small one is the demo's.
 MODELS = {"small": (8, 128, 12), "medium": (16, 64, 6)}
@@ -53,8 +54,10 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
     else:
         unlabeled, sensitive = images, None
 
+    run = argparse.Namespace(model=unet, noise_scheduler=scheduler)
+
     def step():
-        risk = training_step(unet, scheduler, unlabeled, sensitive, args)
+        risk = training_step(run, unlabeled, sensitive, args)
         risk.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,9 +116,10 @@ def data_seconds_per_step(resolution: int, num_unlabeled: int, num_sensitive: in
             resolution=resolution, center_crop=False, random_flip=True, image_column="image", dataloader_num_workers=0
         )
         unlabeled_batch = num_unlabeled if loss_type == "pu" else num_unlabeled + num_sensitive
-        loaders = [make_dataloader(options, train, unlabeled_batch, 1, 0, "U", drop_last=True)[0]]
+        make_dataset = image_dataset(options, channels=1)
+        loaders = [common.seeded_loader(options, make_dataset(train, 0, "U"), unlabeled_batch, 0, drop_last=True)[0]]
         if loss_type == "pu":
-            loaders.append(make_dataloader(options, train, num_sensitive, 1, 1, "S", drop_last=True)[0])
+            loaders.append(common.seeded_loader(options, make_dataset(train, 1, "S"), num_sensitive, 1, True)[0])
         streams = [iter(loader) for loader in loaders]
         batches = min(len(loader) for loader in loaders)
         start = time.perf_counter()
