@@ -279,6 +279,8 @@ def load_training_sets(args):
     does not use it.
     """
     unlabeled, source = _load_source(args.dataset_name, args.train_data_dir, "--dataset_name", "--train_data_dir", args)
+    if getattr(args, "caption_column", None):
+        require_column(unlabeled, args.caption_column, "--caption_column", source)
     sensitive = None
     if args.label_column is not None:
         require_column(unlabeled, args.label_column, "--label_column", source)
@@ -299,13 +301,15 @@ def load_training_sets(args):
             sensitive = unlabeled.select(split.labeled_sensitive)
         unlabeled = unlabeled.select(split.unlabeled)
     elif args.loss_type != "unsupervised":
-        sensitive, _ = _load_source(
+        sensitive, sensitive_source = _load_source(
             args.sensitive_dataset_name,
             args.sensitive_data_dir,
             "--sensitive_dataset_name",
             "--sensitive_data_dir",
             args,
         )
+        if getattr(args, "sensitive_caption_column", None):
+            require_column(sensitive, args.sensitive_caption_column, "--sensitive_caption_column", sensitive_source)
     if args.loss_type == "unsupervised":
         return unlabeled, None  # S, even when drawn, takes no part in Eq. (9)
     if sensitive is None:
@@ -415,6 +419,41 @@ class TransformedImages(torch.utils.data.Dataset):
         except Exception as error:  # PIL raises many types for a truncated or corrupt file
             raise InputError(f"{self.source}: image {index} cannot be decoded: {error}") from error
         return self.transform.prepare(image)
+
+
+def read_captions(dataset, column: str | None, prompt: str | None, flag: str) -> list:
+    """One caption per image: the ``column`` cells (a string, or a list to pick from), or ``prompt`` for all."""
+    if prompt is not None:
+        return [prompt] * len(dataset)
+    captions = list(dataset[column])
+    for index, caption in enumerate(captions):
+        is_list = isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption)
+        if not (isinstance(caption, str) or is_list):
+            raise InputError(
+                f"{flag} {column}: row {index} holds {caption!r}; captions must be strings or lists of strings"
+            )
+    return captions
+
+
+class CaptionedImages(TransformedImages):
+    """Images with their tokenized captions, as ``{"pixel_values", "input_ids"}``.
+
+    Where a caption cell holds several captions, one is picked per access,
+    seeded by ``(seed, epoch, index)`` like the augmentation.
+    """
+
+    def __init__(self, dataset, image_column: str, transform: ImageTransform, captions: list, tokenize, **kwargs):
+        super().__init__(dataset, image_column, transform, **kwargs)
+        self.captions = captions
+        self.tokenize = tokenize
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        caption = self.captions[index]
+        if not isinstance(caption, str):
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
+            caption = caption[int(torch.randint(0, len(caption), (), generator=generator))]
+        return {"pixel_values": super().__getitem__(key), "input_ids": self.tokenize(caption)}
 
 
 # --------------------------------------------------------------------------- batching

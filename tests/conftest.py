@@ -17,7 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def script_command(script: str, *args, launcher: str = "accelerate", num_processes: int = 1) -> list[str]:
+def script_command(
+    script: str, *args, launcher: str = "accelerate", num_processes: int = 1, mixed_precision: str = "no"
+) -> list[str]:
     """The command line a user types: ``accelerate launch`` on CPU, or ``python`` for the file itself."""
     command = [sys.executable]
     if launcher == "accelerate":
@@ -29,7 +31,7 @@ def script_command(script: str, *args, launcher: str = "accelerate", num_process
             "--num_machines",
             "1",
             "--mixed_precision",
-            "no",
+            mixed_precision,
             "--dynamo_backend",
             "no",
         ]
@@ -41,13 +43,15 @@ def script_command(script: str, *args, launcher: str = "accelerate", num_process
 SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_script(script: str, *args, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600):
+def run_script(
+    script: str, *args, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600, **launch_options
+):
     """Run one of the repository's scripts the way a user does, and return the finished process.
 
     ``launcher="accelerate"`` goes through ``accelerate launch`` on CPU;
     ``"python"`` runs the file directly (for argument and input errors).
     """
-    command = script_command(script, *args, launcher=launcher, num_processes=num_processes)
+    command = script_command(script, *args, launcher=launcher, num_processes=num_processes, **launch_options)
     return subprocess.run(
         command, cwd=REPO_ROOT, env=script_env(num_processes), capture_output=True, text=True, timeout=timeout
     )
@@ -118,4 +122,107 @@ def write_image_folder(path: Path, count: int, size: int = 8, mode: str = "L", s
     channels = {"L": (size, size), "RGB": (size, size, 3)}[mode]
     for index in range(count):
         Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8)).save(path / f"{index:03d}.png")
+    return path
+
+
+def write_tiny_clip_tokenizer(path: Path, model_max_length: int = 16):
+    """A CLIPTokenizer whose vocabulary is the 256 byte symbols (plus their word-final forms), no merges."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # The byte-to-symbol map of byte-level BPE: printable bytes stand for themselves, the rest from 256 up.
+    others = [byte for byte in range(256) if byte not in printable]
+    symbols = [chr(code) for code in printable] + [chr(256 + index) for index in range(len(others))]
+    vocabulary = ["<|startoftext|>", "<|endoftext|>", *symbols, *(symbol + "</w>" for symbol in symbols)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocabulary)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
+
+
+def tiny_clip_text_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    settings = dict(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=520, max_position_embeddings=16, projection_dim=32,
+    )  # fmt: skip
+    return CLIPTextConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline(tmp_path_factory) -> Path:
+    """A Stable Diffusion pipeline folder for 32 px images, built from configs (a few hundred thousand weights)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(tiny_clip_text_config()),
+        tokenizer=write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tokenizer_files")),
+        unet=unet,
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            steps_offset=1,
+        ),  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def write_captioned_folder(path: Path, captions: list[str], size: int = 32, seed: int = 0) -> Path:
+    """An image folder with metadata.jsonl: one random RGB image per caption, in the ``text`` column."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, caption in enumerate(captions):
+        name = f"{index:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / name)
+        rows.append(json.dumps({"file_name": name, "text": caption}))
+    (path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tmp_path_factory) -> Path:
+    """A CLIPModel with its processor (tokenizer and 32 px image processor), built from configs."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    path = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    config = CLIPConfig(
+        text_config=tiny_clip_text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=32
+    )
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = write_tiny_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer_files"))
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path

@@ -1,0 +1,287 @@
+"""train_pu_text_to_image.py: LoRA and full fine-tuning of a tiny Stable Diffusion, launched as users do."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_pu_text_to_image as t2i
+from tests.conftest import assert_ok, run_script, write_captioned_folder
+from tests.test_train_unconditional import scalars
+
+SCRIPT = "train_pu_text_to_image.py"
+PROMPTS = ["a photo of a cat", "a photo of a dog"]
+
+
+@pytest.fixture(scope="module")
+def captioned_data(tmp_path_factory):
+    """U: six cats and two dogs (the sensitive concept, mixed in); S: three dogs with no captions."""
+    root = tmp_path_factory.mktemp("captioned")
+    unlabeled = write_captioned_folder(root / "u", ["a photo of a cat"] * 6 + ["a photo of a dog"] * 2)
+    sensitive = write_captioned_folder(root / "s", ["unused"] * 3, seed=1)
+    (sensitive / "metadata.jsonl").unlink()  # S needs no captions of its own with --sensitive_prompt
+    return unlabeled, sensitive
+
+
+def run_args(pipeline, data, output_dir, *extra):
+    unlabeled, sensitive = data
+    return [
+        "--pretrained_model_name_or_path", pipeline, "--train_data_dir", unlabeled, "--sensitive_data_dir", sensitive,
+        "--sensitive_prompt", "a photo of a dog", "--resolution", "32", "--train_batch_size", "4",
+        "--learning_rate", "1e-2", "--seed", "0", "--output_dir", output_dir, *extra,
+    ]  # fmt: skip
+
+
+LORA = ["--use_lora", "--rank", "4", "--checkpointing_steps", "2"]
+VALIDATION = ["--validation_prompt", *PROMPTS, "--num_validation_images", "2", "--validation_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_sd_pipeline, captioned_data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("lora") / "out"
+    args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, *VALIDATION, "--max_train_steps", "4")
+    assert_ok(run_script(SCRIPT, *args))
+    return output_dir
+
+
+def generate(pipeline, prompt="a photo of a dog"):
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(prompt, num_inference_steps=2, generator=generator, output_type="np").images
+
+
+def test_lora_run_saves_adapters_that_load_and_change_the_images(lora_run, tiny_sd_pipeline):
+    from diffusers import DiffusionPipeline
+
+    weights = load_file(lora_run / "pytorch_lora_weights.safetensors")
+    assert weights and all(key.startswith("unet.") for key in weights)
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert not (lora_run / "model_index.json").exists()  # adapters only, not a copy of the base model
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    before = generate(pipeline)
+    pipeline.load_lora_weights(lora_run)
+    after = generate(pipeline)
+    assert after.shape == (1, 32, 32, 3)
+    assert np.abs(after - before).max() > 1e-3
+
+    card = (lora_run / "README.md").read_text()
+    for expected in ("lora", "text-to-image", f"base_model: {tiny_sd_pipeline}", "| prior (beta) | 0.1 |"):
+        assert expected in card
+    assert "| nonnegative | abs |" in card  # this script's default, as the paper uses for Stable Diffusion
+    assert "load_lora_weights" in card and "1. a photo of a cat" in card
+
+    # The grid: one row per prompt, one column per image, 32 px tiles with 2 px gaps.
+    grid = Image.open(lora_run / "validation" / "step-000004.png")
+    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)
+    assert (lora_run / "validation" / "before-training.png").is_file()
+    logged = scalars(lora_run)
+    assert [step for step, _ in logged["loss"]] == [1, 2, 3, 4]
+    assert {"positive_risk", "negative_risk"} <= set(logged)
+
+
+def test_lora_resume_restores_the_adapters_exactly(lora_run, tiny_sd_pipeline, captioned_data, tmp_path):
+    output_dir = tmp_path / "out"
+    first_half = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "2")
+    assert_ok(run_script(SCRIPT, *first_half))
+    resumed = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "4")
+    result = run_script(SCRIPT, *resumed, "--resume_from_checkpoint", "latest")
+    assert_ok(result)
+    assert "resuming from" in result.stdout + result.stderr
+
+    for name in ("checkpoint-2/pytorch_lora_weights.safetensors", "pytorch_lora_weights.safetensors"):
+        reference, replayed = load_file(lora_run / name), load_file(output_dir / name)
+        assert reference.keys() == replayed.keys()
+        for key in reference:
+            assert torch.equal(reference[key], replayed[key]), (name, key)
+
+
+def test_full_fine_tune_with_ema_saves_a_stable_diffusion_pipeline(tiny_sd_pipeline, captioned_data, tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    output_dir = tmp_path / "out"
+    extra = ["--use_ema", "--ema_max_decay", "0.5", "--max_train_steps", "3", "--checkpointing_steps", "3"]
+    assert_ok(run_script(SCRIPT, *run_args(tiny_sd_pipeline, captioned_data, output_dir, *extra)))
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert isinstance(pipeline, StableDiffusionPipeline)
+    assert generate(pipeline).shape == (1, 32, 32, 3)
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet").state_dict()
+    ema = UNet2DConditionModel.from_pretrained(output_dir / "checkpoint-3", subfolder="unet_ema").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(output_dir / "checkpoint-3", subfolder="unet").state_dict()
+    saved = pipeline.unet.state_dict()
+    # The saved UNet holds the EMA weights, which differ from both the base and the raw trained weights.
+    assert all(torch.equal(saved[key], ema[key]) for key in saved)
+    assert any(not torch.equal(saved[key], base[key]) for key in saved)
+    assert any(not torch.equal(saved[key], trained[key]) for key in saved)
+    card = (output_dir / "README.md").read_text()
+    assert "Stable Diffusion fine-tune" in card and "| EMA | True |" in card
+
+
+def test_mixed_precision_comes_from_the_launcher(tiny_sd_pipeline, captioned_data, tmp_path):
+    """`accelerate launch --mixed_precision bf16` alone: frozen weights in bf16, adapters trained in float32."""
+    output_dir = tmp_path / "out"
+    args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "2")
+    result = run_script(SCRIPT, *args, mixed_precision="bf16")
+    assert_ok(result)
+    assert "trained in float32, frozen weights in torch.bfloat16" in result.stderr
+    weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_place_models_keeps_trainable_weights_in_float32_under_fp16(tiny_sd_pipeline):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(tiny_sd_pipeline, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
+    t2i.add_lora(unet, rank=2)
+    dtype = t2i.place_models(unet, vae, text_encoder, torch.device("cpu"), "fp16", use_lora=True)
+    assert dtype == torch.float16
+    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in name for name in trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.float16}
+    for frozen in (vae, text_encoder):
+        assert all(p.dtype == torch.float16 and not p.requires_grad for p in frozen.parameters())
+
+
+def test_min_snr_weights_by_hand():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([0, 300, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    assert torch.allclose(t2i.min_snr_weights(scheduler, timesteps, 5.0).double(), expected, rtol=1e-4)
+    assert expected[0] < 1e-2 and expected[2] == 1.0  # low noise is down-weighted, high noise kept
+    scheduler.register_to_config(prediction_type="v_prediction")
+    v_expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+    assert torch.allclose(t2i.min_snr_weights(scheduler, timesteps, 5.0).double(), v_expected, rtol=1e-4)
+
+
+class RecordingUNet(torch.nn.Module):
+    """Predicts zeros and records what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, noisy, timesteps, text_states, return_dict=False):
+        self.calls.append((noisy.shape[0], text_states))
+        return (torch.zeros_like(noisy),)
+
+
+def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_sd_pipeline):
+    """One forward over cat([U, S]); with a zero prediction, each l(x) of Eq. (8) is the squared noise."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    from pu_loss import compute_risk
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd_pipeline, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
+    unet = RecordingUNet()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    run = argparse.Namespace(model=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=scheduler)
+    run.weight_dtype = torch.float32
+    unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
+    sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
+    args = argparse.Namespace(
+        loss_type="pu", prior=0.1, nonnegative="abs", loss_reduction="sum", noise_offset=0.0, snr_gamma=None
+    )
+    risk = t2i.training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
+
+    assert len(unet.calls) == 1 and unet.calls[0][0] == 5
+    ids = torch.cat([unlabeled["input_ids"], sensitive["input_ids"]])
+    assert torch.equal(unet.calls[0][1], text_encoder(ids)[0])
+    # Replay the step's draws: latents (VAE sample), noise, timesteps, in that order.
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.cat([unlabeled["pixel_values"], sensitive["pixel_values"]])
+    vae.encode(pixels).latent_dist.sample(generator=generator)
+    noise = torch.randn((5, 4, 16, 16), generator=generator)
+    per_sample = (noise**2).sum(dim=(1, 2, 3))
+    expected = compute_risk(per_sample, 3, "pu", 0.1, "abs")
+    assert torch.allclose(risk.loss, expected.loss, rtol=1e-5)
+
+
+def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
+    tiny_sd_pipeline, captioned_data, tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    uploads = []
+
+    def fake_upload_folder(**kwargs):
+        uploads.append({**kwargs, "files": sorted(p.name for p in tmp_path.joinpath("out").iterdir())})
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: argparse.Namespace(repo_id=repo_id))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    extra = [*LORA, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "me/pu-lora", "--report_to", "none"]
+    args = t2i.parse_args(list(map(str, run_args(tiny_sd_pipeline, captioned_data, tmp_path / "out", *extra))))
+    t2i.main(args)
+
+    assert len(uploads) == 1
+    upload = uploads[0]
+    assert upload["repo_id"] == "me/pu-lora"
+    assert "checkpoint-*" in upload["ignore_patterns"]
+    assert {"pytorch_lora_weights.safetensors", "README.md", "checkpoint-2"} <= set(upload["files"])
+    assert 'load_lora_weights("me/pu-lora")' in (tmp_path / "out" / "README.md").read_text()
+
+
+BAD_INPUT = {
+    "S without captions": (["--sensitive_prompt"], [], "--sensitive_prompt"),
+    "EMA with LoRA": ([], ["--use_lora", "--use_ema"], "--use_ema"),
+    "8-bit Adam without bitsandbytes": ([], ["--use_8bit_adam"], "bitsandbytes"),
+    "no caption column": ([], ["--caption_column", "caption"], "--caption_column"),
+    "S caption column absent": (["--sensitive_prompt"], ["--sensitive_caption_column", "text"], "--sensitive_caption"),
+    "not a pipeline": ([], ["--pretrained_model_name_or_path", "."], "--pretrained_model_name_or_path"),
+    "zero rank": ([], ["--use_lora", "--rank", "0"], "--rank"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_fails_early_naming_the_flag(case, tiny_sd_pipeline, captioned_data, tmp_path):
+    drop, extra, expected = BAD_INPUT[case]
+    args = run_args(tiny_sd_pipeline, captioned_data, tmp_path / "out", "--max_train_steps", "1", *extra)
+    for flag in drop:  # drop a flag and its value
+        index = args.index(flag)
+        del args[index : index + 2]
+    result = run_script(SCRIPT, *args, launcher="python", timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    output_dir = tmp_path / "out"
+    assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+def test_captions_are_read_per_image_and_bad_cells_are_named():
+    import datasets
+
+    from pu_data import CaptionedImages, ImageTransform, InputError, read_captions
+
+    dataset = datasets.Dataset.from_dict({"text": ["a", "b", None]})
+    with pytest.raises(InputError, match="--caption_column text: row 2"):
+        read_captions(dataset, "text", None, "--caption_column")
+    assert read_captions(dataset.select([0, 1]), "text", None, "--caption_column") == ["a", "b"]
+    assert read_captions(dataset, None, "a dog", "--sensitive_prompt") == ["a dog"] * 3
+    several = datasets.Dataset.from_dict({"captions": [["b", "c"], []]})
+    assert read_captions(several.select([0]), "captions", None, "--caption_column") == [["b", "c"]]
+    with pytest.raises(InputError, match="row 1"):
+        read_captions(several, "captions", None, "--caption_column")
+
+    images = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2})
+    captioned = CaptionedImages(
+        images, "image", ImageTransform(8, 3), ["a", ["b", "c"]], lambda caption: torch.tensor([ord(caption)]), seed=0
+    )
+    item = captioned[(0, 0)]
+    assert item["pixel_values"].shape == (3, 8, 8) and item["input_ids"].tolist() == [ord("a")]
+    # A list of captions: one is picked per epoch, the same one for the same (epoch, index).
+    picks = [captioned[(1, epoch)]["input_ids"].item() for epoch in range(20)]
+    assert picks == [captioned[(1, epoch)]["input_ids"].item() for epoch in range(20)]
+    assert set(picks) == {ord("b"), ord("c")}

@@ -1,0 +1,539 @@
+"""Fine-tune Stable Diffusion with the positive-unlabeled (PU) loss, with LoRA adapters or in full.
+
+    accelerate launch --mixed_precision fp16 train_pu_text_to_image.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --train_data_dir unlabeled/ --sensitive_data_dir sensitive/ --sensitive_prompt "a photo of a dog" \
+        --use_lora --rank 4 --resolution 512 --train_batch_size 4 --gradient_checkpointing \
+        --max_train_steps 1000 --validation_prompt "a photo of a dog" "a photo of a cat" --output_dir sd-pu-lora
+
+The conditional ELBO of Eq. (20) in the latent space of the frozen VAE, the
+text condition from the frozen text encoder; U's captions come from
+--caption_column, S's from --sensitive_caption_column or one --sensitive_prompt.
+See README.md and pu_loss.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pu_data
+import pu_training_utils as common
+from pu_data import InputError
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: The attention projections that get LoRA adapters, as in the official LoRA example.
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="The Stable Diffusion pipeline to fine-tune (folder or Hub id).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline.")
+    model.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    model.add_argument(
+        "--prediction_type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="What the UNet learns to predict. Default: the pretrained scheduler's.",
+    )
+    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
+    model.add_argument("--rank", type=int, default=4, help="LoRA rank (and alpha).")
+    model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    model.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs a GPU).")
+    model.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel noise offset.")
+    model.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting (Hang et al., 2023) of each sample's loss; 5.0 is the usual value.",
+    )
+    common.add_data_arguments(parser, with_captions=True)
+    common.add_pu_arguments(parser, default_nonnegative="abs")
+    common.add_training_arguments(parser)
+    validation = parser.add_argument_group("validation")
+    validation.add_argument(
+        "--validation_prompt",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Prompts for the validation grids; add a sensitive one to watch the concept disappear.",
+    )
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    validation.add_argument("--validation_epochs", type=int, default=1, help="A validation grid every N epochs.")
+    validation.add_argument("--validation_steps", type=int, default=30, help="Denoising steps of validation images.")
+    common.add_hub_arguments(parser)
+    # The official text-to-image examples' defaults.
+    parser.set_defaults(
+        resolution=512, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=0.9, adam_weight_decay=1e-2
+    )
+    args = parser.parse_args(argv)
+    try:
+        common.check_common_arguments(args)
+        check_text_to_image_arguments(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_text_to_image_arguments(args: argparse.Namespace) -> None:
+    """What only this script needs; like the shared checks, before anything is loaded."""
+    if args.use_ema and args.use_lora:
+        raise InputError("--use_ema is for full fine-tuning; drop it with --use_lora")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.sensitive_prompt is not None and args.sensitive_caption_column is not None:
+        raise InputError("--sensitive_prompt and --sensitive_caption_column: give one")
+    own_sensitive_source = args.sensitive_dataset_name or args.sensitive_data_dir
+    if own_sensitive_source and args.loss_type != "unsupervised":
+        if args.sensitive_prompt is None and args.sensitive_caption_column is None:
+            raise InputError(
+                "S needs captions: give --sensitive_caption_column (a column of S) or --sensitive_prompt (one"
+                " caption for all of S)"
+            )
+    for flag in ("rank", "num_validation_images", "validation_epochs", "validation_steps"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.noise_offset < 0:
+        raise InputError(f"--noise_offset must be >= 0, got {args.noise_offset}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(kw_only=True)
+class TextToImageRun(common.TrainingRun):
+    """The shared loop's parts plus the frozen models that turn a batch into latents and text states."""
+
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    weight_dtype: torch.dtype
+
+
+def load_models(args: argparse.Namespace):
+    """(tokenizer, text encoder, VAE, UNet, DDPM noise scheduler) of the pretrained pipeline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = args.pretrained_model_name_or_path
+    hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", variant=args.variant, **hub_kwargs
+        )
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **hub_kwargs)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **hub_kwargs)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"--pretrained_model_name_or_path {source}: not a Stable Diffusion pipeline with tokenizer/,"
+            f" text_encoder/, vae/, unet/ and scheduler/: {error}"
+        ) from error
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    elif noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise InputError(
+            f"--pretrained_model_name_or_path {source}: its scheduler predicts"
+            f" {noise_scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
+        )
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def add_lora(unet, rank: int) -> None:
+    """Freeze the UNet and add trainable LoRA adapters to its attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    unet.add_adapter(config)
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def place_models(unet, vae, text_encoder, device, mixed_precision: str, use_lora: bool) -> torch.dtype:
+    """Frozen weights in the mixed-precision dtype, trainable ones in float32; returns the frozen dtype.
+
+    The mode comes from the accelerator (``accelerate launch --mixed_precision``
+    or ``--mixed_precision``), so either way of asking works. Trainable
+    parameters stay float32 because the optimizer cannot update float16
+    weights under a gradient scaler, and bfloat16 ones lose small updates.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    weight_dtype = weight_dtype_for(mixed_precision)
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False)
+        frozen.to(device, dtype=weight_dtype)
+    if use_lora:
+        unet.to(device, dtype=weight_dtype)
+        cast_training_params(unet, dtype=torch.float32)
+    else:
+        unet.to(device)
+    return weight_dtype
+
+
+def register_lora_hooks(accelerator, unet) -> None:
+    """checkpoint-N holds the adapters as pytorch_lora_weights.safetensors; a resume loads them back exactly."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(model))
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+            unet_state = {
+                key.removeprefix("unet."): value for key, value in state_dict.items() if key.startswith("unet.")
+            }
+            result = set_peft_model_state_dict(
+                model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+            )
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise InputError(f"{input_dir}: LoRA weights that fit no adapter of this UNet: {unexpected[:5]}")
+            cast_training_params(model, dtype=torch.float32)
+
+    def lora_state_dict(model):
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(model)))
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def captioned_dataset(args, tokenizer):
+    """``make_dataset`` for the shared loaders: images with their tokenized captions."""
+    transform = pu_data.ImageTransform(args.resolution, 3, args.center_crop, args.random_flip)
+
+    def tokenize(caption: str) -> torch.Tensor:
+        return tokenizer(
+            caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids[0]
+
+    def make_dataset(dataset, seed: int, source: str):
+        if source == "S" and args.label_column is None:
+            captions = pu_data.read_captions(
+                dataset, args.sensitive_caption_column, args.sensitive_prompt, "--sensitive_caption_column"
+            )
+        elif source == "S" and args.sensitive_prompt is not None:
+            captions = pu_data.read_captions(dataset, None, args.sensitive_prompt, "--sensitive_prompt")
+        else:
+            captions = pu_data.read_captions(dataset, args.caption_column, None, "--caption_column")
+        return pu_data.CaptionedImages(
+            dataset, args.image_column, transform, captions, tokenize, seed=seed, source=source
+        )
+
+    return make_dataset
+
+
+# --------------------------------------------------------------------------- training
+
+
+def prepare_run(accelerator, args, unlabeled, sensitive) -> TextToImageRun:
+    """Models, LoRA or EMA, loaders, optimizer and schedule, passed through accelerator.prepare."""
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    if args.use_lora:
+        add_lora(unet, args.rank)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    weight_dtype = place_models(unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, args.use_lora)
+    ema_model = common.make_ema(unet, args) if args.use_ema else None
+    if args.use_lora:
+        register_lora_hooks(accelerator, unet)
+    else:
+        common.register_model_hooks(accelerator, type(unet), ema_model)
+
+    unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler = common.make_training_loaders(
+        args, unlabeled, sensitive, captioned_dataset(args, tokenizer)
+    )
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    optimizer = common.make_optimizer(args, trainable, accelerator.num_processes)
+    steps_per_epoch, lr_scheduler = common.make_lr_scheduler(
+        args, optimizer, math.ceil(len(unlabeled_loader) / accelerator.num_processes), accelerator.num_processes
+    )
+    unet, optimizer, unlabeled_loader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, unlabeled_loader, lr_scheduler
+    )
+    # PU risks per process, as in the unconditional script: each shard's risk is an unbiased estimate.
+    if sensitive_loader is not None:
+        sensitive_loader = accelerator.prepare(sensitive_loader)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+    return TextToImageRun(
+        model=unet,
+        trainable_parameters=trainable,
+        noise_scheduler=noise_scheduler,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        unlabeled_loader=unlabeled_loader,
+        unlabeled_sampler=unlabeled_sampler,
+        sensitive_loader=sensitive_loader,
+        sensitive_sampler=sensitive_sampler,
+        steps_per_epoch=steps_per_epoch,
+        ema_model=ema_model,
+        base_model=args.pretrained_model_name_or_path,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        weight_dtype=weight_dtype,
+    )
+
+
+def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
+    """Eq. (20): one UNet forward over cat([U, S]) latents with their captions, then the PU risk."""
+    batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
+    pixel_values = torch.cat([batch["pixel_values"] for batch in batches])
+    input_ids = torch.cat([batch["input_ids"] for batch in batches])
+    with torch.no_grad():
+        latent_dist = run.vae.encode(pixel_values.to(run.weight_dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator).float() * run.vae.config.scaling_factor
+        text_states = run.text_encoder(input_ids, return_dict=False)[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if args.noise_offset:
+        offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
+        noise = noise + args.noise_offset * offset
+    num_timesteps = run.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+    model_pred = run.model(noisy, timesteps, text_states, return_dict=False)[0]
+    target = common.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
+    return common.pu_objective(model_pred.float(), target, len(unlabeled_batch["input_ids"]), args, weights)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon (/ (SNR + 1) for v), one per sample."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # sample prediction: an x0 loss is the epsilon loss divided by SNR
+
+
+# --------------------------------------------------------------------------- validation and saving
+
+
+@contextlib.contextmanager
+def inference_weights(run: TextToImageRun):
+    """The UNet with the EMA weights swapped in (full fine-tuning with --use_ema), put back after."""
+    if run.ema_model is None:
+        yield
+        return
+    run.ema_model.store(run.trainable_parameters)
+    run.ema_model.copy_to(run.trainable_parameters)
+    try:
+        yield
+    finally:
+        run.ema_model.restore(run.trainable_parameters)
+
+
+def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int) -> Path:
+    """One grid: a row of --num_validation_images per --validation_prompt, the same noise every time."""
+    from diffusers import DiffusionPipeline
+
+    unet = accelerator.unwrap_model(run.model)
+    pipeline = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        unet=unet,
+        text_encoder=run.text_encoder,
+        vae=run.vae,
+        tokenizer=run.tokenizer,
+        safety_checker=None,
+        revision=args.revision,
+        variant=args.variant,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    unet.eval()
+    with inference_weights(run), accelerator.autocast(), torch.inference_mode():
+        for index, prompt in enumerate(args.validation_prompt):
+            generator = torch.Generator(accelerator.device).manual_seed(pu_data.derived_seed(args.seed, index))
+            output = pipeline(
+                prompt,
+                height=args.resolution,
+                width=args.resolution,
+                num_images_per_prompt=args.num_validation_images,
+                num_inference_steps=args.validation_steps,
+                generator=generator,
+                output_type="np",
+            )
+            rows.append(output.images)
+    unet.train()
+    path = common.save_validation_images(
+        accelerator, np.concatenate(rows), args.output_dir, tag, global_step, columns=args.num_validation_images
+    )
+    logger.info("validation grid (%s): %s", ", ".join(args.validation_prompt), path)
+    return path
+
+
+def save_lora_atomically(unet, output_dir: str) -> None:
+    """Write pytorch_lora_weights.safetensors under a temporary name and rename it into place."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
+    try:
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=state)
+        os.replace(staging / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model(accelerator, run: TextToImageRun, args) -> None:
+    """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). Then the card."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = accelerator.unwrap_model(run.model)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.use_lora:
+        save_lora_atomically(unet, args.output_dir)
+    else:
+        with inference_weights(run):
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
+            )
+            if args.prediction_type:
+                pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+            common.save_pipeline_atomically(pipeline, args.output_dir)
+    write_model_card(args)
+
+
+def write_model_card(args) -> None:
+    output_dir = Path(args.output_dir)
+    repo = args.hub_model_id or args.output_dir
+    if args.use_lora:
+        load = (
+            f'pipeline = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+            f'pipeline.load_lora_weights("{repo}")\n'
+        )
+    else:
+        load = f'pipeline = DiffusionPipeline.from_pretrained("{repo}")\n'
+    prompt = args.validation_prompt[0] if args.validation_prompt else "a photo"
+    body = "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+    body += f"{load}image = pipeline({prompt!r}).images[0]\n```\n"
+    if args.validation_prompt:
+        body += "\n## Validation grid\n\nOne row per prompt, the same noise in every grid:\n\n"
+        body += "".join(f"{row + 1}. {prompt}\n" for row, prompt in enumerate(args.validation_prompt))
+        if (output_dir / "validation" / "before-training.png").exists():
+            body += "\nBefore training (the base model):\n\n![before](validation/before-training.png)\n"
+    common.write_model_card(
+        args.output_dir,
+        args,
+        base_model=args.pretrained_model_name_or_path,
+        tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
+        title="PU diffusion: Stable Diffusion " + (f"LoRA (rank {args.rank})" if args.use_lora else "fine-tune"),
+        image="samples.png" if args.validation_prompt and (output_dir / "samples.png").exists() else None,
+        body=body,
+    )
+
+
+def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step: int) -> None:
+    """A validation grid every --validation_epochs; after the last step, the grid, the model and the upload."""
+    accelerator.wait_for_everyone()
+    last = global_step >= args.max_train_steps
+    if accelerator.is_main_process:
+        if args.validation_prompt and (last or (epoch + 1) % args.validation_epochs == 0):
+            validate(accelerator, run, args, f"step-{global_step:06d}", global_step)
+        if last:
+            save_model(accelerator, run, args)
+            if run.hub_repo_id:
+                common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
+    accelerator.wait_for_everyone()
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = common.make_accelerator(args)
+    common.settle_seed(accelerator, args)
+    with accelerator.main_process_first():
+        unlabeled, sensitive = pu_data.load_training_sets(args)
+    args.num_unlabeled_images = len(unlabeled)
+    args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
+    run = prepare_run(accelerator, args, unlabeled, sensitive)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_pu_text_to_image", config=common.tracker_config(args))
+        if args.push_to_hub:
+            run.hub_repo_id = common.create_hub_repo(args)
+        fresh_start = not args.resume_from_checkpoint or not common.list_checkpoints(args.output_dir)
+        if args.validation_prompt and fresh_start:
+            validate(accelerator, run, args, "before-training", 0)
+    logger.info(
+        "U: %d images, S: %d images, %d steps of %d U + %s S images per process; %s trained in float32,"
+        " frozen weights in %s",
+        args.num_unlabeled_images,
+        args.num_sensitive_images,
+        args.max_train_steps,
+        args.train_batch_size,
+        args.sensitive_batch_size,
+        f"LoRA rank {args.rank}" if args.use_lora else "full UNet",
+        run.weight_dtype,
+    )
+    common.train(
+        accelerator,
+        run,
+        args,
+        training_step=lambda run, unlabeled_batch, sensitive_batch, generator: training_step(
+            run, unlabeled_batch, sensitive_batch, args, generator
+        ),
+        end_of_epoch=lambda epoch, global_step: end_of_epoch(accelerator, run, args, epoch, global_step),
+    )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (InputError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
+    except common.TrainingInterrupted as interruption:
+        print(f"stopped: {interruption}", file=sys.stderr)
+        sys.exit(interruption.exit_code)
