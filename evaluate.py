@@ -14,6 +14,14 @@ with the normal images of a held-out split:
         --reference_dataset_name data/digits --reference_label_column label \\
         --fid_features classifier --output_dir outputs/digits-pu/evaluation
 
+Text-to-image models are scored on images made from prompts, with zero-shot
+CLIP (a normal text against a sensitive one) or any image classifier:
+
+    python evaluate.py text-to-image --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --lora sd-pu-lora --prompt "a photo of a dog" --images_per_prompt 50 \
+        --clip_model openai/clip-vit-large-patch14 --normal_text "a photo of a cat" \
+        --sensitive_text "a photo of a dog" --clip_score --output_dir sd-pu-lora/evaluation
+
 The output folder gets ``metrics.json`` (written last, so a folder holding it
 is complete) and ``samples.png``.
 """
@@ -45,6 +53,7 @@ from pu_training_utils import image_grid, to_uint8
 logger = logging.getLogger("evaluate")
 
 SCHEDULERS = ("ddpm", "ddim")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FID_FEATURES = ("inception", "classifier", "none")
 METRICS_FILE = "metrics.json"
 CLASSIFIER_METRICS_FILE = "classifier_metrics.json"
@@ -118,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unconditional.add_argument("--grid_size", type=int, default=100, help="Samples shown in samples.png.")
     unconditional.add_argument("--output_dir", required=True)
 
+    add_text_to_image_parser(commands)
+
     args = parser.parse_args(argv)
     try:
         check_arguments(args)
@@ -126,7 +137,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_text_to_image_parser(commands) -> None:
+    parser = commands.add_parser("text-to-image", help="Score images a text-to-image pipeline makes from prompts.")
+    parser.add_argument("--pipeline", required=True, help="The base pipeline or a full fine-tune (folder or Hub id).")
+    parser.add_argument("--lora", default=None, help="LoRA weights (folder or Hub id) loaded into --pipeline.")
+    parser.add_argument("--prompt", nargs="+", default=None, help="Prompts to generate from.")
+    parser.add_argument("--prompt_file", default=None, help="... or a text file, one prompt per line.")
+    parser.add_argument("--images_per_prompt", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=8, help="Images generated per forward pass.")
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="Image size. Default: the pipeline's.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: float16 on cuda, else float32.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    judge = parser.add_argument_group("what counts as sensitive: zero-shot CLIP, or an image classifier")
+    judge.add_argument("--clip_model", default=None, help="A CLIP model (folder or Hub id) for the zero-shot rate.")
+    judge.add_argument("--normal_text", nargs="+", default=None, help="Texts describing normal images.")
+    judge.add_argument("--sensitive_text", nargs="+", default=None, help="Texts describing sensitive images.")
+    judge.add_argument("--classifier", default=None, help="... or an image-classification model.")
+    judge.add_argument("--sensitive_labels", nargs="+", default=None, help="With --classifier: its sensitive labels.")
+    judge.add_argument("--clip_score", action="store_true", help="Also the CLIP score of each image and its prompt.")
+    parser.add_argument("--grid_images_per_prompt", type=int, default=4, help="Images per prompt in samples.png.")
+    parser.add_argument("--output_dir", required=True)
+
+
+def check_text_to_image_arguments(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise InputError("give the prompts with --prompt or --prompt_file (one of them)")
+    if args.prompt_file is not None:
+        if not Path(args.prompt_file).is_file():
+            raise InputError(f"--prompt_file {args.prompt_file}: no such file")
+        args.prompt = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        if not args.prompt:
+            raise InputError(f"--prompt_file {args.prompt_file} holds no prompt")
+    uses_clip, uses_classifier = args.clip_model is not None, args.classifier is not None
+    if uses_clip == uses_classifier:
+        raise InputError("the rate needs one judge: --clip_model with --normal_text/--sensitive_text, or --classifier")
+    if uses_clip and not (args.normal_text and args.sensitive_text):
+        raise InputError("--clip_model needs --normal_text and --sensitive_text for the zero-shot rate")
+    if uses_classifier and not args.sensitive_labels:
+        raise InputError("--classifier needs --sensitive_labels")
+    if args.clip_score and not uses_clip:
+        raise InputError("--clip_score needs --clip_model")
+    for flag in ("images_per_prompt", "batch_size", "num_inference_steps", "grid_images_per_prompt"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.command == "text-to-image":
+        check_text_to_image_arguments(args)
+        return
     if args.command == "train-classifier":
         if args.dataset_name is None and args.train_data_dir is None:
             raise InputError("train-classifier needs --dataset_name or --train_data_dir")
@@ -615,6 +677,143 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
     return metrics
 
 
+# --------------------------------------------------------------------------- text-to-image
+
+
+def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--pipeline {args.pipeline}: not a diffusion pipeline: {error}") from error
+    if not hasattr(pipeline, "tokenizer"):
+        raise InputError(f"--pipeline {args.pipeline}: {type(pipeline).__name__} takes no prompts")
+    if args.lora is not None:
+        try:
+            pipeline.load_lora_weights(args.lora)
+        except (OSError, ValueError) as error:
+            raise InputError(f"--lora {args.lora}: no LoRA weights this pipeline can load: {error}") from error
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def generate_from_prompts(pipeline, args: argparse.Namespace, device: str) -> tuple[torch.Tensor, float]:
+    """--images_per_prompt images of each prompt, prompt after prompt; batch b of prompt p draws its
+    noise from a generator seeded with (seed, p, b). Returns (N, C, H, W) uint8 images and images/s."""
+    from tqdm.auto import tqdm
+
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    batches = []
+    start = time.perf_counter()
+    for prompt_index, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
+        for batch_index, first in enumerate(range(0, args.images_per_prompt, args.batch_size)):
+            generator = torch.Generator(device).manual_seed(derived_seed(args.seed, prompt_index, batch_index))
+            with torch.inference_mode():
+                images = pipeline(
+                    prompt,
+                    num_images_per_prompt=min(args.batch_size, args.images_per_prompt - first),
+                    num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale,
+                    generator=generator,
+                    output_type="np",
+                    **size,
+                ).images
+            batches.append(float_to_uint8(images))
+    images = torch.cat(batches)
+    return images, len(images) / (time.perf_counter() - start)
+
+
+class ClipJudge:
+    """Zero-shot CLIP: an image is sensitive when its sensitive texts take more than half the probability.
+
+    The probability is CLIP's softmax over all the texts, normal and sensitive
+    (Radford et al., 2021). The CLIP score of an image and its prompt is
+    ``100 * max(cos, 0)`` of their embeddings (Hessel et al., 2021).
+    """
+
+    def __init__(self, name_or_path: str, normal_texts: list[str], sensitive_texts: list[str], device: str):
+        from transformers import AutoProcessor, CLIPModel
+
+        try:
+            self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+            self.processor = AutoProcessor.from_pretrained(name_or_path)
+        except Exception as error:  # transformers raises several types for "not that kind of model"
+            raise InputError(f"--clip_model {name_or_path}: not a CLIP model with its processor: {error}") from error
+        self.texts = [*normal_texts, *sensitive_texts]
+        self.num_normal = len(normal_texts)
+        self.device = device
+
+    @torch.inference_mode()
+    def judge(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(whether each image is sensitive, the cosine of each image with its own prompt)."""
+        unique_prompts = sorted(set(prompts))
+        inputs = self.processor(
+            text=self.texts + unique_prompts,
+            images=list(images.permute(0, 2, 3, 1).numpy()),
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        ).to(self.device)
+        output = self.model(**inputs)
+        probabilities = output.logits_per_image[:, : len(self.texts)].softmax(dim=1)
+        sensitive = probabilities[:, self.num_normal :].sum(dim=1) > 0.5
+        cosines = output.image_embeds @ output.text_embeds[len(self.texts) :].T
+        own = torch.tensor([unique_prompts.index(prompt) for prompt in prompts], device=cosines.device)
+        return sensitive.cpu(), cosines.gather(1, own[:, None]).squeeze(1).cpu()
+
+
+def judge_images(args, images: torch.Tensor, prompts: list[str], device: str) -> tuple[torch.Tensor, dict]:
+    """Whether each image is sensitive, and the judge's part of metrics.json."""
+    if args.classifier is not None:
+        classifier = load_classifier(args.classifier, device)
+        sensitive_ids = sensitive_class_ids(classifier, args.sensitive_labels)
+        predictions = classify_all(classifier, images, args.batch_size)
+        counts = non_sensitive_rate(predictions, sensitive_ids, classifier.labels)["prediction_counts"]
+        info = {"classifier": _classifier_info(args.classifier, sensitive_ids, classifier.labels)}
+        return torch.isin(predictions, torch.tensor(sensitive_ids)), {**info, "prediction_counts": counts}
+    judge = ClipJudge(args.clip_model, args.normal_text, args.sensitive_text, device)
+    sensitive, cosines = [], []
+    for start in range(0, len(images), args.batch_size):
+        end = start + args.batch_size
+        batch_sensitive, batch_cosines = judge.judge(images[start:end], prompts[start:end])
+        sensitive.append(batch_sensitive)
+        cosines.append(batch_cosines)
+    info = {"clip_model": args.clip_model, "normal_text": args.normal_text, "sensitive_text": args.sensitive_text}
+    if args.clip_score:
+        info["clip_score"] = float(100 * torch.cat(cosines).clamp(min=0).mean())
+    return torch.cat(sensitive), info
+
+
+def evaluate_text_to_image(args: argparse.Namespace) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    pipeline = load_text_to_image_pipeline(args, device, dtype)
+    images, images_per_second = generate_from_prompts(pipeline, args, device)
+    prompts = [prompt for prompt in args.prompt for _ in range(args.images_per_prompt)]
+    sensitive, judge_info = judge_images(args, images, prompts, device)
+    per_prompt = sensitive.view(len(args.prompt), args.images_per_prompt)
+    metrics = {
+        "non_sensitive_rate": 1.0 - sensitive.float().mean().item(),
+        "per_prompt": [
+            {"prompt": prompt, "non_sensitive_rate": 1.0 - row.float().mean().item()}
+            for prompt, row in zip(args.prompt, per_prompt, strict=True)
+        ],
+        **judge_info,
+        "num_images": len(images),
+        "images_per_second": images_per_second,
+        "settings": _settings(args, args.num_inference_steps, device),
+        "versions": _versions(),
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shown = min(args.grid_images_per_prompt, args.images_per_prompt)
+    grid = images.view(len(args.prompt), args.images_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1)
+    image_grid(grid.permute(0, 2, 3, 1).numpy(), columns=shown).save(output_dir / "samples.png")
+    _write_json_atomically(output_dir / METRICS_FILE, metrics)
+    return metrics
+
+
 def _classifier_info(name_or_path: str, sensitive_ids: list[int], id2label: dict) -> dict:
     info = {"name_or_path": name_or_path, "sensitive_labels": [id2label[i] for i in sensitive_ids]}
     saved_metrics = Path(name_or_path) / CLASSIFIER_METRICS_FILE
@@ -657,8 +856,10 @@ def main(argv: list[str] | None = None) -> None:
             metrics = train_classifier(args)
             print(f"test accuracy {metrics['test_accuracy']:.4f}; classifier saved to {args.output_dir}")
         else:
-            metrics = evaluate_unconditional(args)
-            summary = {key: metrics[key] for key in ("non_sensitive_rate", "fid", "classifier_fid") if key in metrics}
+            evaluation = evaluate_unconditional if args.command == "unconditional" else evaluate_text_to_image
+            metrics = evaluation(args)
+            shown = ("non_sensitive_rate", "fid", "classifier_fid", "clip_score")
+            summary = {key: metrics[key] for key in shown if key in metrics}
             print(json.dumps(summary), f"-> {Path(args.output_dir) / METRICS_FILE}")
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -224,3 +224,129 @@ def test_fid_without_reference_is_refused_before_any_work(tiny_pipeline, classif
     )
     assert result.returncode == 2
     assert "--fid_features inception needs --reference_dataset_name or --reference_data_dir" in result.stderr
+
+
+# --------------------------------------------------------------------------- text-to-image
+
+
+def text_to_image_args(pipeline, output_dir, *extra):
+    return [
+        "text-to-image", "--pipeline", pipeline, "--prompt", "a photo of a cat", "a photo of a dog",
+        "--images_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "2", "--output_dir", output_dir,
+        *extra,
+    ]  # fmt: skip
+
+
+def clip_judge_args(clip):
+    return ["--clip_model", clip, "--normal_text", "a cat", "--sensitive_text", "a dog", "a puppy", "--clip_score"]
+
+
+def test_zero_shot_clip_matches_the_models_own_probabilities(tiny_clip_model):
+    """An image is sensitive when the sensitive texts' softmax share is above one half; the CLIP score
+    is 100 * max(cos, 0) of the image and its prompt, both recomputed here from CLIPModel's outputs."""
+    from transformers import AutoProcessor, CLIPModel
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    prompts = ["a cat"] * 3 + ["a dog"] * 3
+    judge = evaluate.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
+    sensitive, cosines = judge.judge(images, prompts)
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip_model), AutoProcessor.from_pretrained(tiny_clip_model)
+    pixels = processor(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
+    texts = processor(text=["a cat", "a dog", "a puppy"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model(pixel_values=pixels, **texts)
+    probabilities = output.logits_per_image.softmax(dim=1)
+    assert torch.equal(sensitive, probabilities[:, 1:].sum(dim=1) > 0.5)
+    image_embeds = output.image_embeds
+    text_embeds = output.text_embeds[[0, 0, 0, 1, 1, 1]]
+    assert torch.allclose(cosines, (image_embeds * text_embeds).sum(dim=1), atol=1e-5)
+
+
+def test_text_to_image_evaluation_writes_per_prompt_rates_and_a_grid(tiny_sd_pipeline, tiny_clip_model, tmp_path):
+    from PIL import Image
+
+    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "a", *clip_judge_args(tiny_clip_model))
+    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["num_images"] == 6
+    per_prompt = [entry["non_sensitive_rate"] for entry in metrics["per_prompt"]]
+    assert [entry["prompt"] for entry in metrics["per_prompt"]] == ["a photo of a cat", "a photo of a dog"]
+    assert all(rate * 3 == pytest.approx(round(rate * 3)) for rate in per_prompt)  # k of 3 images each
+    assert metrics["non_sensitive_rate"] == pytest.approx(sum(per_prompt) / 2)
+    assert 0 <= metrics["clip_score"] <= 100
+    assert metrics["settings"]["guidance_scale"] == 7.5
+    # Grid: one row per prompt, three images each, 32 px tiles with 2 px gaps.
+    assert Image.open(tmp_path / "a" / "samples.png").size == (3 * 34 + 2, 2 * 34 + 2)
+    # The same seed gives the same images, so the same scores.
+    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "b", *clip_judge_args(tiny_clip_model))
+    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert again["per_prompt"] == metrics["per_prompt"] and again["clip_score"] == metrics["clip_score"]
+
+
+def test_text_to_image_rate_by_an_image_classifier(tiny_sd_pipeline, classifier_dir, tmp_path):
+    """Any HF image classifier can judge; here the digits one (RGB images are averaged to its one channel)."""
+    args = text_to_image_args(
+        tiny_sd_pipeline, tmp_path / "out", "--classifier", classifier_dir, "--sensitive_labels", *ODD
+    )
+    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    counts = metrics["prediction_counts"]
+    assert sum(counts.values()) == 6
+    normal = sum(count for label, count in counts.items() if label not in ODD)
+    assert metrics["non_sensitive_rate"] == pytest.approx(normal / 6)
+    assert "clip_score" not in metrics
+
+
+def test_text_to_image_with_lora_weights_changes_the_images(tiny_sd_pipeline, tmp_path):
+    """--lora loads adapters into --pipeline: a LoRA with non-zero weights gives other images."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    pipeline.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+    with torch.no_grad():
+        for name, parameter in pipeline.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(0.5)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipeline.unet))
+    type(pipeline).save_lora_weights(tmp_path / "lora", unet_lora_layers=state)
+
+    generated = {}
+    for name, extra in (("base", []), ("lora", ["--lora", tmp_path / "lora"])):
+        judge = ["--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
+        argv = text_to_image_args(tiny_sd_pipeline, tmp_path / name, "--images_per_prompt", "1", *judge, *extra)
+        parsed = evaluate.parse_args(list(map(str, argv)))
+        loaded = evaluate.load_text_to_image_pipeline(parsed, "cpu", torch.float32)
+        generated[name] = evaluate.generate_from_prompts(loaded, parsed, "cpu")[0]
+    assert generated["base"].shape == (2, 3, 32, 32)
+    assert not torch.equal(generated["base"], generated["lora"])
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--clip_model", "x", "--normal_text", "a"], "--sensitive_text"),
+        (["--classifier", "x"], "--sensitive_labels"),
+        ([], "one judge"),
+        (["--classifier", "x", "--sensitive_labels", "1", "--clip_score"], "--clip_score needs --clip_model"),
+    ],
+)
+def test_text_to_image_bad_arguments_are_named(tiny_sd_pipeline, tmp_path, extra, expected):
+    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "out", *extra)
+    result = run_script("evaluate.py", *args, launcher="python")
+    assert result.returncode != 0 and expected in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_to_image_refuses_an_unconditional_pipeline_and_missing_lora(tiny_pipeline, tiny_sd_pipeline, tmp_path):
+    judge = ["--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
+    result = run_script("evaluate.py", *text_to_image_args(tiny_pipeline, tmp_path / "a", *judge), launcher="python")
+    assert result.returncode == 1 and "takes no prompts" in result.stderr
+    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "b", *judge, "--lora", tmp_path / "missing")
+    result = run_script("evaluate.py", *args, launcher="python")
+    assert result.returncode == 1 and "--lora" in result.stderr
+    assert not (tmp_path / "a" / "metrics.json").exists() and not (tmp_path / "b" / "metrics.json").exists()
