@@ -121,15 +121,20 @@ def test_full_fine_tune_with_ema_saves_a_stable_diffusion_pipeline(tiny_sd_pipel
 
 
 def test_mixed_precision_comes_from_the_launcher(tiny_sd_pipeline, captioned_data, tmp_path):
-    """`accelerate launch --mixed_precision bf16` alone: frozen weights in bf16, adapters trained in float32."""
+    """`accelerate launch --mixed_precision bf16` alone: frozen weights in bf16, adapters trained in float32,
+    here with gradient checkpointing, through which the adapters must still get gradients."""
     output_dir = tmp_path / "out"
     args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "2")
+    args.append("--gradient_checkpointing")
     result = run_script(SCRIPT, *args, mixed_precision="bf16")
     assert_ok(result)
     assert "trained in float32, frozen weights in torch.bfloat16" in result.stderr
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    # LoRA's B matrices start at zero: non-zero ones were trained.
+    up_weights = [tensor for key, tensor in weights.items() if "lora_B" in key or "lora.up" in key]
+    assert up_weights and all(tensor.abs().max() > 0 for tensor in up_weights)
 
 
 def test_place_models_keeps_trainable_weights_in_float32_under_fp16(tiny_sd_pipeline):
@@ -285,3 +290,22 @@ def test_captions_are_read_per_image_and_bad_cells_are_named():
     picks = [captioned[(1, epoch)]["input_ids"].item() for epoch in range(20)]
     assert picks == [captioned[(1, epoch)]["input_ids"].item() for epoch in range(20)]
     assert set(picks) == {ord("b"), ord("c")}
+
+
+def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipeline, captioned_data, tmp_path):
+    """scripts/make_text_to_image_data.py: generated images plus the mixed-in ones, all under the generic prompt."""
+    from pu_data import load_image_dataset
+
+    output_dir = tmp_path / "u"
+    args = ["--pipeline", tiny_sd_pipeline, "--prompt", "a photo of a pet", "--num_generated", "3"]
+    args += ["--batch_size", "2", "--num_inference_steps", "2", "--mix_in_dir", captioned_data[1]]
+    assert_ok(run_script("scripts/make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python"))
+    dataset = load_image_dataset(None, str(output_dir), name_flag="--dataset_name", dir_flag="--train_data_dir")
+    assert len(dataset) == 3 + 3
+    assert set(dataset["text"]) == {"a photo of a pet"}
+    mixed = sorted(output_dir.glob("mixed-*.png"))
+    originals = sorted(captioned_data[1].glob("*.png"))
+    assert [p.read_bytes() for p in mixed] == [p.read_bytes() for p in originals]
+    assert Image.open(output_dir / "generated-00002.png").size == (32, 32)
+    again = run_script("scripts/make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python")
+    assert again.returncode != 0 and "--output_dir" in again.stderr

@@ -1,0 +1,103 @@
+"""Build an unlabeled text-to-image set U for the README's recipe: images the base model makes from a
+generic prompt, with images of the sensitive concept mixed in under the same caption.
+
+    python scripts/make_text_to_image_data.py \
+        --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a pet" \
+        --num_generated 450 --mix_in_dir dog_photos/ --output_dir data/pets-unlabeled
+
+The mixed-in images keep no trace of being sensitive (their caption is the
+generic prompt too): that is what makes U unlabeled. The output is an image
+folder with ``metadata.jsonl`` (columns ``file_name`` and ``text``), which
+``--train_data_dir`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pu_data import InputError, derived_seed  # noqa: E402
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="The text-to-image pipeline (folder or Hub id).")
+    parser.add_argument("--prompt", required=True, help="The generic prompt; also the caption of every image.")
+    parser.add_argument("--num_generated", type=int, default=450, help="Images generated from --prompt.")
+    parser.add_argument("--mix_in_dir", default=None, help="A folder of images of the concept to mix into U.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+    if args.num_generated < 0 or args.batch_size < 1:
+        parser.error("--num_generated must be >= 0 and --batch_size >= 1")
+    if args.mix_in_dir is not None and not mixed_in_images(args.mix_in_dir):
+        parser.error(f"--mix_in_dir {args.mix_in_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
+    if Path(args.output_dir).exists() and any(Path(args.output_dir).iterdir()):
+        parser.error(f"--output_dir {args.output_dir} is not empty")
+    return args
+
+
+def mixed_in_images(folder: str) -> list[Path]:
+    path = Path(folder)
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+
+
+def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
+    """Generate --num_generated images in batches (batch b seeded with (seed, b)); returns their file names."""
+    from diffusers import DiffusionPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(device)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--pipeline {args.pipeline}: not a diffusion pipeline: {error}") from error
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    names = []
+    for batch, first in enumerate(range(0, args.num_generated, args.batch_size)):
+        generator = torch.Generator(device).manual_seed(derived_seed(args.seed, batch))
+        images = pipeline(
+            args.prompt,
+            num_images_per_prompt=min(args.batch_size, args.num_generated - first),
+            num_inference_steps=args.num_inference_steps,
+            generator=generator,
+            **size,
+        ).images
+        for offset, image in enumerate(images):
+            names.append(f"generated-{first + offset:05d}.png")
+            image.save(output_dir / names[-1])
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = generate(args, output_dir)
+    for index, source in enumerate(mixed_in_images(args.mix_in_dir) if args.mix_in_dir else []):
+        names.append(f"mixed-{index:05d}{source.suffix.lower()}")
+        shutil.copyfile(source, output_dir / names[-1])
+    rows = "".join(json.dumps({"file_name": name, "text": args.prompt}) + "\n" for name in names)
+    # metadata.jsonl last: a folder without it is visibly unfinished.
+    (output_dir / "metadata.jsonl").write_text(rows)
+    print(f"{len(names)} images ({len(names) - args.num_generated} mixed in) -> {output_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        sys.exit(f"error: {error}")
