@@ -215,8 +215,9 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     assert torch.allclose(risk.loss, expected.loss, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_validation", [False, True])
 def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
-    tiny_sd_pipeline, captioned_data, tmp_path, monkeypatch
+    tiny_sd_pipeline, captioned_data, tmp_path, monkeypatch, with_validation
 ):
     import huggingface_hub
 
@@ -228,6 +229,7 @@ def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: argparse.Namespace(repo_id=repo_id))
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
     extra = [*LORA, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "me/pu-lora", "--report_to", "none"]
+    extra += VALIDATION if with_validation else []
     args = t2i.parse_args(list(map(str, run_args(tiny_sd_pipeline, captioned_data, tmp_path / "out", *extra))))
     t2i.main(args)
 
@@ -236,7 +238,9 @@ def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
     assert upload["repo_id"] == "me/pu-lora"
     assert "checkpoint-*" in upload["ignore_patterns"]
     assert {"pytorch_lora_weights.safetensors", "README.md", "checkpoint-2"} <= set(upload["files"])
-    assert 'load_lora_weights("me/pu-lora")' in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert 'load_lora_weights("me/pu-lora")' in card
+    assert ("samples.png" in upload["files"]) == with_validation == ("![samples](samples.png)" in card)
 
 
 BAD_INPUT = {
