@@ -1,14 +1,17 @@
 """benchmarks/paper_digits.py end to end on a few steps, and its statistics by hand."""
 
+import argparse
 import json
 import sys
 
 import pytest
+import torch
 
-from tests.conftest import REPO_ROOT, assert_ok, run_script
+from tests.conftest import REPO_ROOT, assert_ok, run_script, tiny_unet_kwargs
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
+import loss_by_noise  # noqa: E402
 import paper_digits  # noqa: E402
 
 
@@ -73,3 +76,35 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     )  # fmt: skip
     assert_ok(again)
     assert metrics_file.stat().st_mtime_ns == written
+
+
+class ZeroPrediction(torch.nn.Module):
+    def forward(self, noisy, timesteps):
+        return argparse.Namespace(sample=torch.zeros_like(noisy))
+
+
+def test_loss_by_noise_level_matches_the_squared_noise_of_a_zero_prediction():
+    """With a model that predicts zeros, l(x) of Eq. (8) is the summed squared noise of each draw."""
+    from diffusers import DDPMScheduler
+
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    value = loss_by_noise.mean_loss(ZeroPrediction(), DDPMScheduler(), images, (0, 100), draws=3, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    expected = []
+    for _ in range(3):
+        noise = torch.randn(images.shape, generator=generator)
+        torch.randint(0, 100, (5,), generator=generator)
+        expected.append((noise**2).sum(dim=(1, 2, 3)))
+    assert value == pytest.approx(torch.cat(expected).mean().item(), rel=1e-6)
+
+
+def test_loss_by_noise_level_table_covers_every_group_of_the_label_split(digits_dir, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    DDPMPipeline(unet=UNet2DModel(**tiny_unet_kwargs()), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")
+    lines = loss_by_noise.main([f"tiny={tmp_path / 'm'}", "--data_dir", str(digits_dir), "--draws", "1"])
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [row[1] for row in rows] == [
+        "U normal (713)", "U sensitive (71)", "S (71)", "test normal (178)", "test sensitive (182)",
+    ]  # fmt: skip
+    assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
