@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -224,6 +225,34 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_token", type=str, default=None)
     group.add_argument("--hub_model_id", type=str, default=None, help="Default: the name of --output_dir.")
     group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def add_pretrained_model_arguments(group, what: str, required: bool = False) -> None:
+    """--pretrained_model_name_or_path and the flags that go with it, as in the official examples."""
+    group.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=required, help=what)
+    group.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline.")
+    group.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    group.add_argument(
+        "--prediction_type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="What the model predicts. Default: the pretrained scheduler's, else epsilon.",
+    )
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+
+def set_prediction_type(noise_scheduler, args: argparse.Namespace) -> None:
+    """--prediction_type overrides the pretrained scheduler's; a type we cannot train is refused at load."""
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    elif noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise InputError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: its scheduler predicts"
+            f" {noise_scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
+        )
 
 
 def check_common_arguments(args: argparse.Namespace) -> None:
@@ -571,6 +600,96 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer, num_batches_per_proce
         num_training_steps=max_train_steps * num_processes,
     )
     return steps_per_epoch, lr_scheduler
+
+
+def prepare_for_training(accelerator, args, unet, trainable: list, unlabeled, sensitive, make_dataset, ema_model):
+    """Loaders, optimizer and learning-rate schedule for ``trainable``, passed through accelerator.prepare.
+
+    Returns the shared fields of :class:`TrainingRun`. PU risks are computed
+    per process on its own U and S shards and DDP averages the gradients:
+    each shard's risk is an unbiased mini-batch estimate, as with one process.
+    """
+    unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler = make_training_loaders(
+        args, unlabeled, sensitive, make_dataset
+    )
+    optimizer = make_optimizer(args, trainable, accelerator.num_processes)
+    steps_per_epoch, lr_scheduler = make_lr_scheduler(
+        args, optimizer, math.ceil(len(unlabeled_loader) / accelerator.num_processes), accelerator.num_processes
+    )
+    unet, optimizer, unlabeled_loader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, unlabeled_loader, lr_scheduler
+    )
+    if sensitive_loader is not None:
+        sensitive_loader = accelerator.prepare(sensitive_loader)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+    return {
+        "model": unet,
+        "trainable_parameters": trainable,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "unlabeled_loader": unlabeled_loader,
+        "unlabeled_sampler": unlabeled_sampler,
+        "sensitive_loader": sensitive_loader,
+        "sensitive_sampler": sensitive_sampler,
+        "steps_per_epoch": steps_per_epoch,
+        "ema_model": ema_model,
+    }
+
+
+def run_training(
+    args, tracker_name: str, prepare_run, training_step, end_of_epoch, before_training: Callable | None = None
+) -> None:
+    """The main() of both scripts: accelerator, seed, U and S, the script's models, trackers, Hub repo, loop.
+
+    ``prepare_run(accelerator, args, unlabeled, sensitive)`` builds the
+    script's :class:`TrainingRun`; ``training_step(run, U batch, S batch, args,
+    generator)`` and ``end_of_epoch(accelerator, run, args, epoch, step)`` are
+    called by :func:`train`; ``before_training(accelerator, run, args)`` runs once
+    before the first step.
+    """
+    accelerator = make_accelerator(args)
+    settle_seed(accelerator, args)
+    with accelerator.main_process_first():
+        unlabeled, sensitive = pu_data.load_training_sets(args)
+    args.num_unlabeled_images = len(unlabeled)
+    args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
+    run = prepare_run(accelerator, args, unlabeled, sensitive)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(tracker_name, config=tracker_config(args))
+        if args.push_to_hub:
+            run.hub_repo_id = create_hub_repo(args)
+    logger.info(
+        "U: %d images, S: %d images, %d steps of %d U + %s S images per process",
+        args.num_unlabeled_images,
+        args.num_sensitive_images,
+        args.max_train_steps,
+        args.train_batch_size,
+        args.sensitive_batch_size,
+    )
+    if before_training is not None:
+        before_training(accelerator, run, args)
+    train(
+        accelerator,
+        run,
+        args,
+        training_step=lambda run, unlabeled_batch, sensitive_batch, generator: training_step(
+            run, unlabeled_batch, sensitive_batch, args, generator
+        ),
+        end_of_epoch=lambda epoch, global_step: end_of_epoch(accelerator, run, args, epoch, global_step),
+    )
+    accelerator.end_training()
+
+
+def exit_on_error(main: Callable, args: argparse.Namespace) -> None:
+    """Run a script's main: bad input and NaN stop with "error: ...", a signal with its exit code."""
+    try:
+        main(args)
+    except (InputError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
+    except TrainingInterrupted as interruption:
+        print(f"stopped: {interruption}", file=sys.stderr)
+        sys.exit(interruption.exit_code)
 
 
 def train(accelerator, run: TrainingRun, args: argparse.Namespace, training_step: Callable, end_of_epoch: Callable):

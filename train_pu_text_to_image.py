@@ -18,10 +18,8 @@ import argparse
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,6 @@ from pu_data import InputError
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: The attention projections that get LoRA adapters, as in the official LoRA example.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -44,23 +41,11 @@ LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="The Stable Diffusion pipeline to fine-tune (folder or Hub id).",
-    )
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline.")
-    model.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
-    model.add_argument(
-        "--prediction_type",
-        choices=PREDICTION_TYPES,
-        default=None,
-        help="What the UNet learns to predict. Default: the pretrained scheduler's.",
+    common.add_pretrained_model_arguments(
+        model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
     model.add_argument("--rank", type=int, default=4, help="LoRA rank (and alpha).")
-    model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     model.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs a GPU).")
     model.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel noise offset.")
     model.add_argument(
@@ -154,13 +139,7 @@ def load_models(args: argparse.Namespace):
             f"--pretrained_model_name_or_path {source}: not a Stable Diffusion pipeline with tokenizer/,"
             f" text_encoder/, vae/, unet/ and scheduler/: {error}"
         ) from error
-    if args.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    elif noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise InputError(
-            f"--pretrained_model_name_or_path {source}: its scheduler predicts"
-            f" {noise_scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
-        )
+    common.set_prediction_type(noise_scheduler, args)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
@@ -285,34 +264,18 @@ def prepare_run(accelerator, args, unlabeled, sensitive) -> TextToImageRun:
     else:
         common.register_model_hooks(accelerator, type(unet), ema_model)
 
-    unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler = common.make_training_loaders(
-        args, unlabeled, sensitive, captioned_dataset(args, tokenizer)
-    )
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    optimizer = common.make_optimizer(args, trainable, accelerator.num_processes)
-    steps_per_epoch, lr_scheduler = common.make_lr_scheduler(
-        args, optimizer, math.ceil(len(unlabeled_loader) / accelerator.num_processes), accelerator.num_processes
+    logger.info(
+        "%s trained in float32, frozen weights in %s",
+        f"LoRA rank {args.rank}" if args.use_lora else "the full UNet",
+        weight_dtype,
     )
-    unet, optimizer, unlabeled_loader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, unlabeled_loader, lr_scheduler
+    shared = common.prepare_for_training(
+        accelerator, args, unet, trainable, unlabeled, sensitive, captioned_dataset(args, tokenizer), ema_model
     )
-    # PU risks per process, as in the unconditional script: each shard's risk is an unbiased estimate.
-    if sensitive_loader is not None:
-        sensitive_loader = accelerator.prepare(sensitive_loader)
-    if ema_model is not None:
-        ema_model.to(accelerator.device)
     return TextToImageRun(
-        model=unet,
-        trainable_parameters=trainable,
+        **shared,
         noise_scheduler=noise_scheduler,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        unlabeled_loader=unlabeled_loader,
-        unlabeled_sampler=unlabeled_sampler,
-        sensitive_loader=sensitive_loader,
-        sensitive_sampler=sensitive_sampler,
-        steps_per_epoch=steps_per_epoch,
-        ema_model=ema_model,
         base_model=args.pretrained_model_name_or_path,
         vae=vae,
         text_encoder=text_encoder,
@@ -490,50 +453,18 @@ def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step
     accelerator.wait_for_everyone()
 
 
+def validate_before_training(accelerator, run: TextToImageRun, args) -> None:
+    """The base model's grid, for comparison (not on a resume: the model has moved on)."""
+    fresh_start = not args.resume_from_checkpoint or not common.list_checkpoints(args.output_dir)
+    if accelerator.is_main_process and args.validation_prompt and fresh_start:
+        validate(accelerator, run, args, "before-training", 0)
+
+
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args)
-    common.settle_seed(accelerator, args)
-    with accelerator.main_process_first():
-        unlabeled, sensitive = pu_data.load_training_sets(args)
-    args.num_unlabeled_images = len(unlabeled)
-    args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
-    run = prepare_run(accelerator, args, unlabeled, sensitive)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_pu_text_to_image", config=common.tracker_config(args))
-        if args.push_to_hub:
-            run.hub_repo_id = common.create_hub_repo(args)
-        fresh_start = not args.resume_from_checkpoint or not common.list_checkpoints(args.output_dir)
-        if args.validation_prompt and fresh_start:
-            validate(accelerator, run, args, "before-training", 0)
-    logger.info(
-        "U: %d images, S: %d images, %d steps of %d U + %s S images per process; %s trained in float32,"
-        " frozen weights in %s",
-        args.num_unlabeled_images,
-        args.num_sensitive_images,
-        args.max_train_steps,
-        args.train_batch_size,
-        args.sensitive_batch_size,
-        f"LoRA rank {args.rank}" if args.use_lora else "full UNet",
-        run.weight_dtype,
+    common.run_training(
+        args, "train_pu_text_to_image", prepare_run, training_step, end_of_epoch, validate_before_training
     )
-    common.train(
-        accelerator,
-        run,
-        args,
-        training_step=lambda run, unlabeled_batch, sensitive_batch, generator: training_step(
-            run, unlabeled_batch, sensitive_batch, args, generator
-        ),
-        end_of_epoch=lambda epoch, global_step: end_of_epoch(accelerator, run, args, epoch, global_step),
-    )
-    accelerator.end_training()
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (InputError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
-    except common.TrainingInterrupted as interruption:
-        print(f"stopped: {interruption}", file=sys.stderr)
-        sys.exit(interruption.exit_code)
+    common.exit_on_error(main, parse_args())

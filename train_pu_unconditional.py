@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
-import sys
 from pathlib import Path
 
 import torch
@@ -24,38 +22,24 @@ from pu_data import InputError
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default=None,
-        help="Fine-tune this DDPM pipeline (folder or Hub id): its unet and scheduler.",
+    common.add_pretrained_model_arguments(
+        model, "Fine-tune this DDPM pipeline (folder or Hub id): its unet and scheduler."
     )
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline.")
-    model.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
     model.add_argument(
         "--model_config_name_or_path",
         type=str,
         default=None,
         help="UNet2DModel config (folder or Hub id) to train from scratch. Default: a UNet sized by --resolution.",
     )
-    model.add_argument(
-        "--prediction_type",
-        choices=PREDICTION_TYPES,
-        default=None,
-        help="What the model predicts. Default: the pretrained scheduler's, else epsilon.",
-    )
     model.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps T (from scratch).")
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (from scratch).")
     model.add_argument(
         "--ddpm_num_inference_steps", type=int, default=1000, help="Denoising steps for the validation samples."
     )
-    model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     common.add_data_arguments(parser)
     common.add_pu_arguments(parser)
     common.add_training_arguments(parser)
@@ -134,13 +118,7 @@ def load_model(args: argparse.Namespace, data_channels: int):
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a DDPM pipeline with"
                 f" unet/ and scheduler/: {error}"
             ) from error
-        if args.prediction_type:
-            scheduler.register_to_config(prediction_type=args.prediction_type)
-        elif scheduler.config.prediction_type not in PREDICTION_TYPES:
-            raise InputError(
-                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: its scheduler predicts"
-                f" {scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
-            )
+        common.set_prediction_type(scheduler, args)
         return unet, scheduler, args.pretrained_model_name_or_path
     if args.model_config_name_or_path:
         config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
@@ -207,36 +185,7 @@ def save_model(pipeline, args, base_model: str | None) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args)
-    common.settle_seed(accelerator, args)
-    with accelerator.main_process_first():
-        unlabeled, sensitive = pu_data.load_training_sets(args)
-    args.num_unlabeled_images = len(unlabeled)
-    args.num_sensitive_images = len(sensitive) if sensitive is not None else 0
-    run = prepare_run(accelerator, args, unlabeled, sensitive)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_pu_unconditional", config=common.tracker_config(args))
-        if args.push_to_hub:
-            run.hub_repo_id = common.create_hub_repo(args)
-    logger.info(
-        "U: %d images, S: %d images, %d steps of %d U + %s S images per process",
-        args.num_unlabeled_images,
-        args.num_sensitive_images,
-        args.max_train_steps,
-        args.train_batch_size,
-        args.sensitive_batch_size,
-    )
-    common.train(
-        accelerator,
-        run,
-        args,
-        training_step=lambda run, unlabeled_batch, sensitive_batch, generator: training_step(
-            run, unlabeled_batch, sensitive_batch, args, generator
-        ),
-        end_of_epoch=lambda epoch, global_step: end_of_epoch(accelerator, run, args, epoch, global_step),
-    )
-    accelerator.end_training()
+    common.run_training(args, "train_pu_unconditional", prepare_run, training_step, end_of_epoch)
 
 
 def prepare_run(accelerator, args, unlabeled, sensitive) -> common.TrainingRun:
@@ -249,36 +198,17 @@ def prepare_run(accelerator, args, unlabeled, sensitive) -> common.TrainingRun:
     ema_model = common.make_ema(unet, args) if args.use_ema else None
     common.register_model_hooks(accelerator, type(unet), ema_model)
 
-    unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler = common.make_training_loaders(
-        args, unlabeled, sensitive, image_dataset(args, unet.config.in_channels)
+    shared = common.prepare_for_training(
+        accelerator,
+        args,
+        unet,
+        list(unet.parameters()),
+        unlabeled,
+        sensitive,
+        image_dataset(args, unet.config.in_channels),
+        ema_model,
     )
-    optimizer = common.make_optimizer(args, unet.parameters(), accelerator.num_processes)
-    steps_per_epoch, lr_scheduler = common.make_lr_scheduler(
-        args, optimizer, math.ceil(len(unlabeled_loader) / accelerator.num_processes), accelerator.num_processes
-    )
-    unet, optimizer, unlabeled_loader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, unlabeled_loader, lr_scheduler
-    )
-    # PU risks are computed per process on its own U and S shards; DDP then averages the
-    # gradients. Each shard is an unbiased mini-batch estimate, as in the single-process case.
-    if sensitive_loader is not None:
-        sensitive_loader = accelerator.prepare(sensitive_loader)
-    if ema_model is not None:
-        ema_model.to(accelerator.device)
-    return common.TrainingRun(
-        model=unet,
-        trainable_parameters=list(unet.parameters()),
-        noise_scheduler=noise_scheduler,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        unlabeled_loader=unlabeled_loader,
-        unlabeled_sampler=unlabeled_sampler,
-        sensitive_loader=sensitive_loader,
-        sensitive_sampler=sensitive_sampler,
-        steps_per_epoch=steps_per_epoch,
-        ema_model=ema_model,
-        base_model=base_model,
-    )
+    return common.TrainingRun(**shared, noise_scheduler=noise_scheduler, base_model=base_model)
 
 
 def training_step(run: common.TrainingRun, unlabeled_batch, sensitive_batch, args, generator=None):
@@ -314,11 +244,4 @@ def end_of_epoch(accelerator, run: common.TrainingRun, args: argparse.Namespace,
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (InputError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
-    except common.TrainingInterrupted as interruption:
-        print(f"stopped: {interruption}", file=sys.stderr)
-        sys.exit(interruption.exit_code)
+    common.exit_on_error(main, parse_args())

@@ -128,7 +128,7 @@ def test_mixed_precision_comes_from_the_launcher(tiny_sd_pipeline, captioned_dat
     args.append("--gradient_checkpointing")
     result = run_script(SCRIPT, *args, mixed_precision="bf16")
     assert_ok(result)
-    assert "trained in float32, frozen weights in torch.bfloat16" in result.stderr
+    assert "LoRA rank 4 trained in float32, frozen weights in torch.bfloat16" in result.stderr
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
