@@ -313,3 +313,24 @@ def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipe
     assert Image.open(output_dir / "generated-00002.png").size == (32, 32)
     again = run_script("scripts/make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python")
     assert again.returncode != 0 and "--output_dir" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "label_column, sensitive_prompt, expected_s_caption",
+    [(None, "a photo of a dog", "a photo of a dog"), ("label", None, "dog 0"), ("label", "a pet", "a pet")],
+)
+def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
+    label_column, sensitive_prompt, expected_s_caption
+):
+    """S from its own folder takes --sensitive_prompt; S drawn from U's labeled dataset keeps its
+    --caption_column captions unless --sensitive_prompt replaces them."""
+    import datasets
+
+    images = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "text": ["dog 0", "dog 1"]})
+    args = argparse.Namespace(
+        resolution=8, center_crop=True, random_flip=False, image_column="image", caption_column="text",
+        label_column=label_column, sensitive_prompt=sensitive_prompt, sensitive_caption_column=None,
+    )  # fmt: skip
+    make_dataset = t2i.captioned_dataset(args, lambda caption, **kwargs: argparse.Namespace(input_ids=[caption]))
+    assert make_dataset(images, 0, "U").captions == ["dog 0", "dog 1"]
+    assert make_dataset(images, 0, "S").captions[0] == expected_s_caption
