@@ -418,6 +418,8 @@ def write_model_card(args) -> None:
             f'pipeline = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
             f'pipeline.load_lora_weights("{repo}")\n'
         )
+        if args.prediction_type:  # a LoRA file cannot carry the scheduler's setting
+            load += f'pipeline.scheduler.register_to_config(prediction_type="{args.prediction_type}")\n'
     else:
         load = f'pipeline = DiffusionPipeline.from_pretrained("{repo}")\n'
     prompt = args.validation_prompt[0] if args.validation_prompt else "a photo"

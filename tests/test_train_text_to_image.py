@@ -122,10 +122,10 @@ def test_full_fine_tune_with_ema_saves_a_stable_diffusion_pipeline(tiny_sd_pipel
 
 def test_mixed_precision_comes_from_the_launcher(tiny_sd_pipeline, captioned_data, tmp_path):
     """`accelerate launch --mixed_precision bf16` alone: frozen weights in bf16, adapters trained in float32,
-    here with gradient checkpointing, through which the adapters must still get gradients."""
+    here with gradient checkpointing (the adapters must still get gradients) and v-prediction."""
     output_dir = tmp_path / "out"
     args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "2")
-    args.append("--gradient_checkpointing")
+    args += ["--gradient_checkpointing", "--prediction_type", "v_prediction"]
     result = run_script(SCRIPT, *args, mixed_precision="bf16")
     assert_ok(result)
     assert "LoRA rank 4 trained in float32, frozen weights in torch.bfloat16" in result.stderr
@@ -135,6 +135,8 @@ def test_mixed_precision_comes_from_the_launcher(tiny_sd_pipeline, captioned_dat
     # LoRA's B matrices start at zero: non-zero ones were trained.
     up_weights = [tensor for key, tensor in weights.items() if "lora_B" in key or "lora.up" in key]
     assert up_weights and all(tensor.abs().max() > 0 for tensor in up_weights)
+    # The scheduler's prediction type is not in the LoRA file: the card says how to set it.
+    assert 'register_to_config(prediction_type="v_prediction")' in (output_dir / "README.md").read_text()
 
 
 def test_place_models_keeps_trainable_weights_in_float32_under_fp16(tiny_sd_pipeline):
