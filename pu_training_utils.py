@@ -517,7 +517,9 @@ class TrainingRun:
     hub_repo_id: str | None = None
 
 
-def make_training_loaders(args: argparse.Namespace, unlabeled, sensitive, make_dataset: Callable):
+def make_training_loaders(
+    args: argparse.Namespace, unlabeled, sensitive, make_dataset: Callable, num_processes: int = 1
+):
     """U and S loaders whose order and augmentation are functions of (seed, epoch) alone.
 
     ``make_dataset(dataset, seed, source)`` turns a ``datasets.Dataset`` into
@@ -541,8 +543,9 @@ def make_training_loaders(args: argparse.Namespace, unlabeled, sensitive, make_d
         make_dataset(sensitive, sensitive_seed, "S"),
         args.sensitive_batch_size,
         sensitive_seed,
-        # Full S batches only; an S smaller than one batch still gives one batch per pass.
-        drop_last=len(sensitive) >= args.sensitive_batch_size,
+        # Full S batches only, as long as every process gets one. An S smaller than that keeps its
+        # short last batch, which Accelerate's sharding completes from the start of S.
+        drop_last=len(sensitive) >= args.sensitive_batch_size * num_processes,
     )
     return unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler
 
@@ -610,7 +613,7 @@ def prepare_for_training(accelerator, args, unet, trainable: list, unlabeled, se
     each shard's risk is an unbiased mini-batch estimate, as with one process.
     """
     unlabeled_loader, unlabeled_sampler, sensitive_loader, sensitive_sampler = make_training_loaders(
-        args, unlabeled, sensitive, make_dataset
+        args, unlabeled, sensitive, make_dataset, accelerator.num_processes
     )
     optimizer = make_optimizer(args, trainable, accelerator.num_processes)
     steps_per_epoch, lr_scheduler = make_lr_scheduler(

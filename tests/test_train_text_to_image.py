@@ -336,3 +336,32 @@ def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
     make_dataset = t2i.captioned_dataset(args, lambda caption, **kwargs: argparse.Namespace(input_ids=[caption]))
     assert make_dataset(images, 0, "U").captions == ["dog 0", "dog 1"]
     assert make_dataset(images, 0, "S").captions[0] == expected_s_caption
+
+
+def test_two_processes_train_lora_with_validation_and_resume(tiny_sd_pipeline, captioned_data, tmp_path):
+    """accelerate launch --num_processes 2 (gloo): U's 8 images give one batch of 4 per process and step.
+
+    S (3 images, 2 per step) is smaller than two processes' batches: its short last batch is kept and
+    completed by Accelerate, so each process still gets S images every step."""
+    output_dir = tmp_path / "out"
+    args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, *VALIDATION)
+    result = run_script(SCRIPT, *args, "--max_train_steps", "2", num_processes=2)
+    assert_ok(result)
+    assert result.stderr.count("U: 8 images, S: 3 images") == 2  # both processes trained
+    checkpoint = output_dir / "checkpoint-2"
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
+    # Validation runs on the main process only: the grid before training and after each of the 2 epochs.
+    grids = sorted(p.name for p in (output_dir / "validation").glob("*.png"))
+    assert grids == ["before-training.png", "step-000001.png", "step-000002.png"]
+
+    before_grid_written = (output_dir / "validation" / "before-training.png").stat().st_mtime_ns
+    resumed = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", num_processes=2)
+    assert_ok(resumed)
+    assert sorted(step for step, _ in scalars(output_dir)["loss"]) == [1, 2, 3, 4]
+    # A resume does not redraw the base model's grid: the model has moved on.
+    assert (output_dir / "validation" / "before-training.png").stat().st_mtime_ns == before_grid_written
+    assert (
+        load_file(output_dir / "pytorch_lora_weights.safetensors").keys()
+        == load_file(checkpoint / "pytorch_lora_weights.safetensors").keys()
+    )
