@@ -156,33 +156,20 @@ def tiny_clip_text_config(**overrides):
 def tiny_sd_pipeline(tmp_path_factory) -> Path:
     """A Stable Diffusion pipeline folder for 32 px images, built from configs (a few hundred thousand weights)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import StableDiffusionPipeline
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from text_to_image_step import build_models
 
     path = tmp_path_factory.mktemp("tiny_sd")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
-    )  # fmt: skip
+    unet, vae, text_encoder, scheduler, _, _ = build_models("tiny")
     pipeline = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(tiny_clip_text_config()),
+        text_encoder=text_encoder,
         tokenizer=write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tokenizer_files")),
         unet=unet,
-        scheduler=DDPMScheduler(
-            num_train_timesteps=1000,
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            steps_offset=1,
-        ),  # fmt: skip
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,0 +1,199 @@
+"""Step time and peak memory of train_pu_text_to_image.py's training step, per mixed-precision mode.
+
+    python benchmarks/text_to_image_step.py --model sd15 --mixed_precision fp16 bf16 --gradient_checkpointing
+    python benchmarks/text_to_image_step.py --model tiny --resolution 32 --mixed_precision no bf16   # any CPU
+
+``--model sd15`` builds Stable Diffusion 1.5's architecture from configs
+(UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M parameters) with random
+weights: time and memory do not depend on the weight values, so nothing
+is downloaded and a machine without Hub access can measure it. ``tiny`` is
+the tests' model (``tests/conftest.py`` builds its pipeline from here).
+Each configuration runs in a process of its own, through Accelerate as the
+script does (LoRA by default, one U and one S image per step, the PU loss
+with ``abs``), and reports the median of the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train_pu_text_to_image as t2i  # noqa: E402
+
+
+def build_models(model: str):
+    """(unet, vae, text_encoder, noise_scheduler, vocabulary size) with random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if model == "sd15":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+        )  # fmt: skip
+        text = CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
+        )  # fmt: skip
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=16, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        )  # fmt: skip
+        vae = AutoencoderKL(
+            latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )  # fmt: skip
+        # Token ids of the tests' byte-level tokenizer: <|startoftext|> 0, <|endoftext|> 1 (also padding).
+        text = CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, vocab_size=520, max_position_embeddings=16, projection_dim=32,
+        )  # fmt: skip
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
+    )
+    return unet, vae, CLIPTextModel(text), scheduler, text.vocab_size, text.max_position_embeddings
+
+
+def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=options.device == "cpu")
+    torch.manual_seed(0)
+    unet, vae, text_encoder, scheduler, vocabulary, text_length = build_models(options.model)
+    total = sum(p.numel() for module in (unet, vae, text_encoder) for p in module.parameters())
+    if options.full:
+        unet.requires_grad_(True)
+    else:
+        t2i.add_lora(unet, options.rank)
+    if options.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    weight_dtype = t2i.place_models(
+        unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, use_lora=not options.full
+    )
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    run = argparse.Namespace(
+        model=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=scheduler, weight_dtype=weight_dtype
+    )
+    loss_args = argparse.Namespace(
+        loss_type="pu", prior=0.1, nonnegative="abs", loss_reduction="sum", noise_offset=0.0, snr_gamma=None
+    )
+
+    def batch(size: int) -> dict:
+        pixels = torch.rand(size, 3, options.resolution, options.resolution, device=accelerator.device) * 2 - 1
+        input_ids = torch.randint(0, vocabulary, (size, text_length), device=accelerator.device)
+        return {"pixel_values": pixels, "input_ids": input_ids}
+
+    unlabeled, sensitive = batch(options.batch_size), batch(options.sensitive_batch_size)
+    generator = torch.Generator(accelerator.device).manual_seed(0)
+
+    def step() -> None:
+        risk = t2i.training_step(run, unlabeled, sensitive, loss_args, generator)
+        accelerator.backward(risk.loss)
+        accelerator.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(options.warmup):
+        step()
+    timings = []
+    for _ in range(options.steps):
+        synchronize(accelerator.device)
+        start = time.perf_counter()
+        step()
+        synchronize(accelerator.device)
+        timings.append(time.perf_counter() - start)
+    step_seconds = sorted(timings)[len(timings) // 2]
+    return {
+        "mixed_precision": mixed_precision,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "total_parameters": total,
+        "images_per_step": options.batch_size + options.sensitive_batch_size,
+        "step_ms": step_seconds * 1e3,
+        "images_per_second": (options.batch_size + options.sensitive_batch_size) / step_seconds,
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def table(options: argparse.Namespace, results: list[dict]) -> str:
+    what = "full UNet" if options.full else f"LoRA rank {options.rank}"
+    checkpointing = "on" if options.gradient_checkpointing else "off"
+    lines = [
+        f"{options.model}, {options.resolution} px, {what}, gradient checkpointing {checkpointing},"
+        f" {options.batch_size} U + {options.sensitive_batch_size} S images per step, device {results[0]['device']},"
+        f" median of {options.steps} steps",
+        "",
+        "| mixed precision | trainable / total params | ms/step | images/s | peak memory (MB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mixed_precision']} | {r['trainable_parameters']:,} / {r['total_parameters'] / 1e6:.1f}M"
+            f" | {r['step_ms']:.1f} | {r['images_per_second']:.2f} | {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--mixed_precision", nargs="+", choices=("no", "fp16", "bf16"), default=["fp16", "bf16"])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=1, help="U images per step.")
+    parser.add_argument("--sensitive_batch_size", type=int, default=1, help="S images per step.")
+    parser.add_argument("--full", action="store_true", help="Train the whole UNet instead of LoRA adapters.")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", choices=("no", "fp16", "bf16"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and ("fp16" in args.mixed_precision or args.one == "fp16"):
+        parser.error("--mixed_precision fp16 needs a GPU; on the CPU use no or bf16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    options = parse_args(argv)
+    if options.one:
+        print(json.dumps(one_configuration(options, options.one)))
+        return ""
+    results = []
+    passed_on = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    for mode in options.mixed_precision:
+        command = [sys.executable, __file__, *passed_on, "--one", mode]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    report = table(options, results)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
