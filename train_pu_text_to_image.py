@@ -178,6 +178,14 @@ def place_models(unet, vae, text_encoder, device, mixed_precision: str, use_lora
     return weight_dtype
 
 
+def lora_state_dict(unet) -> dict:
+    """The UNet's LoRA weights under the names ``load_lora_weights`` expects."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
 def register_lora_hooks(accelerator, unet) -> None:
     """checkpoint-N holds the adapters as pytorch_lora_weights.safetensors; a resume loads them back exactly."""
     from diffusers import StableDiffusionPipeline
@@ -188,7 +196,8 @@ def register_lora_hooks(accelerator, unet) -> None:
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(model))
+                state = lora_state_dict(accelerator.unwrap_model(model))
+                StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=state)
         while weights:
             weights.pop()
 
@@ -207,12 +216,6 @@ def register_lora_hooks(accelerator, unet) -> None:
                 raise InputError(f"{input_dir}: LoRA weights that fit no adapter of this UNet: {unexpected[:5]}")
             cast_training_params(model, dtype=torch.float32)
 
-    def lora_state_dict(model):
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(model)))
-
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
@@ -230,14 +233,12 @@ def captioned_dataset(args, tokenizer):
         ).input_ids[0]
 
     def make_dataset(dataset, seed: int, source: str):
+        # S drawn from U's labeled dataset (--label_column) has U's caption column.
+        column, flag = args.caption_column, "--caption_column"
         if source == "S" and args.label_column is None:
-            captions = pu_data.read_captions(
-                dataset, args.sensitive_caption_column, args.sensitive_prompt, "--sensitive_caption_column"
-            )
-        elif source == "S" and args.sensitive_prompt is not None:
-            captions = pu_data.read_captions(dataset, None, args.sensitive_prompt, "--sensitive_prompt")
-        else:
-            captions = pu_data.read_captions(dataset, args.caption_column, None, "--caption_column")
+            column, flag = args.sensitive_caption_column, "--sensitive_caption_column"
+        prompt = args.sensitive_prompt if source == "S" else None
+        captions = pu_data.read_captions(dataset, column, prompt, flag)
         return pu_data.CaptionedImages(
             dataset, args.image_column, transform, captions, tokenize, seed=seed, source=source
         )
@@ -379,13 +380,10 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
 def save_lora_atomically(unet, output_dir: str) -> None:
     """Write pytorch_lora_weights.safetensors under a temporary name and rename it into place."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
     try:
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=state)
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=lora_state_dict(unet))
         os.replace(staging / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
