@@ -7,6 +7,7 @@ they live once. Nothing in this module knows which model is trained.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -589,6 +590,21 @@ def make_ema(unet, args: argparse.Namespace):
         model_cls=type(unet),
         model_config=unet.config,
     )
+
+
+@contextlib.contextmanager
+def ema_weights(run: TrainingRun):
+    """The trained model with its EMA weights swapped in (--use_ema), for validation and saving; the
+    training weights are put back, exactly, on leaving."""
+    if run.ema_model is None:
+        yield
+        return
+    run.ema_model.store(run.trainable_parameters)
+    run.ema_model.copy_to(run.trainable_parameters)
+    try:
+        yield
+    finally:
+        run.ema_model.restore(run.trainable_parameters)
 
 
 def make_lr_scheduler(args: argparse.Namespace, optimizer, num_batches_per_process: int, num_processes: int):

@@ -15,7 +15,6 @@ See README.md and pu_loss.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import logging
 import os
@@ -324,20 +323,6 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) 
 # --------------------------------------------------------------------------- validation and saving
 
 
-@contextlib.contextmanager
-def inference_weights(run: TextToImageRun):
-    """The UNet with the EMA weights swapped in (full fine-tuning with --use_ema), put back after."""
-    if run.ema_model is None:
-        yield
-        return
-    run.ema_model.store(run.trainable_parameters)
-    run.ema_model.copy_to(run.trainable_parameters)
-    try:
-        yield
-    finally:
-        run.ema_model.restore(run.trainable_parameters)
-
-
 def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int) -> Path:
     """One grid: a row of --num_validation_images per --validation_prompt, the same noise every time."""
     from diffusers import DiffusionPipeline
@@ -356,7 +341,7 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
     unet.eval()
-    with inference_weights(run), accelerator.autocast(), torch.inference_mode():
+    with common.ema_weights(run), accelerator.autocast(), torch.inference_mode():
         for index, prompt in enumerate(args.validation_prompt):
             generator = torch.Generator(accelerator.device).manual_seed(pu_data.derived_seed(args.seed, index))
             output = pipeline(
@@ -398,7 +383,7 @@ def save_model(accelerator, run: TextToImageRun, args) -> None:
     if args.use_lora:
         save_lora_atomically(unet, args.output_dir)
     else:
-        with inference_weights(run):
+        with common.ema_weights(run):
             pipeline = StableDiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
             )

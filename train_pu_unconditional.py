@@ -140,15 +140,11 @@ def image_channels(dataset, image_column: str) -> int:
 # --------------------------------------------------------------------------- validation and saving
 
 
-def make_pipeline(accelerator, unet, ema_model, noise_scheduler):
-    """A DDPMPipeline on the EMA weights when EMA is on (a copy, so training weights stay untouched)."""
+def make_pipeline(accelerator, run: common.TrainingRun):
+    """A DDPMPipeline on the trained UNet; inside ``common.ema_weights(run)`` it holds the EMA weights."""
     from diffusers import DDPMPipeline
 
-    unet = accelerator.unwrap_model(unet)
-    if ema_model is not None:
-        unet = copy.deepcopy(unet)
-        ema_model.copy_to(unet.parameters())
-    return DDPMPipeline(unet=unet, scheduler=copy.deepcopy(noise_scheduler))
+    return DDPMPipeline(unet=accelerator.unwrap_model(run.model), scheduler=copy.deepcopy(run.noise_scheduler))
 
 
 def generate_validation_grid(accelerator, pipeline, args, epoch: int, global_step: int) -> None:
@@ -233,13 +229,14 @@ def end_of_epoch(accelerator, run: common.TrainingRun, args: argparse.Namespace,
         images_due = last or (epoch + 1) % args.save_images_epochs == 0
         model_due = last or (epoch + 1) % args.save_model_epochs == 0
         if images_due or model_due:
-            pipeline = make_pipeline(accelerator, run.model, run.ema_model, run.noise_scheduler)
-            if images_due:
-                generate_validation_grid(accelerator, pipeline, args, epoch, global_step)
-            if model_due:
-                save_model(pipeline, args, run.base_model)
-                if run.hub_repo_id:
-                    common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
+            with common.ema_weights(run):
+                pipeline = make_pipeline(accelerator, run)
+                if images_due:
+                    generate_validation_grid(accelerator, pipeline, args, epoch, global_step)
+                if model_due:
+                    save_model(pipeline, args, run.base_model)
+        if model_due and run.hub_repo_id:
+            common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
 
 
