@@ -642,7 +642,7 @@ def non_sensitive_rate(predictions: torch.Tensor, sensitive_ids: list[int], id2l
 
 
 def evaluate_unconditional(args: argparse.Namespace) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     classifier = load_classifier(args.classifier, device)
     sensitive_ids = sensitive_class_ids(classifier, args.sensitive_labels)
     pipeline = load_unconditional_pipeline(args.pipeline, args.scheduler, device)
@@ -698,6 +698,17 @@ def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: to
     return pipeline.to(device)
 
 
+def default_device(device: str | None) -> str:
+    """--device, else cuda when there is one, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """--dtype, else float16 on cuda and float32 elsewhere."""
+    return DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+
+
+@torch.inference_mode()
 def generate_from_prompts(pipeline, args: argparse.Namespace, device: str) -> tuple[torch.Tensor, float]:
     """--images_per_prompt images of each prompt, prompt after prompt; batch b of prompt p draws its
     noise from a generator seeded with (seed, p, b). Returns (N, C, H, W) uint8 images and images/s."""
@@ -709,16 +720,15 @@ def generate_from_prompts(pipeline, args: argparse.Namespace, device: str) -> tu
     for prompt_index, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
         for batch_index, first in enumerate(range(0, args.images_per_prompt, args.batch_size)):
             generator = torch.Generator(device).manual_seed(derived_seed(args.seed, prompt_index, batch_index))
-            with torch.inference_mode():
-                images = pipeline(
-                    prompt,
-                    num_images_per_prompt=min(args.batch_size, args.images_per_prompt - first),
-                    num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale,
-                    generator=generator,
-                    output_type="np",
-                    **size,
-                ).images
+            images = pipeline(
+                prompt,
+                num_images_per_prompt=min(args.batch_size, args.images_per_prompt - first),
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                generator=generator,
+                output_type="np",
+                **size,
+            ).images
             batches.append(float_to_uint8(images))
     images = torch.cat(batches)
     return images, len(images) / (time.perf_counter() - start)
@@ -786,9 +796,8 @@ def judge_images(args, images: torch.Tensor, prompts: list[str], device: str) ->
 
 
 def evaluate_text_to_image(args: argparse.Namespace) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipeline = load_text_to_image_pipeline(args, device, dtype)
+    device = default_device(args.device)
+    pipeline = load_text_to_image_pipeline(args, device, default_dtype(args.dtype, device))
     images, images_per_second = generate_from_prompts(pipeline, args, device)
     prompts = [prompt for prompt in args.prompt for _ in range(args.images_per_prompt)]
     sensitive, judge_info = judge_images(args, images, prompts, device)

@@ -19,11 +19,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pu_data import InputError, derived_seed  # noqa: E402
+import evaluate  # noqa: E402
+from pu_data import InputError  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix_in_dir", default=None, help="A folder of images of the concept to mix into U.")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, default=None, help="Default: the pipeline's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -56,29 +58,26 @@ def mixed_in_images(folder: str) -> list[Path]:
 
 
 def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
-    """Generate --num_generated images in batches (batch b seeded with (seed, b)); returns their file names."""
-    from diffusers import DiffusionPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(device)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--pipeline {args.pipeline}: not a diffusion pipeline: {error}") from error
-    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
-    names = []
-    for batch, first in enumerate(range(0, args.num_generated, args.batch_size)):
-        generator = torch.Generator(device).manual_seed(derived_seed(args.seed, batch))
-        images = pipeline(
-            args.prompt,
-            num_images_per_prompt=min(args.batch_size, args.num_generated - first),
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-            **size,
-        ).images
-        for offset, image in enumerate(images):
-            names.append(f"generated-{first + offset:05d}.png")
-            image.save(output_dir / names[-1])
+    """--num_generated images of --prompt, through evaluate.py's sampling (batch b seeded with (seed, 0, b));
+    returns their file names."""
+    if args.num_generated == 0:
+        return []
+    device = evaluate.default_device(args.device)
+    loading = argparse.Namespace(pipeline=args.pipeline, lora=None)
+    pipeline = evaluate.load_text_to_image_pipeline(loading, device, evaluate.default_dtype(None, device))
+    sampling = argparse.Namespace(
+        prompt=[args.prompt],
+        images_per_prompt=args.num_generated,
+        batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        seed=args.seed,
+    )
+    images, _ = evaluate.generate_from_prompts(pipeline, sampling, device)
+    names = [f"generated-{index:05d}.png" for index in range(len(images))]
+    for name, pixels in zip(names, images, strict=True):
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(output_dir / name)
     return names
 
 
