@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,7 +26,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from throughput import peak_memory_mb, synchronize  # noqa: E402
+
 import train_pu_text_to_image as t2i  # noqa: E402
+
+
+def tiny_text_config():
+    """The tests' CLIP text encoder. Token ids of their byte-level tokenizer: <|startoftext|> 0,
+    <|endoftext|> 1 (also padding)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=520, max_position_embeddings=16, projection_dim=32,
+    )  # fmt: skip
 
 
 def build_models(model: str):
@@ -55,11 +67,7 @@ def build_models(model: str):
             latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         )  # fmt: skip
-        # Token ids of the tests' byte-level tokenizer: <|startoftext|> 0, <|endoftext|> 1 (also padding).
-        text = CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-            num_attention_heads=4, num_hidden_layers=2, vocab_size=520, max_position_embeddings=16, projection_dim=32,
-        )  # fmt: skip
+        text = tiny_text_config()
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
     )
@@ -111,10 +119,10 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
         step()
     timings = []
     for _ in range(options.steps):
-        synchronize(accelerator.device)
+        synchronize(str(accelerator.device))
         start = time.perf_counter()
         step()
-        synchronize(accelerator.device)
+        synchronize(str(accelerator.device))
         timings.append(time.perf_counter() - start)
     step_seconds = sorted(timings)[len(timings) // 2]
     return {
@@ -124,20 +132,9 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
         "images_per_step": options.batch_size + options.sensitive_batch_size,
         "step_ms": step_seconds * 1e3,
         "images_per_second": (options.batch_size + options.sensitive_batch_size) / step_seconds,
-        "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "peak_memory_mb": peak_memory_mb(str(accelerator.device)),
         "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
     }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def table(options: argparse.Namespace, results: list[dict]) -> str:
@@ -185,7 +182,7 @@ def main(argv: list[str] | None = None) -> str:
         print(json.dumps(one_configuration(options, options.one)))
         return ""
     results = []
-    passed_on = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    passed_on = list(argv if argv is not None else sys.argv[1:])
     for mode in options.mixed_precision:
         command = [sys.executable, __file__, *passed_on, "--one", mode]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout

@@ -15,6 +15,9 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import text_to_image_step  # noqa: E402  (the tiny Stable Diffusion's configs live there, once)
 
 
 def script_command(
@@ -142,28 +145,15 @@ def write_tiny_clip_tokenizer(path: Path, model_max_length: int = 16):
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
 
 
-def tiny_clip_text_config(**overrides):
-    from transformers import CLIPTextConfig
-
-    settings = dict(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, vocab_size=520, max_position_embeddings=16, projection_dim=32,
-    )  # fmt: skip
-    return CLIPTextConfig(**{**settings, **overrides})
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_pipeline(tmp_path_factory) -> Path:
     """A Stable Diffusion pipeline folder for 32 px images, built from configs (a few hundred thousand weights)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from text_to_image_step import build_models
-
     path = tmp_path_factory.mktemp("tiny_sd")
     torch.manual_seed(0)
-    unet, vae, text_encoder, scheduler, _, _ = build_models("tiny")
+    unet, vae, text_encoder, scheduler, _, _ = text_to_image_step.build_models("tiny")
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -206,7 +196,7 @@ def tiny_clip_model(tmp_path_factory) -> Path:
         patch_size=8, projection_dim=32,
     )  # fmt: skip
     config = CLIPConfig(
-        text_config=tiny_clip_text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=32
+        text_config=text_to_image_step.tiny_text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=32
     )
     CLIPModel(config).save_pretrained(path)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
