@@ -684,7 +684,8 @@ def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: to
     from diffusers import DiffusionPipeline
 
     try:
-        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype)
+        # Cast after loading: the loading keyword changed name (torch_dtype -> dtype) across Diffusers versions.
+        pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
     except (OSError, ValueError) as error:
         raise InputError(f"--pipeline {args.pipeline}: not a diffusion pipeline: {error}") from error
     if not hasattr(pipeline, "tokenizer"):
@@ -695,7 +696,7 @@ def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: to
         except (OSError, ValueError) as error:
             raise InputError(f"--lora {args.lora}: no LoRA weights this pipeline can load: {error}") from error
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    return pipeline.to(device=device, dtype=dtype)
 
 
 def default_device(device: str | None) -> str:
