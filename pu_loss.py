@@ -133,6 +133,9 @@ def pu_risk(
     sensitive_losses: torch.Tensor,
     prior: float,
     nonnegative: str = "nnpu",
+    positive_weight: float = 1.0,
+    unlabeled_in_band: torch.Tensor | None = None,
+    sensitive_in_band: torch.Tensor | None = None,
 ) -> RiskOutput:
     """The PU risk of Eq. (18), with the correction of its negative part.
 
@@ -155,18 +158,49 @@ def pu_risk(
 
     The branch is chosen with ``torch.where`` on the device, so there is no
     host synchronisation; gradients flow only through the selected branch.
+
+    Two options of ours, not the paper's; their defaults give Eq. (18) exactly:
+
+    - ``positive_weight`` ``w`` scales the positive risk: ``w * beta * L^+_S``.
+      In the paper's setting ``l`` sums thousands of squared errors, so
+      ``L^+_S = -log(1 - exp(-l))`` is about 0 and ``w`` does not matter. On
+      small images ``l`` is small at high noise levels, where ``L^+_S`` and
+      its gradient are large; ``w = 0`` gives the paper's large-image regime.
+    - ``unlabeled_in_band`` / ``sensitive_in_band`` (booleans, one per
+      sample; e.g. ``t >= t_min``) limit the PU correction to a band of noise
+      levels. The S terms count only samples in the band, and
+      ``L^-_U`` and ``L^-_S`` become band sums divided by the batch sizes:
+      ``r_band = sum_U[in] l / n_U - beta * sum_S[in] l / n_S`` estimates
+      ``(1-beta) E_N[l 1(in)]``. U's samples outside the band add the plain
+      diffusion loss ``sum_U[out] l / n_U``, outside the correction. Without
+      masks every sample is in the band.
     """
     if not 0.0 < prior < 1.0:
         raise ValueError(f"prior must be in (0, 1), got {prior}")
     if nonnegative not in NONNEGATIVE_MODES:
         raise ValueError(f"nonnegative must be one of {NONNEGATIVE_MODES}, got {nonnegative!r}")
+    if positive_weight < 0:
+        raise ValueError(f"positive_weight must be >= 0, got {positive_weight}")
     sensitive_losses = _require_sensitive(sensitive_losses, "pu")
+    if (unlabeled_in_band is None) != (sensitive_in_band is None):
+        raise ValueError("give both unlabeled_in_band and sensitive_in_band, or neither")
 
-    positive_risk = bce_sensitive(sensitive_losses).mean()
-    unlabeled_loss = bce_normal(unlabeled_losses).mean()
+    all_unlabeled_loss = bce_normal(unlabeled_losses).mean()
+    sensitive_positive = bce_sensitive(sensitive_losses)
+    plain_loss = None
+    if unlabeled_in_band is None:
+        unlabeled_loss = all_unlabeled_loss
+    else:
+        # Masked by multiplication, not indexing: shapes stay fixed and nothing waits on the host.
+        unlabeled_loss = (unlabeled_losses * unlabeled_in_band).mean()
+        plain_loss = (unlabeled_losses * ~unlabeled_in_band).mean()
+        sensitive_losses = sensitive_losses * sensitive_in_band
+        sensitive_positive = sensitive_positive * sensitive_in_band
+    positive_risk = sensitive_positive.mean()
     sensitive_loss = bce_normal(sensitive_losses).mean()
     negative_risk = unlabeled_loss - prior * sensitive_loss
-    unbiased = prior * positive_risk + negative_risk
+    weighted_positive = positive_weight * prior * positive_risk
+    unbiased = weighted_positive + negative_risk
 
     correction = None
     if nonnegative == "nnpu":
@@ -174,13 +208,15 @@ def pu_risk(
         loss = torch.where(fired, -negative_risk, unbiased)
         correction = fired.float()
     elif nonnegative == "abs":
-        loss = prior * positive_risk + negative_risk.abs()
+        loss = weighted_positive + negative_risk.abs()
     else:
         loss = unbiased
+    if plain_loss is not None:
+        loss = loss + plain_loss
 
     return RiskOutput(
         loss=loss,
-        unlabeled_loss=unlabeled_loss.detach(),
+        unlabeled_loss=all_unlabeled_loss.detach(),
         sensitive_loss=sensitive_loss.detach(),
         positive_risk=positive_risk.detach(),
         negative_risk=negative_risk.detach(),
@@ -194,11 +230,14 @@ def compute_risk(
     loss_type: str = "pu",
     prior: float = 0.1,
     nonnegative: str = "nnpu",
+    positive_weight: float = 1.0,
+    in_band: torch.Tensor | None = None,
 ) -> RiskOutput:
     """Split the losses of one forward pass over ``cat([U batch, S batch])`` and apply ``loss_type``.
 
     The model runs once on the concatenation, so ``per_sample_losses[:num_unlabeled]``
-    belong to U and the rest to S.
+    belong to U and the rest to S; ``in_band`` (one boolean per sample, same
+    order) is split the same way for ``pu_risk``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -210,4 +249,9 @@ def compute_risk(
         return unsupervised_risk(unlabeled_losses)
     if loss_type == "supervised":
         return supervised_risk(unlabeled_losses, sensitive_losses)
-    return pu_risk(unlabeled_losses, sensitive_losses, prior, nonnegative)
+    unlabeled_in_band = sensitive_in_band = None
+    if in_band is not None:
+        unlabeled_in_band, sensitive_in_band = in_band[:num_unlabeled], in_band[num_unlabeled:]
+    return pu_risk(
+        unlabeled_losses, sensitive_losses, prior, nonnegative, positive_weight, unlabeled_in_band, sensitive_in_band
+    )

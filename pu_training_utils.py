@@ -34,7 +34,14 @@ logger = logging.getLogger(__name__)
 #: Never uploaded to the Hub: resumable training state and old validation images.
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*"]
 #: Flags that define the objective: a resume must not change them.
-OBJECTIVE_FLAGS = ("loss_type", "prior", "nonnegative", "loss_reduction")
+OBJECTIVE_FLAGS = (
+    "loss_type",
+    "prior",
+    "nonnegative",
+    "loss_reduction",
+    "positive_risk_weight",
+    "sensitive_min_timestep",
+)
 #: Flags that define the data order: a resume that changes them trains on, but does not replay the run.
 DATA_ORDER_FLAGS = ("seed", "train_batch_size", "sensitive_batch_size", "gradient_accumulation_steps")
 CHECKPOINT_CONFIG = "training_config.json"
@@ -152,6 +159,20 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
         default="sum",
         help="Per-sample loss of Eq. (8): sum over pixels (the paper) or mean.",
     )
+    group.add_argument(
+        "--positive_risk_weight",
+        type=float,
+        default=1.0,
+        help="Ours, not the paper's: scales beta * L^+_S in Eq. (18); 1 is the paper. On small images (the 8x8"
+        " digits) 0 works better: see the README's benchmark section.",
+    )
+    group.add_argument(
+        "--sensitive_min_timestep",
+        type=int,
+        default=0,
+        help="Ours, not the paper's: the S terms and the nonnegative correction use only (t, noise) draws with"
+        " t >= this; U's draws below it get the plain diffusion loss. 0 is the paper.",
+    )
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +277,16 @@ def set_prediction_type(noise_scheduler, args: argparse.Namespace) -> None:
         )
 
 
+def check_timestep_band(noise_scheduler, args: argparse.Namespace) -> None:
+    """--sensitive_min_timestep must leave S some timesteps of the schedule."""
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    if args.sensitive_min_timestep >= num_timesteps:
+        raise InputError(
+            f"--sensitive_min_timestep {args.sensitive_min_timestep}: the noise schedule has timesteps 0 to"
+            f" {num_timesteps - 1}, so S would never count"
+        )
+
+
 def check_common_arguments(args: argparse.Namespace) -> None:
     """Checks that need no data: bad values fail here, before anything is loaded or written."""
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -267,6 +298,10 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--prior must be in (0, 1), got {args.prior}")
     if args.sensitive_batch_size is not None and args.sensitive_batch_size < 1:
         raise InputError(f"--sensitive_batch_size must be >= 1, got {args.sensitive_batch_size}")
+    if args.positive_risk_weight < 0:
+        raise InputError(f"--positive_risk_weight must be >= 0, got {args.positive_risk_weight}")
+    if args.sensitive_min_timestep < 0:
+        raise InputError(f"--sensitive_min_timestep must be >= 0, got {args.sensitive_min_timestep}")
     for flag in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -370,16 +405,22 @@ def diffusion_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, 
     raise InputError(f"--prediction_type {prediction_type!r}: use epsilon, v_prediction or sample")
 
 
-def pu_objective(model_pred, target, num_unlabeled: int, args: argparse.Namespace, weights=None) -> RiskOutput:
+def pu_objective(
+    model_pred, target, timesteps, num_unlabeled: int, args: argparse.Namespace, weights=None
+) -> RiskOutput:
     """Per-sample losses of one forward over cat([U, S]), then the risk chosen by --loss_type.
 
     ``weights`` (one per sample, e.g. Min-SNR) scale each l(x) of Eq. (8) before
-    the risk, so U and S terms are weighted alike.
+    the risk, so U and S terms are weighted alike. ``timesteps`` place each
+    sample in or out of the --sensitive_min_timestep band.
     """
     per_sample = per_sample_diffusion_loss(model_pred, target, reduction=args.loss_reduction)
     if weights is not None:
         per_sample = per_sample * weights
-    return compute_risk(per_sample, num_unlabeled, args.loss_type, args.prior, args.nonnegative)
+    in_band = timesteps >= args.sensitive_min_timestep if args.sensitive_min_timestep > 0 else None
+    return compute_risk(
+        per_sample, num_unlabeled, args.loss_type, args.prior, args.nonnegative, args.positive_risk_weight, in_band
+    )
 
 
 def check_finite(risk: RiskOutput, global_step: int, output_dir: str) -> None:
@@ -1021,6 +1062,8 @@ def write_model_card(
         f"| prior (beta) | {args.prior} |",
         f"| nonnegative | {args.nonnegative} |",
         f"| loss reduction | {args.loss_reduction} |",
+        f"| positive risk weight (ours; 1 = paper) | {args.positive_risk_weight} |",
+        f"| S terms from timestep (ours; 0 = paper) | {args.sensitive_min_timestep} |",
         f"| steps, batch (U + S) | {args.max_train_steps}, {args.train_batch_size} + {args.sensitive_batch_size} |",
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler}) |",
         f"| EMA | {args.use_ema} |",

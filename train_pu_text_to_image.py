@@ -251,6 +251,7 @@ def captioned_dataset(args, tokenizer):
 def prepare_run(accelerator, args, unlabeled, sensitive) -> TextToImageRun:
     """Models, LoRA or EMA, loaders, optimizer and schedule, passed through accelerator.prepare."""
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    common.check_timestep_band(noise_scheduler, args)
     if args.use_lora:
         add_lora(unet, args.rank)
     if args.enable_xformers_memory_efficient_attention:
@@ -303,7 +304,8 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     model_pred = run.model(noisy, timesteps, text_states, return_dict=False)[0]
     target = common.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
-    return common.pu_objective(model_pred.float(), target, len(unlabeled_batch["input_ids"]), args, weights)
+    num_unlabeled = len(unlabeled_batch["input_ids"])
+    return common.pu_objective(model_pred.float(), target, timesteps, num_unlabeled, args, weights)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:

@@ -187,6 +187,7 @@ def main(args: argparse.Namespace) -> None:
 def prepare_run(accelerator, args, unlabeled, sensitive) -> common.TrainingRun:
     """Model, EMA, loaders, optimizer and learning-rate schedule, passed through accelerator.prepare."""
     unet, noise_scheduler, base_model = load_model(args, image_channels(unlabeled, args.image_column))
+    common.check_timestep_band(noise_scheduler, args)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -218,7 +219,7 @@ def training_step(run: common.TrainingRun, unlabeled_batch, sensitive_batch, arg
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     model_pred = run.model(noisy, timesteps).sample
     target = common.diffusion_target(noise_scheduler, clean, noise, timesteps)
-    return common.pu_objective(model_pred, target, unlabeled_batch.shape[0], args)
+    return common.pu_objective(model_pred, target, timesteps, unlabeled_batch.shape[0], args)
 
 
 def end_of_epoch(accelerator, run: common.TrainingRun, args: argparse.Namespace, epoch: int, global_step: int) -> None:

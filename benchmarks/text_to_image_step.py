@@ -97,7 +97,14 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
         model=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=scheduler, weight_dtype=weight_dtype
     )
     loss_args = argparse.Namespace(
-        loss_type="pu", prior=0.1, nonnegative="abs", loss_reduction="sum", noise_offset=0.0, snr_gamma=None
+        loss_type="pu",
+        prior=0.1,
+        nonnegative="abs",
+        loss_reduction="sum",
+        noise_offset=0.0,
+        snr_gamma=None,
+        positive_risk_weight=1.0,
+        sensitive_min_timestep=0,
     )
 
     def batch(size: int) -> dict:

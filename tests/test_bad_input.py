@@ -60,6 +60,18 @@ CASES = {
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--sensitive_batch_size", "0"),
         "--sensitive_batch_size",
     ),
+    "positive risk weight negative": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--positive_risk_weight", "-1"),
+        "--positive_risk_weight",
+    ),
+    "sensitive min timestep negative": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--sensitive_min_timestep", "-1"),
+        "--sensitive_min_timestep",
+    ),
+    "sensitive min timestep past the schedule": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--sensitive_min_timestep", "1000"),
+        "--sensitive_min_timestep 1000: the noise schedule has timesteps 0 to 999",
+    ),
     "counts without labels": (
         lambda d, t: ["--dataset_name", d, "--num_unlabeled_normal", "5", "--loss_type", "unsupervised"],
         "need --label_column",

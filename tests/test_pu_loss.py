@@ -156,6 +156,66 @@ def test_none_keeps_the_negative_unbiased_estimate():
     assert risk.loss.item() == pytest.approx(0.1 * sensitive_bce_by_hand(10.0) - 0.5, rel=1e-12)
 
 
+# --------------------------------------------------------------------------- our options (defaults: the paper)
+
+
+def test_positive_risk_weight_scales_only_the_positive_term():
+    # Same numbers as the nnpu positive branch above: r = 1.8; with w = 0 the loss is r alone.
+    unlabeled, sensitive = leaf([1.0, 3.0]), leaf([2.0])
+    risk = pu_risk(unlabeled, sensitive, prior=0.1, nonnegative="nnpu", positive_weight=0.0)
+    assert risk.loss.item() == pytest.approx(1.8, rel=1e-12)
+    assert risk.positive_risk.item() == pytest.approx(sensitive_bce_by_hand(2.0))  # still logged
+    risk.loss.backward()
+    assert sensitive.grad.item() == pytest.approx(-0.1, rel=1e-12)  # only -beta * d(L^-_S)/dl
+
+    half = pu_risk(leaf([1.0, 3.0]), leaf([2.0]), prior=0.1, nonnegative="abs", positive_weight=0.5)
+    assert half.loss.item() == pytest.approx(0.5 * 0.1 * sensitive_bce_by_hand(2.0) + 1.8, rel=1e-12)
+
+
+def test_timestep_band_keeps_s_and_the_correction_inside_it():
+    # U = [1 (in), 3 (out), 5 (in)], S = [2 (in), 40 (out)], beta = 0.1, w = 1.
+    # r_band = (1 + 5) / 3 - 0.1 * 2 / 2 = 1.9; U outside the band: 3 / 3 = 1; L^+_S = BCE1(2) / 2.
+    unlabeled, sensitive = leaf([1.0, 3.0, 5.0]), leaf([2.0, 40.0])
+    in_band = torch.tensor([True, False, True])
+    risk = pu_risk(unlabeled, sensitive, 0.1, "nnpu", 1.0, in_band, torch.tensor([True, False]))
+    expected = 0.1 * sensitive_bce_by_hand(2.0) / 2 + 1.9 + 1.0
+    assert risk.negative_risk.item() == pytest.approx(1.9, rel=1e-12)
+    assert risk.loss.item() == pytest.approx(expected, rel=1e-12)
+    assert risk.unlabeled_loss.item() == pytest.approx(3.0)  # logged over all of U
+    risk.loss.backward()
+    assert unlabeled.grad.tolist() == pytest.approx([1 / 3] * 3)
+    assert sensitive.grad.tolist() == pytest.approx([(0.1 * sensitive_bce_grad_by_hand(2.0) - 0.1) / 2, 0.0])
+
+
+def test_timestep_band_correction_fires_on_the_band_alone():
+    # r_band = 0.5 / 2 - 0.1 * 10 / 1 = -0.75 < 0: minimise -r_band, plus U outside the band (8 / 2 = 4).
+    unlabeled, sensitive = leaf([0.5, 8.0]), leaf([10.0])
+    risk = pu_risk(unlabeled, sensitive, 0.1, "nnpu", 1.0, torch.tensor([True, False]), torch.tensor([True]))
+    assert risk.correction.item() == 1.0
+    assert risk.loss.item() == pytest.approx(0.75 + 4.0, rel=1e-12)
+    risk.loss.backward()
+    # The band's U sample is pushed up, U outside it is still fitted, S is pulled down.
+    assert unlabeled.grad.tolist() == pytest.approx([-0.5, 0.5])
+    assert sensitive.grad.item() == pytest.approx(0.1)
+
+
+def test_defaults_and_a_band_holding_everything_are_the_paper():
+    losses = leaf([1.0, 3.0, 2.0, 0.3])
+    paper = compute_risk(losses, 2, "pu", 0.1, "nnpu")
+    everything = compute_risk(losses, 2, "pu", 0.1, "nnpu", 1.0, torch.ones(4, dtype=torch.bool))
+    assert everything.loss.item() == pytest.approx(paper.loss.item(), rel=1e-12)
+    # compute_risk splits the band like the losses: U = [1, 3] in, S = [2 in, 0.3 out].
+    split = compute_risk(losses, 2, "pu", 0.1, "none", 0.0, torch.tensor([True, True, True, False]))
+    assert split.loss.item() == pytest.approx(2.0 - 0.1 * 2.0 / 2, rel=1e-12)
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="positive_weight"):
+        pu_risk(leaf([1.0]), leaf([1.0]), 0.1, positive_weight=-1.0)
+    with pytest.raises(ValueError, match="both"):
+        pu_risk(leaf([1.0]), leaf([1.0]), 0.1, unlabeled_in_band=torch.tensor([True]))
+
+
 def test_compute_risk_splits_one_forward_into_u_and_s():
     losses = leaf([1.0, 3.0, 2.0])  # U = [1, 3], S = [2]
     risk = compute_risk(losses, num_unlabeled=2, loss_type="pu", prior=0.1, nonnegative="nnpu")

@@ -90,7 +90,8 @@ def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--loss_type", "supervised"), ("--prior", "0.2"), ("--nonnegative", "abs")]
+    ("flag", "value"),
+    [("--loss_type", "supervised"), ("--prior", "0.2"), ("--nonnegative", "abs"), ("--sensitive_min_timestep", "10")],
 )
 def test_resume_refuses_another_objective(tmp_path, digits_dir, tiny_unet_config, flag, value):
     output_dir = tmp_path / "out"

@@ -200,7 +200,14 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
     sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
     args = argparse.Namespace(
-        loss_type="pu", prior=0.1, nonnegative="abs", loss_reduction="sum", noise_offset=0.0, snr_gamma=None
+        loss_type="pu",
+        prior=0.1,
+        nonnegative="abs",
+        loss_reduction="sum",
+        noise_offset=0.0,
+        snr_gamma=None,
+        positive_risk_weight=1.0,
+        sensitive_min_timestep=0,
     )
     risk = t2i.training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
 

@@ -1,5 +1,6 @@
 """train_pu_unconditional.py, launched with `accelerate launch` on tiny models, then judged by what it saved."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_di
         "| loss type | pu |",
         "| prior (beta) | 0.1 |",
         "| nonnegative | nnpu |",
+        "| positive risk weight (ours; 1 = paper) | 1.0 |",
+        "| S terms from timestep (ours; 0 = paper) | 0 |",
         "| images in U, S | 44, 6 |",
         "trained from scratch",
         "DiffusionPipeline.from_pretrained",
@@ -104,6 +107,45 @@ def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_di
     for tag in ("loss", "positive_risk", "negative_risk", "nnpu_correction", "unlabeled_loss", "sensitive_loss"):
         assert [step for step, _ in logged[tag]] == [1, 2, 3, 4], tag
     assert all(value in (0.0, 1.0) for _, value in logged["nnpu_correction"])
+
+
+class ZeroUNet(torch.nn.Module):
+    def forward(self, noisy, timesteps):
+        return argparse.Namespace(sample=torch.zeros_like(noisy))
+
+
+def test_training_step_applies_our_options_to_the_drawn_timesteps():
+    """With a zero prediction each l(x) is the squared noise; replaying the draws gives the band by hand."""
+    from diffusers import DDPMScheduler
+
+    import train_pu_unconditional
+    from pu_loss import compute_risk
+
+    run = argparse.Namespace(model=ZeroUNet(), noise_scheduler=DDPMScheduler(num_train_timesteps=1000))
+    unlabeled, sensitive = torch.rand(6, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    args = argparse.Namespace(
+        loss_type="pu", prior=0.3, nonnegative="none", loss_reduction="sum", positive_risk_weight=0.0
+    )
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn((9, 1, 8, 8), generator=generator)
+    timesteps = torch.randint(0, 1000, (9,), generator=generator)
+    per_sample = (noise**2).sum(dim=(1, 2, 3))
+    in_band = timesteps >= 500
+    assert 0 < in_band[6:].sum() < 3  # this seed puts S on both sides of the band's edge
+
+    banded = train_pu_unconditional.training_step(
+        run,
+        unlabeled,
+        sensitive,
+        argparse.Namespace(**vars(args), sensitive_min_timestep=500),
+        generator.manual_seed(5),
+    )
+    everywhere = train_pu_unconditional.training_step(
+        run, unlabeled, sensitive, argparse.Namespace(**vars(args), sensitive_min_timestep=0), generator.manual_seed(5)
+    )
+    assert banded.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0, in_band).loss.item())
+    assert everywhere.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0).loss.item())
+    assert banded.loss.item() != pytest.approx(everywhere.loss.item())
 
 
 def test_checkpoint_limit_and_resume_continue_the_global_step(tmp_path, digits_dir, tiny_unet_config):
