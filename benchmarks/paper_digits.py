@@ -65,13 +65,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no_oracle", action="store_true", help="Skip the oracle row.")
     parser.add_argument("--max_train_steps", type=int, default=2000)
-    parser.add_argument(
-        "--prior",
-        type=float,
-        default=0.02,
-        help="PU prior. 0.02, the best of the prior sweep in the README; the paper's 0.1 hurts this small model.",
-    )
+    parser.add_argument("--prior", type=float, default=0.15, help="PU prior; 0.15 was best in the README's search.")
     parser.add_argument("--nonnegative", default=None, help="PU correction. Default: the training script's.")
+    parser.add_argument(
+        "--positive_risk_weight",
+        type=float,
+        default=0.0,
+        help="Passed to the training script (ours). 0 here; 1 with --sensitive_min_timestep 0 is the paper's loss.",
+    )
+    parser.add_argument(
+        "--sensitive_min_timestep",
+        type=int,
+        default=100,
+        help="Passed to the training script (ours). 100 here; 0 with --positive_risk_weight 1 is the paper's loss.",
+    )
     parser.add_argument("--priors", nargs="+", type=float, default=[], help="Also run pu at each prior (Figure 4).")
     parser.add_argument(
         "--train_args", nargs=argparse.REMAINDER, default=[], help="Further flags for every training run (last)."
@@ -111,19 +118,21 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return data, classifier
 
 
-def pu_flags(prior: float, nonnegative: str | None) -> list[str]:
-    return ["--prior", str(prior)] + ([] if nonnegative is None else ["--nonnegative", nonnegative])
+def pu_flags(prior: float, args: argparse.Namespace) -> list[str]:
+    flags = ["--prior", str(prior), "--positive_risk_weight", str(args.positive_risk_weight)]
+    flags += ["--sensitive_min_timestep", str(args.sensitive_min_timestep)]
+    return flags + ([] if args.nonnegative is None else ["--nonnegative", args.nonnegative])
 
 
 def planned_runs(args: argparse.Namespace) -> list[Run]:
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            runs.append(Run(method, seed, method, pu_flags(args.prior, args.nonnegative) if method == "pu" else []))
+            runs.append(Run(method, seed, method, pu_flags(args.prior, args) if method == "pu" else []))
         if not args.no_oracle:
             runs.append(Run("oracle", seed, "unsupervised", ["--num_unlabeled_sensitive", "0"]))
         for prior in args.priors:
-            runs.append(Run(f"pu prior {prior:g}", seed, "pu", pu_flags(prior, args.nonnegative)))
+            runs.append(Run(f"pu prior {prior:g}", seed, "pu", pu_flags(prior, args)))
     return runs
 
 
@@ -214,6 +223,8 @@ def markdown_report(summary: dict, ceiling: float | None, accuracy: float, fid_n
         rate_test = welch_t_test(pu["rate"], unsupervised["rate"])
         fid_test = welch_t_test(pu["fid"], unsupervised["fid"])
         lines.append(f"PU vs unsupervised, Welch t-test: rate {rate_test}; {fid_name} {fid_test}.")
+    if "pu" in summary or any(name.startswith("pu prior") for name in summary):
+        lines.append(f"PU flags: {' '.join(pu_flags(args.prior, args))}.")
     lines.append(f"Steps {args.max_train_steps}; shared flags: {' '.join(COMMON_TRAINING + args.train_args)}")
     return "\n".join(lines) + "\n"
 

@@ -56,6 +56,12 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     report = (output_dir / "results.md").read_text()
     assert "| unsupervised | 0 |" in report and "| pu | 0 |" in report
     assert report in result.stdout  # the table is printed
+    # The PU row trains with the benchmark's settings (ours), and the report says which.
+    assert "PU flags: --prior 0.15 --positive_risk_weight 0.0 --sensitive_min_timestep 100." in report
+    card = (output_dir / "runs" / "pu-seed0" / "README.md").read_text()
+    assert "| prior (beta) | 0.15 |" in card
+    assert "| positive risk weight (ours; 1 = paper) | 0.0 |" in card
+    assert "| S terms from timestep (ours; 0 = paper) | 100 |" in card
     results = json.loads((output_dir / "results.json").read_text())
     for method in ("unsupervised", "pu"):
         metrics = json.loads((output_dir / "runs" / f"{method}-seed0" / "evaluation" / "metrics.json").read_text())
