@@ -838,18 +838,22 @@ def _settings(args: argparse.Namespace, steps: int, device: str) -> dict:
     return settings
 
 
-def _versions() -> dict:
-    import diffusers
-    import torchmetrics
-    import transformers
+# Training on the CPU is deterministic for one set of these; other versions move the scores a little.
+VERSIONED_PACKAGES = (
+    "torch", "diffusers", "accelerate", "transformers", "datasets", "numpy", "pillow", "scikit-learn", "torchmetrics",
+)  # fmt: skip
 
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "torchmetrics": torchmetrics.__version__,
-    }
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def _write_json_atomically(path: Path, content: dict) -> None:

@@ -147,7 +147,10 @@ def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
     assert metrics["settings"]["scheduler"] == "ddim" and metrics["settings"]["num_inference_steps"] == 3
     assert metrics["attention"] == ["AttnProcessor2_0"]  # PyTorch SDPA
     assert metrics["samples_per_second"] > 0
-    assert {"torch", "diffusers", "torchmetrics"} <= set(metrics["versions"])
+    from importlib.metadata import version
+
+    assert metrics["versions"]["numpy"] == version("numpy") and metrics["versions"]["torch"] == torch.__version__
+    assert {"accelerate", "datasets", "pillow", "scikit-learn", "transformers"} <= set(metrics["versions"])
     from PIL import Image
 
     assert Image.open(output_dir / "samples.png").size[0] > 8 * 4
