@@ -175,6 +175,14 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     )
 
 
+def loss_arguments(**overrides) -> argparse.Namespace:
+    """The PU loss flags at their command-line defaults, then ``overrides`` (which may add other flags), for
+    code that calls a training step without parsing a command line: the benchmarks and the tests."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_pu_arguments(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **overrides})
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, required=True, help="Where the model and checkpoints are written.")

@@ -46,14 +46,7 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
     unet = UNet2DModel(**default_unet_config(resolution, channels=1)).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    args = argparse.Namespace(
-        loss_type=loss_type,
-        prior=0.1,
-        nonnegative="nnpu",
-        loss_reduction="sum",
-        positive_risk_weight=1.0,
-        sensitive_min_timestep=0,
-    )
+    args = common.loss_arguments(loss_type=loss_type)
     images = torch.rand(num_unlabeled + num_sensitive, 1, resolution, resolution, device=device) * 2 - 1
     # Same images per step: the unsupervised baseline takes all of them as U.
     if loss_type == "pu":

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import pu_training_utils
 import train_pu_text_to_image as t2i
 from tests.conftest import assert_ok, run_script, write_captioned_folder
 from tests.test_train_unconditional import scalars
@@ -199,16 +200,7 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     run.weight_dtype = torch.float32
     unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
     sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
-    args = argparse.Namespace(
-        loss_type="pu",
-        prior=0.1,
-        nonnegative="abs",
-        loss_reduction="sum",
-        noise_offset=0.0,
-        snr_gamma=None,
-        positive_risk_weight=1.0,
-        sensitive_min_timestep=0,
-    )
+    args = pu_training_utils.loss_arguments(prior=0.1, nonnegative="abs", noise_offset=0.0, snr_gamma=None)
     risk = t2i.training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
 
     assert len(unet.calls) == 1 and unet.calls[0][0] == 5

@@ -120,12 +120,11 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
 
     import train_pu_unconditional
     from pu_loss import compute_risk
+    from pu_training_utils import loss_arguments
 
     run = argparse.Namespace(model=ZeroUNet(), noise_scheduler=DDPMScheduler(num_train_timesteps=1000))
     unlabeled, sensitive = torch.rand(6, 1, 8, 8), torch.rand(3, 1, 8, 8)
-    args = argparse.Namespace(
-        loss_type="pu", prior=0.3, nonnegative="none", loss_reduction="sum", positive_risk_weight=0.0
-    )
+    args = {"prior": 0.3, "nonnegative": "none", "positive_risk_weight": 0.0}
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn((9, 1, 8, 8), generator=generator)
     timesteps = torch.randint(0, 1000, (9,), generator=generator)
@@ -137,11 +136,11 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
         run,
         unlabeled,
         sensitive,
-        argparse.Namespace(**vars(args), sensitive_min_timestep=500),
+        loss_arguments(**args, sensitive_min_timestep=500),
         generator.manual_seed(5),
     )
     everywhere = train_pu_unconditional.training_step(
-        run, unlabeled, sensitive, argparse.Namespace(**vars(args), sensitive_min_timestep=0), generator.manual_seed(5)
+        run, unlabeled, sensitive, loss_arguments(**args, sensitive_min_timestep=0), generator.manual_seed(5)
     )
     assert banded.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0, in_band).loss.item())
     assert everywhere.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0).loss.item())
