@@ -12,6 +12,7 @@ Notation: U is the unlabeled training data, S the small labeled sensitive set,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch
 LOSS_TYPES = ("pu", "supervised", "unsupervised")
 NONNEGATIVE_MODES = ("nnpu", "abs", "none")
 REDUCTIONS = ("sum", "mean")
+LOG_2 = math.log(2.0)
 
 
 def per_sample_diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -52,31 +54,39 @@ def bce_normal(per_sample_loss: torch.Tensor) -> torch.Tensor:
 def bce_sensitive(per_sample_loss: torch.Tensor) -> torch.Tensor:
     """Eq. (11) with y = 1: ``-log p(y=1|x) = -log(1 - exp(-l))`` (Eq. 10).
 
-    Computed as ``-log(-expm1(-l))``, which stays accurate where ``exp(-l)``
-    is close to 1. The term diverges as ``l -> 0``, so ``l`` is floored at the
-    machine epsilon of its dtype: the value is then at most ``-log(eps)`` and
-    the gradient at most ``1/eps`` in magnitude (1024 for float16, 128 for
-    bfloat16), both finite in that dtype. Below the floor the gradient is the
-    one at the floor, so a sample with a tiny loss is still pushed up rather
-    than silently ignored. The arithmetic runs in at least float32 and the
-    result is cast back to the input dtype.
+    Two forms, each accurate on its side of ``l = log 2`` (Maechler, 2012,
+    "Accurately computing log(1 - exp(-|a|))"): ``-log(-expm1(-l))`` where
+    ``exp(-l)`` is close to 1, and ``-log1p(-exp(-l))`` where it is small, so
+    the value keeps its relative precision (about ``exp(-l)``) for large ``l``
+    instead of rounding to 0 beyond ``l ~ 17`` in float32. The term diverges as
+    ``l -> 0``, so ``l`` is floored at the machine epsilon of its dtype: the
+    value is then at most ``-log(eps)`` and the gradient at most ``1/eps`` in
+    magnitude (1024 for float16, 128 for bfloat16), both finite in that dtype.
+    Below the floor the gradient is the one at the floor, so a sample with a
+    tiny loss is still pushed up rather than silently ignored. The arithmetic
+    runs in at least float32 and the result is cast back to the input dtype.
 
-    For large ``l`` (a summed loss over thousands of pixels), ``exp(-l)``
-    underflows and the term is ~0: expected, see the README.
+    For a summed loss over thousands of pixels the term is ~0: expected, see
+    the README.
     """
     floor = torch.finfo(per_sample_loss.dtype).eps
     compute_dtype = torch.promote_types(per_sample_loss.dtype, torch.float32)
     loss = per_sample_loss.to(compute_dtype)
     # Value clamped, gradient passed straight through: d(floored)/dl == 1.
     floored = loss + (floor - loss).clamp_min(0.0).detach()
-    return (-torch.log(-torch.expm1(-floored))).to(per_sample_loss.dtype)
+    # Each form sees only its own side, so neither produces an inf or NaN for where() to hide.
+    near_zero = -torch.log(-torch.expm1(-floored.clamp_max(LOG_2)))
+    far_from_zero = -torch.log1p(-torch.exp(-floored.clamp_min(LOG_2)))
+    return torch.where(floored <= LOG_2, near_zero, far_from_zero).to(per_sample_loss.dtype)
 
 
 @dataclass
 class RiskOutput:
     """What one mini-batch risk evaluation returns.
 
-    ``loss`` is what to back-propagate. The other fields are detached
+    ``loss`` is what to back-propagate; on an nnPU correction step that is
+    ``-r``, while ``objective`` is the value of Eq. (19) itself,
+    ``w * beta * L^+_S + max(0, r)``. The other fields are detached
     components for logging; they stay on the device so that logging them
     every step does not force a host synchronisation.
     """
@@ -87,6 +97,7 @@ class RiskOutput:
     positive_risk: torch.Tensor | None = None  # L^+_S: mean over S of BCE(x, 1)
     negative_risk: torch.Tensor | None = None  # r = L^-_U - beta * L^-_S
     correction: torch.Tensor | None = None  # 1.0 where the nnPU ascent step fired
+    objective: torch.Tensor | None = None  # the value of Eq. (19); differs from loss on nnPU ascent steps
 
     def to_log_dict(self) -> dict[str, torch.Tensor]:
         """The non-empty components, keyed by the names used in TensorBoard."""
@@ -97,6 +108,7 @@ class RiskOutput:
             "positive_risk": self.positive_risk,
             "negative_risk": self.negative_risk,
             "nnpu_correction": self.correction,
+            "pu_objective": self.objective,
         }
         return {name: value for name, value in fields.items() if value is not None}
 
@@ -206,13 +218,14 @@ def pu_risk(
     if nonnegative == "nnpu":
         fired = negative_risk < 0
         loss = torch.where(fired, -negative_risk, unbiased)
+        objective = weighted_positive + negative_risk.clamp_min(0.0)
         correction = fired.float()
     elif nonnegative == "abs":
-        loss = weighted_positive + negative_risk.abs()
+        loss = objective = weighted_positive + negative_risk.abs()
     else:
-        loss = unbiased
+        loss = objective = unbiased
     if plain_loss is not None:
-        loss = loss + plain_loss
+        loss, objective = loss + plain_loss, objective + plain_loss
 
     return RiskOutput(
         loss=loss,
@@ -221,6 +234,7 @@ def pu_risk(
         positive_risk=positive_risk.detach(),
         negative_risk=negative_risk.detach(),
         correction=correction,
+        objective=objective.detach(),
     )
 
 

@@ -78,6 +78,17 @@ def test_bce_sensitive_is_finite_with_finite_gradient(dtype, loss_value):
     assert losses.grad.item() <= 0.0
 
 
+@pytest.mark.parametrize("loss_value", [0.5, math.log(2.0), 1.0, 10.0, 20.0, 40.0, 80.0])
+def test_bce_sensitive_keeps_its_relative_precision_in_float32(loss_value):
+    """-log(1 - exp(-l)) ~ exp(-l) for large l: float32 must keep that, not round it to 0 (float64 by hand)."""
+    loss = torch.tensor(loss_value, dtype=torch.float32, requires_grad=True)
+    stored = float(loss.detach())  # the float32 value, in float64 arithmetic from here
+    value = bce_sensitive(loss)
+    assert value.item() == pytest.approx(-math.log1p(-math.exp(-stored)), rel=1e-6)
+    value.backward()
+    assert loss.grad.item() == pytest.approx(-1.0 / math.expm1(stored), rel=1e-5)
+
+
 def test_bce_sensitive_keeps_pushing_below_its_floor():
     """Below the dtype's epsilon the value is the floor's, and the gradient is the floor's, not zero."""
     eps = torch.finfo(torch.float32).eps
@@ -121,6 +132,7 @@ def test_nnpu_positive_branch_minimises_the_unbiased_risk():
     assert risk.positive_risk.item() == pytest.approx(sensitive_bce_by_hand(2.0))
     assert risk.loss.item() == pytest.approx(0.1 * sensitive_bce_by_hand(2.0) + 1.8, rel=1e-12)
     assert risk.correction.item() == 0.0
+    assert risk.objective.item() == risk.loss.item()
     risk.loss.backward()
     assert unlabeled.grad.tolist() == [0.5, 0.5]
     # d/dl_S [beta * BCE1(l_S) - beta * l_S]
@@ -134,6 +146,8 @@ def test_nnpu_negative_branch_steps_on_minus_r():
     assert risk.negative_risk.item() == pytest.approx(-0.5)
     assert risk.loss.item() == pytest.approx(0.5)
     assert risk.correction.item() == 1.0
+    # What is logged as the objective is Eq. (19)'s value, beta * L^+_S + max(0, r), not the -r stepped on.
+    assert risk.objective.item() == pytest.approx(0.1 * sensitive_bce_by_hand(10.0), rel=1e-12)
     risk.loss.backward()
     # Gradient of -(L^-_U - beta L^-_S): a descent step raises l on U and lowers it on S,
     # pushing r back up towards 0. The positive risk takes no part in this step.
@@ -229,6 +243,7 @@ def test_compute_risk_splits_one_forward_into_u_and_s():
         "positive_risk",
         "negative_risk",
         "nnpu_correction",
+        "pu_objective",
     }
 
 
