@@ -49,6 +49,52 @@ CHECKPOINT_CONFIG = "training_config.json"
 FINISHED_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
 
 
+# --------------------------------------------------------------------------- value ranges
+
+
+class Bounded:
+    """An argparse ``type`` that converts with ``kind`` and refuses values outside a range.
+
+    The range is declared once, here; argparse's message names the flag
+    (``argument --learning_rate: must be > 0, got -0.001``) and
+    :func:`show_ranges` puts it into ``--help``.
+    """
+
+    def __init__(self, kind, low=None, high=None, *, low_open=False, high_open=False):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high}")
+        self.constraint = " and ".join(parts)
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+
+    def __call__(self, text: str):
+        value = self.kind(text)
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {self.constraint}, got {text}")
+        return value
+
+
+POSITIVE_INT = Bounded(int, 1)
+NON_NEGATIVE_INT = Bounded(int, 0)
+POSITIVE_FLOAT = Bounded(float, 0, low_open=True)
+NON_NEGATIVE_FLOAT = Bounded(float, 0)
+OPEN_UNIT_INTERVAL = Bounded(float, 0, 1, low_open=True, high_open=True)
+UNIT_INTERVAL = Bounded(float, 0, 1)
+ADAM_BETA = Bounded(float, 0, 1, high_open=True)
+
+
+def show_ranges(parser: argparse.ArgumentParser) -> None:
+    """Append each bounded flag's range to its --help line."""
+    for action in parser._actions:
+        if isinstance(action.type, Bounded):
+            action.help = f"{action.help or ''} [{action.type.constraint}]".lstrip()
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -101,29 +147,33 @@ def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = Fa
     )
     group.add_argument(
         "--num_unlabeled_normal",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="With --label_column: normal images drawn into U (default: all of them).",
     )
     group.add_argument(
         "--num_unlabeled_sensitive",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="With --label_column: sensitive images drawn into U (default: a tenth of the normal"
         " count, the paper's 10:1).",
     )
     group.add_argument(
         "--num_labeled_sensitive",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="With --label_column: sensitive images drawn into S, disjoint from U's (default: as many"
         " as U's sensitive ones).",
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
-    group.add_argument("--resolution", type=int, default=64, help="Images are resized and cropped to this size.")
+    group.add_argument(
+        "--resolution", type=POSITIVE_INT, default=64, help="Images are resized and cropped to this size."
+    )
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random window.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    group.add_argument("--dataloader_num_workers", type=int, default=0, help="Data-loading subprocesses; 0: main.")
+    group.add_argument(
+        "--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0, help="Data-loading subprocesses; 0: main."
+    )
 
 
 def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str = "nnpu") -> None:
@@ -137,7 +187,7 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     )
     group.add_argument(
         "--prior",
-        type=float,
+        type=OPEN_UNIT_INTERVAL,
         default=0.1,
         help="beta, the share of sensitive data in U, in (0, 1). The paper uses 0.1.",
     )
@@ -149,7 +199,7 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     )
     group.add_argument(
         "--sensitive_batch_size",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="S images per step (default: train_batch_size * |S| / |U|, at least 1).",
     )
@@ -161,14 +211,14 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     )
     group.add_argument(
         "--positive_risk_weight",
-        type=float,
+        type=NON_NEGATIVE_FLOAT,
         default=1.0,
         help="Ours, not the paper's: scales beta * L^+_S in Eq. (18); 1 is the paper. On small images (the 8x8"
         " digits) 0 works better: see the README's benchmark section.",
     )
     group.add_argument(
         "--sensitive_min_timestep",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=0,
         help="Ours, not the paper's: the S terms and the nonnegative correction use only (t, noise) draws with"
         " t >= this; U's draws below it get the plain diffusion loss. 0 is the paper.",
@@ -190,12 +240,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite_output_dir", action="store_true", help="Train even if --output_dir already holds a finished model."
     )
     group.add_argument("--seed", type=int, default=None, help="Seed for the U/S draws, training and samples.")
-    group.add_argument("--train_batch_size", type=int, default=16, help="U images per step and device.")
-    group.add_argument("--num_train_epochs", "--num_epochs", type=int, default=100, dest="num_train_epochs")
-    group.add_argument("--max_train_steps", type=int, default=None, help="If set, overrides --num_train_epochs.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--train_batch_size", type=POSITIVE_INT, default=16, help="U images per step and device.")
+    group.add_argument("--num_train_epochs", "--num_epochs", type=POSITIVE_INT, default=100, dest="num_train_epochs")
+    group.add_argument(
+        "--max_train_steps", type=POSITIVE_INT, default=None, help="If set, overrides --num_train_epochs."
+    )
+    group.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
     group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
-    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--learning_rate", type=POSITIVE_FLOAT, default=1e-4)
     group.add_argument(
         "--scale_lr",
         action="store_true",
@@ -207,12 +259,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default="cosine",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
     )
-    group.add_argument("--lr_warmup_steps", type=int, default=500)
-    group.add_argument("--adam_beta1", type=float, default=0.95)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=500)
+    group.add_argument("--adam_beta1", type=ADAM_BETA, default=0.95)
+    group.add_argument("--adam_beta2", type=ADAM_BETA, default=0.999)
+    group.add_argument("--adam_weight_decay", type=NON_NEGATIVE_FLOAT, default=1e-6)
+    group.add_argument("--adam_epsilon", type=POSITIVE_FLOAT, default=1e-8)
+    group.add_argument("--max_grad_norm", type=POSITIVE_FLOAT, default=1.0)
     group.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -220,16 +272,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="Default: what `accelerate launch` / `accelerate config` set.",
     )
     group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
-    group.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    group.add_argument("--ema_power", type=float, default=3 / 4)
-    group.add_argument("--ema_max_decay", type=float, default=0.9999)
+    group.add_argument("--ema_inv_gamma", type=POSITIVE_FLOAT, default=1.0)
+    group.add_argument("--ema_power", type=POSITIVE_FLOAT, default=3 / 4)
+    group.add_argument("--ema_max_decay", type=UNIT_INTERVAL, default=0.9999)
     group.add_argument(
         "--checkpointing_steps",
-        type=int,
+        type=POSITIVE_INT,
         default=500,
         help="Save a resumable checkpoint-N folder every N optimizer steps.",
     )
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
+    group.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=None, help="Keep at most this many.")
     group.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -245,7 +297,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         dest="report_to",
         help='"tensorboard", "wandb", "all" or "none".',
     )
-    group.add_argument("--logging_steps", type=int, default=1, help="Log the loss components every N steps.")
+    group.add_argument("--logging_steps", type=POSITIVE_INT, default=1, help="Log the loss components every N steps.")
     group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
 
 
@@ -302,27 +354,6 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         args.local_rank = env_local_rank
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError("U is missing: give --dataset_name or --train_data_dir")
-    if not 0.0 < args.prior < 1.0:
-        raise InputError(f"--prior must be in (0, 1), got {args.prior}")
-    if args.sensitive_batch_size is not None and args.sensitive_batch_size < 1:
-        raise InputError(f"--sensitive_batch_size must be >= 1, got {args.sensitive_batch_size}")
-    if args.positive_risk_weight < 0:
-        raise InputError(f"--positive_risk_weight must be >= 0, got {args.positive_risk_weight}")
-    if args.sensitive_min_timestep < 0:
-        raise InputError(f"--sensitive_min_timestep must be >= 0, got {args.sensitive_min_timestep}")
-    for flag in (
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "resolution",
-        "logging_steps",
-        "checkpointing_steps",
-    ):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise InputError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise InputError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     _check_sensitive_source(args)
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login` instead")
@@ -352,6 +383,7 @@ def _check_sensitive_source(args: argparse.Namespace) -> None:
 
 def _check_output_dir(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
+    _check_writable(output_dir)
     finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).exists()]
     if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise InputError(
@@ -359,6 +391,25 @@ def _check_output_dir(args: argparse.Namespace) -> None:
             " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
         )
     _check_resumed_run(args)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """--output_dir must be a folder we can write in (or be creatable), known before any work starts.
+
+    Nothing is created: a probe folder is made in the nearest existing
+    ancestor and removed at once.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output_dir {output_dir}: exists and is not a folder")
+    ancestor = output_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {ancestor} is a file, so the folder cannot be made")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-write-check-", dir=ancestor))
+    except OSError as error:
+        raise InputError(f"--output_dir {output_dir}: cannot write in {ancestor} ({error.strerror})") from error
 
 
 def _check_resumed_run(args: argparse.Namespace) -> None:
@@ -431,10 +482,13 @@ def pu_objective(
     )
 
 
-def check_finite(risk: RiskOutput, global_step: int, output_dir: str) -> None:
-    """Stop with a message when the loss is NaN or infinite; the last checkpoint stays as it is."""
-    if not torch.isfinite(risk.loss).item():
-        components = {name: float(value) for name, value in risk.to_log_dict().items()}
+def check_finite(logs: dict[str, torch.Tensor], global_step: int, output_dir: str) -> None:
+    """Stop with a message when the step's loss is NaN or infinite; the last checkpoint stays as it is.
+
+    ``logs`` are the step's risk components (``RiskOutput.to_log_dict``).
+    """
+    if not torch.isfinite(logs["loss"]).item():
+        components = {name: float(value) for name, value in logs.items()}
         raise FloatingPointError(
             f"the loss is not finite at step {global_step} ({components}); training stopped. The last"
             f" checkpoint-N in {output_dir} is intact: lower --learning_rate (or try --nonnegative abs) and"
@@ -533,11 +587,11 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-def log_risk(accelerator, risk: RiskOutput, lr: float, global_step: int) -> dict[str, float]:
-    logs = {name: float(value) for name, value in risk.to_log_dict().items()}
-    logs["lr"] = lr
-    accelerator.log(logs, step=global_step)
-    return logs
+def log_risk(accelerator, logs: dict[str, torch.Tensor], lr: float, global_step: int) -> dict[str, float]:
+    values = {name: float(value) for name, value in logs.items()}
+    values["lr"] = lr
+    accelerator.log(values, step=global_step)
+    return values
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -760,16 +814,37 @@ def exit_on_error(main: Callable, args: argparse.Namespace) -> None:
         sys.exit(interruption.exit_code)
 
 
+def accumulation_cycle(batch_index: int, num_batches: int, accumulation_steps: int) -> tuple[bool, int]:
+    """(whether micro-batch ``batch_index`` of an epoch ends an optimizer step, how many micro-batches that
+    step averages).
+
+    Each optimizer step covers ``accumulation_steps`` consecutive U batches; the
+    last step of an epoch covers what is left, so an epoch of ``num_batches``
+    gives ``ceil(num_batches / accumulation_steps)`` steps whatever the size of S.
+    """
+    cycle_start = batch_index - batch_index % accumulation_steps
+    cycle_length = min(accumulation_steps, num_batches - cycle_start)
+    return batch_index == cycle_start + cycle_length - 1, cycle_length
+
+
 def train(accelerator, run: TrainingRun, args: argparse.Namespace, training_step: Callable, end_of_epoch: Callable):
-    """The loop: one optimizer step per U batch (times accumulation), each paired with an S batch.
+    """The loop: one optimizer step per --gradient_accumulation_steps U batches, each paired with an S batch.
 
     ``training_step(run, unlabeled_batch, sensitive_batch, generator)`` returns
     the step's :class:`RiskOutput`; ``end_of_epoch(epoch, global_step)`` does the
     script's validation and saving. Data order, augmentation and each batch's
     noise and timesteps are functions of (seed, epoch, batch), so a run resumed
     from checkpoint-N replays the uninterrupted run from step N on.
+
+    The loop decides itself when gradients are synchronised and the optimizer
+    steps (:func:`accumulation_cycle`), instead of ``accelerator.accumulate``:
+    Accelerate would follow the prepared loader that started iterating last,
+    which is the S stream, and step at the end of each pass over S.
     """
     global_step = resume_step(accelerator, args)
+    if global_step >= args.max_train_steps:
+        finish_trained_run(accelerator, args, global_step, end_of_epoch, run.steps_per_epoch)
+        return
     first_epoch = global_step // run.steps_per_epoch
     skip_batches = (global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
     sensitive_stream = None
@@ -784,6 +859,7 @@ def train(accelerator, run: TrainingRun, args: argparse.Namespace, training_step
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    cycle_logs = CycleAverage()
     for epoch in range(first_epoch, args.num_train_epochs):
         run.model.train()
         run.unlabeled_sampler.use_epoch(epoch)
@@ -794,21 +870,28 @@ def train(accelerator, run: TrainingRun, args: argparse.Namespace, training_step
             generator = torch.Generator(accelerator.device).manual_seed(
                 pu_data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
             )
-            with accelerator.accumulate(run.model):
+            sync, cycle_length = accumulation_cycle(
+                batch_index, len(run.unlabeled_loader), args.gradient_accumulation_steps
+            )
+            # The optimizer and schedule wrappers (and DeepSpeed's engine) read this flag.
+            accelerator.sync_gradients = sync
+            with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
                 risk = training_step(run, unlabeled_batch, sensitive_batch, generator)
-                accelerator.backward(risk.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(run.trainable_parameters, args.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+                # accelerator.backward divides by --gradient_accumulation_steps; a short last cycle of the
+                # epoch averages over the micro-batches it has.
+                accelerator.backward(risk.loss * (args.gradient_accumulation_steps / cycle_length))
+            cycle_logs.add(risk)
+            if not sync:
                 continue
+            accelerator.clip_grad_norm_(run.trainable_parameters, args.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             if run.ema_model is not None:
                 run.ema_model.step(run.trainable_parameters)
             global_step += 1
             progress.update(1)
-            _after_step(accelerator, run, args, risk, global_step, progress, stop)
+            _after_step(accelerator, run, args, cycle_logs.pop(), global_step, progress, stop)
             if global_step >= args.max_train_steps:
                 break
         end_of_epoch(epoch, global_step)
@@ -818,12 +901,48 @@ def train(accelerator, run: TrainingRun, args: argparse.Namespace, training_step
     progress.close()
 
 
-def _after_step(accelerator, run: TrainingRun, args, risk: RiskOutput, global_step: int, progress, stop) -> None:
+class CycleAverage:
+    """The logged risk components of one optimizer step: their mean over its accumulated micro-batches."""
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def add(self, risk: RiskOutput) -> None:
+        for name, value in risk.to_log_dict().items():
+            self._sums[name] = self._sums[name] + value.detach() if name in self._sums else value.detach()
+        self._count += 1
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        means = {name: total / self._count for name, total in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return means
+
+
+def finish_trained_run(accelerator, args, global_step: int, end_of_epoch: Callable, steps_per_epoch: int) -> None:
+    """A resume whose checkpoint already reached --max_train_steps trains nothing more.
+
+    If the run was stopped between its last checkpoint and its final save,
+    the final model is written from the checkpoint; a run that finished
+    stays as it is.
+    """
+    finished = [name for name in FINISHED_MODEL_FILES if (Path(args.output_dir) / name).exists()]
+    if finished:
+        accelerator.print(
+            f"step {global_step} of --max_train_steps {args.max_train_steps} is done and {args.output_dir} holds"
+            f" the finished model ({finished[0]}): nothing to do"
+        )
+        return
+    accelerator.print(f"step {global_step} is the last one: saving the final model from the checkpoint")
+    end_of_epoch((global_step - 1) // steps_per_epoch, global_step)
+
+
+def _after_step(accelerator, run: TrainingRun, args, logs: dict, global_step: int, progress, stop) -> None:
     """Logging (it synchronises with the device, hence only every --logging_steps), checkpoints, signals."""
     if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-        check_finite(risk, global_step, args.output_dir)
-        logs = log_risk(accelerator, risk, run.lr_scheduler.get_last_lr()[0], global_step)
-        progress.set_postfix(loss=f"{logs['loss']:.4g}")
+        check_finite(logs, global_step, args.output_dir)
+        values = log_risk(accelerator, logs, run.lr_scheduler.get_last_lr()[0], global_step)
+        progress.set_postfix(loss=f"{values['loss']:.4g}")
     if global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args, global_step)
     if stop.requested(accelerator):

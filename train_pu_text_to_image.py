@@ -44,12 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
-    model.add_argument("--rank", type=int, default=4, help="LoRA rank (and alpha).")
+    model.add_argument("--rank", type=common.POSITIVE_INT, default=4, help="LoRA rank (and alpha).")
     model.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs a GPU).")
-    model.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel noise offset.")
+    model.add_argument(
+        "--noise_offset", type=common.NON_NEGATIVE_FLOAT, default=0.0, help="Scale of the per-channel noise offset."
+    )
     model.add_argument(
         "--snr_gamma",
-        type=float,
+        type=common.POSITIVE_FLOAT,
         default=None,
         help="Min-SNR weighting (Hang et al., 2023) of each sample's loss; 5.0 is the usual value.",
     )
@@ -64,10 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Prompts for the validation grids; add a sensitive one to watch the concept disappear.",
     )
-    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
-    validation.add_argument("--validation_epochs", type=int, default=1, help="A validation grid every N epochs.")
-    validation.add_argument("--validation_steps", type=int, default=30, help="Denoising steps of validation images.")
+    validation.add_argument(
+        "--num_validation_images", type=common.POSITIVE_INT, default=4, help="Images per validation prompt."
+    )
+    validation.add_argument(
+        "--validation_epochs", type=common.POSITIVE_INT, default=1, help="A validation grid every N epochs."
+    )
+    validation.add_argument(
+        "--validation_steps", type=common.POSITIVE_INT, default=30, help="Denoising steps of validation images."
+    )
     common.add_hub_arguments(parser)
+    common.show_ranges(parser)
     # The official text-to-image examples' defaults.
     parser.set_defaults(
         resolution=512, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=0.9, adam_weight_decay=1e-2
@@ -96,13 +105,6 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
                 "S needs captions: give --sensitive_caption_column (a column of S) or --sensitive_prompt (one"
                 " caption for all of S)"
             )
-    for flag in ("rank", "num_validation_images", "validation_epochs", "validation_steps"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.noise_offset < 0:
-        raise InputError(f"--noise_offset must be >= 0, got {args.noise_offset}")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
 
 
 # --------------------------------------------------------------------------- model
@@ -309,14 +311,19 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon (/ (SNR + 1) for v), one per sample."""
+    """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon (/ (SNR + 1) for v), one per sample.
+
+    For epsilon the weight is written min(1, gamma / SNR): the same number, and
+    at a zero-terminal-SNR schedule's last step (SNR = 0) it is 1, the limit
+    its neighbours approach, where min(SNR, gamma) / SNR would be 0 / 0.
+    """
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.clamp(snr, max=snr_gamma)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
-        return clipped / snr
+        return (snr_gamma / snr).clamp(max=1.0)
+    clipped = torch.clamp(snr, max=snr_gamma)
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped  # sample prediction: an x0 loss is the epsilon loss divided by SNR
@@ -325,11 +332,10 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) 
 # --------------------------------------------------------------------------- validation and saving
 
 
-def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int) -> Path:
-    """One grid: a row of --num_validation_images per --validation_prompt, the same noise every time."""
+def validation_pipeline(args, run: TextToImageRun, unet):
+    """The base pipeline around the models being trained, sampling with the training parameterisation."""
     from diffusers import DiffusionPipeline
 
-    unet = accelerator.unwrap_model(run.model)
     pipeline = DiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=unet,
@@ -340,7 +346,24 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
         revision=args.revision,
         variant=args.variant,
     )
+    match_training_scheduler(pipeline, run.noise_scheduler)
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def match_training_scheduler(pipeline, noise_scheduler) -> None:
+    """The pipeline's sampler keeps its kind (PNDM, DDIM, ...) but takes what the model was trained to predict
+    (--prediction_type) and the training schedule's zero-terminal-SNR setting."""
+    overrides = {"prediction_type": noise_scheduler.config.prediction_type}
+    if "rescale_betas_zero_snr" in pipeline.scheduler.config:
+        overrides["rescale_betas_zero_snr"] = noise_scheduler.config.get("rescale_betas_zero_snr", False)
+    pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
+
+
+def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int) -> Path:
+    """One grid: a row of --num_validation_images per --validation_prompt, the same noise every time."""
+    unet = accelerator.unwrap_model(run.model)
+    pipeline = validation_pipeline(args, run, unet)
     rows = []
     unet.eval()
     with common.ema_weights(run), accelerator.autocast(), torch.inference_mode():
@@ -389,8 +412,7 @@ def save_model(accelerator, run: TextToImageRun, args) -> None:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
             )
-            if args.prediction_type:
-                pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+            match_training_scheduler(pipeline, run.noise_scheduler)
             common.save_pipeline_atomically(pipeline, args.output_dir)
     write_model_card(args)
 

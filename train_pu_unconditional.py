@@ -35,27 +35,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="UNet2DModel config (folder or Hub id) to train from scratch. Default: a UNet sized by --resolution.",
     )
-    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps T (from scratch).")
+    model.add_argument(
+        "--ddpm_num_steps", type=common.POSITIVE_INT, default=1000, help="Diffusion steps T (from scratch)."
+    )
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (from scratch).")
     model.add_argument(
-        "--ddpm_num_inference_steps", type=int, default=1000, help="Denoising steps for the validation samples."
+        "--ddpm_num_inference_steps",
+        type=common.POSITIVE_INT,
+        default=1000,
+        help="Denoising steps for the validation samples.",
     )
     common.add_data_arguments(parser)
     common.add_pu_arguments(parser)
     common.add_training_arguments(parser)
     validation = parser.add_argument_group("validation and saving")
-    validation.add_argument("--eval_batch_size", type=int, default=16, help="Images in each validation grid.")
-    validation.add_argument("--save_images_epochs", type=int, default=10, help="Validation grid every N epochs.")
-    validation.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs.")
+    validation.add_argument(
+        "--eval_batch_size", type=common.POSITIVE_INT, default=16, help="Images in each validation grid."
+    )
+    validation.add_argument(
+        "--save_images_epochs", type=common.POSITIVE_INT, default=10, help="Validation grid every N epochs."
+    )
+    validation.add_argument(
+        "--save_model_epochs", type=common.POSITIVE_INT, default=10, help="Save the pipeline every N epochs."
+    )
     common.add_hub_arguments(parser)
+    common.show_ranges(parser)
     args = parser.parse_args(argv)
     try:
         common.check_common_arguments(args)
         if args.pretrained_model_name_or_path and args.model_config_name_or_path:
             raise InputError("--pretrained_model_name_or_path and --model_config_name_or_path: give one")
-        for flag in ("eval_batch_size", "save_images_epochs", "save_model_epochs", "ddpm_num_inference_steps"):
-            if getattr(args, flag) < 1:
-                raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     except InputError as error:
         parser.error(str(error))
     return args

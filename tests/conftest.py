@@ -85,6 +85,17 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     )
 
 
+def forwards_per_optimizer_step(script: str, *args, record_path: Path) -> list[int]:
+    """Launch ``script`` under tests/step_counter.py and return the UNet training forwards of each optimizer
+    step; the run must succeed and leave no forward without its step."""
+    import json
+
+    assert_ok(run_script("tests/step_counter.py", record_path, script, *args))
+    record = json.loads(record_path.read_text())
+    assert record["forwards_after_last_step"] == 0
+    return record["forwards_per_step"]
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The built-in demo data, written once per test session."""

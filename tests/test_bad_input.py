@@ -93,11 +93,35 @@ CASES = {
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--image_column", "label"),
         "--image_column 'label'",
     ),
+    "epochs zero": (lambda d, t: ["--dataset_name", d, "--num_train_epochs", "0"], "--num_train_epochs"),
+    "epochs negative": (lambda d, t: ["--dataset_name", d, "--num_epochs", "-1"], "--num_train_epochs"),
+    "learning rate negative": (lambda d, t: ["--dataset_name", d, "--learning_rate=-0.001"], "--learning_rate"),
+    "adam beta one": (lambda d, t: ["--dataset_name", d, "--adam_beta2", "1"], "--adam_beta2"),
+    "grad norm zero": (lambda d, t: ["--dataset_name", d, "--max_grad_norm", "0"], "--max_grad_norm"),
+    "prior not a number": (lambda d, t: ["--dataset_name", d, "--prior", "nan"], "--prior: must be > 0 and < 1"),
     "missing checkpoint": (
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resume_from_checkpoint", "checkpoint-7"),
         "--resume_from_checkpoint",
     ),
 }
+
+
+@pytest.mark.parametrize("where", ["file", "below a file", "unwritable"])
+def test_an_output_dir_that_cannot_be_written_fails_before_any_work(where, tmp_path, digits_dir):
+    (tmp_path / "a_file").write_text("not a folder")
+    output_dir = {
+        "file": tmp_path / "a_file",
+        "below a file": tmp_path / "a_file" / "out",
+        "unwritable": "/proc/pu-diffusion-test/out",  # not writable even for root
+    }[where]
+    result = run_script(
+        SCRIPT, *label_split_args(str(digits_dir), "--sensitive_labels", *ODD), "--output_dir", output_dir,
+        "--report_to", "none", launcher="python", timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"--output_dir {output_dir}:" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import pu_training_utils
 import train_pu_text_to_image as t2i
-from tests.conftest import assert_ok, run_script, write_captioned_folder
+from tests.conftest import assert_ok, forwards_per_optimizer_step, run_script, write_captioned_folder
 from tests.test_train_unconditional import scalars
 
 SCRIPT = "train_pu_text_to_image.py"
@@ -171,6 +171,42 @@ def test_min_snr_weights_by_hand():
     scheduler.register_to_config(prediction_type="v_prediction")
     v_expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
     assert torch.allclose(t2i.min_snr_weights(scheduler, timesteps, 5.0).double(), v_expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_are_finite_on_a_zero_terminal_snr_schedule(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 500, 998, 999])
+    assert scheduler.alphas_cumprod[999] == 0.0  # SNR = 0 at the last step
+    weights = t2i.min_snr_weights(scheduler, timesteps, 5.0)
+    assert torch.isfinite(weights).all()
+    alpha_bar = scheduler.alphas_cumprod[timesteps[:3]].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    by_hand = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    assert torch.allclose(weights[:3].double(), by_hand, rtol=1e-4)
+    # The terminal step is weighted as its neighbour: 1 for epsilon (its limit), 0 for v and x0.
+    assert weights[3].item() == pytest.approx(weights[2].item(), abs=1e-6)
+
+
+def test_validation_samples_with_the_trained_prediction_type(tiny_sd_pipeline):
+    """--prediction_type v_prediction on an epsilon base: the validation sampler must predict v too."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    base = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    assert base.scheduler.config.prediction_type == "epsilon"
+    noise_scheduler = DDPMScheduler.from_pretrained(tiny_sd_pipeline, subfolder="scheduler")
+    noise_scheduler.register_to_config(prediction_type="v_prediction")
+    run = argparse.Namespace(
+        text_encoder=base.text_encoder, vae=base.vae, tokenizer=base.tokenizer, noise_scheduler=noise_scheduler
+    )
+    args = argparse.Namespace(pretrained_model_name_or_path=str(tiny_sd_pipeline), revision=None, variant=None)
+    pipeline = t2i.validation_pipeline(args, run, base.unet)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert type(pipeline.scheduler) is type(base.scheduler)
+    assert pipeline.unet is base.unet
 
 
 class RecordingUNet(torch.nn.Module):
@@ -364,3 +400,16 @@ def test_two_processes_train_lora_with_validation_and_resume(tiny_sd_pipeline, c
         load_file(output_dir / "pytorch_lora_weights.safetensors").keys()
         == load_file(checkpoint / "pytorch_lora_weights.safetensors").keys()
     )
+
+
+@pytest.mark.parametrize(("accumulation", "expected"), [(1, [1] * 8), (3, [3, 3, 2])])
+def test_gradient_accumulation_steps_after_every_accumulated_u_batches(
+    tiny_sd_pipeline, captioned_data, tmp_path, accumulation, expected
+):
+    """8 U batches of 1 in the epoch; S's pass is 3 batches of 1, which ends inside the accumulation cycles."""
+    output_dir = tmp_path / "out"
+    args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--num_train_epochs", "1")
+    args[args.index("--train_batch_size") + 1] = "1"
+    args += ["--sensitive_batch_size", "1", "--gradient_accumulation_steps", str(accumulation)]
+    assert forwards_per_optimizer_step(SCRIPT, *args, record_path=tmp_path / "record.json") == expected
+    assert [step for step, _ in scalars(output_dir)["loss"]] == list(range(1, len(expected) + 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import assert_ok, run_script, tiny_unet_kwargs, write_image_folder
+from tests.conftest import assert_ok, forwards_per_optimizer_step, run_script, tiny_unet_kwargs, write_image_folder
 
 SCRIPT = "train_pu_unconditional.py"
 ODD = ["1", "3", "5", "7", "9"]
@@ -313,3 +313,44 @@ def test_two_processes_on_cpu_train_checkpoint_and_resume(tmp_path, digits_dir, 
     assert sorted(step for step, _ in scalars(output_dir)["loss"]) == list(range(1, 10))
     _, images = load_and_sample(output_dir)
     assert images.shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize(("accumulation", "expected"), [(1, [1] * 12), (2, [2] * 6), (4, [4, 2, 4, 2])])
+def test_gradient_accumulation_steps_after_every_accumulated_u_batches(
+    tmp_path, digits_dir, tiny_unet_config, accumulation, expected
+):
+    """6 U batches an epoch, 2 epochs, and an S pass of 3 batches, which ends inside accumulation cycles."""
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--num_train_epochs", "2",
+        "--gradient_accumulation_steps", str(accumulation),
+    )  # fmt: skip
+    steps = forwards_per_optimizer_step(SCRIPT, *args, record_path=tmp_path / "record.json")
+    assert steps == expected
+    assert [step for step, _ in scalars(output_dir)["loss"]] == list(range(1, len(expected) + 1))
+    assert f"| steps, batch (U + S) | {len(expected)}, 8 + 2 |" in (output_dir / "README.md").read_text()
+
+
+def test_resume_inside_an_epoch_with_accumulation_replays_the_run(tmp_path, digits_dir, tiny_unet_config):
+    """checkpoint-1 of an accumulation of 4 sits after 4 of the epoch's 6 U batches (and 4 S batches, one
+    pass and a third)."""
+    import shutil
+
+    def args(output_dir, *extra):
+        return tiny_run_args(
+            digits_dir, tiny_unet_config, output_dir, "--num_train_epochs", "2", "--gradient_accumulation_steps",
+            "4", "--checkpointing_steps", "1", "--random_flip", *extra,
+        )  # fmt: skip
+
+    reference = tmp_path / "reference"
+    assert_ok(run_script(SCRIPT, *args(reference), launcher="python"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-1", resumed / "checkpoint-1")
+    assert_ok(run_script(SCRIPT, *args(resumed, "--resume_from_checkpoint", "latest"), launcher="python"))
+    reference_trace, resumed_trace = dict(scalars(reference)["loss"]), dict(scalars(resumed)["loss"])
+    assert sorted(resumed_trace) == [2, 3, 4]
+    assert all(resumed_trace[step] == reference_trace[step] for step in (2, 3, 4))
+    final_reference = load_and_sample(reference)[0].unet.state_dict()
+    final_resumed = load_and_sample(resumed)[0].unet.state_dict()
+    assert all(torch.equal(final_resumed[name], weight) for name, weight in final_reference.items())

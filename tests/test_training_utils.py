@@ -69,8 +69,8 @@ def test_an_interrupted_pipeline_save_leaves_no_loadable_model(tmp_path):
 def test_a_non_finite_loss_stops_with_the_step_named():
     risk = RiskOutput(loss=torch.tensor(float("nan")), unlabeled_loss=torch.tensor(1.0))
     with pytest.raises(FloatingPointError, match="step 17"):
-        common.check_finite(risk, 17, "out")
-    common.check_finite(RiskOutput(loss=torch.tensor(2.0), unlabeled_loss=torch.tensor(2.0)), 18, "out")
+        common.check_finite(risk.to_log_dict(), 17, "out")
+    common.check_finite(RiskOutput(loss=torch.tensor(2.0), unlabeled_loss=torch.tensor(2.0)).to_log_dict(), 18, "out")
 
 
 @pytest.mark.parametrize(("resolution", "low", "high"), [(8, 0.6e6, 0.8e6), (16, 1.0e6, 1.3e6), (32, 35e6, 36.5e6)])
