@@ -416,13 +416,9 @@ def _check_resumed_run(args: argparse.Namespace) -> None:
     """A resume must continue the same objective; it takes the checkpoint's seed when none is given."""
     if not args.resume_from_checkpoint:
         return
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            return  # as in the official examples: "latest" with nothing to resume starts fresh
-        checkpoint = checkpoints[-1]
-    else:
-        checkpoint = named_checkpoint(args)
+    checkpoint = checkpoint_to_resume(args, warn=False)
+    if checkpoint is None:
+        return  # as in the official examples: "latest" with nothing to resume starts fresh
     config_file = checkpoint / CHECKPOINT_CONFIG
     if not config_file.is_file():
         logger.warning(
@@ -1014,6 +1010,12 @@ def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int) -> 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_config = {key: getattr(args, key, None) for key in (*OBJECTIVE_FLAGS, *DATA_ORDER_FLAGS)}
+        # What a complete checkpoint holds, so a resume can tell one that lost a file.
+        run_config["files"] = {
+            path.relative_to(staging).as_posix(): path.stat().st_size
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
         (staging / CHECKPOINT_CONFIG).write_text(json.dumps(run_config, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -1027,21 +1029,69 @@ def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int) -> 
     return final
 
 
+def missing_from_checkpoint(path: Path) -> list[str]:
+    """The files that ``path``'s training_config.json lists and that are gone or changed in size.
+
+    Checkpoints written before the list existed cannot be checked: nothing is reported for them.
+    """
+    config_file = path / CHECKPOINT_CONFIG
+    if not config_file.is_file():
+        return []
+    listed = json.loads(config_file.read_text()).get("files", {})
+    missing = []
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            missing.append(f"{name} (missing)")
+        elif file.stat().st_size != size:
+            missing.append(f"{name} ({file.stat().st_size} bytes, written with {size})")
+    return missing
+
+
+def checkpoint_to_resume(args: argparse.Namespace, warn: bool = True) -> Path | None:
+    """The checkpoint --resume_from_checkpoint asks for, or None for "latest" with none in --output_dir.
+
+    A named checkpoint that lost files is an error that lists them; "latest"
+    falls back to the newest complete checkpoint, with a warning for each it
+    passes over.
+    """
+    if args.resume_from_checkpoint != "latest":
+        path = named_checkpoint(args)
+        missing = missing_from_checkpoint(path)
+        if missing:
+            raise InputError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: {path} is incomplete: {', '.join(missing)}"
+            )
+        return path
+    checkpoints = list_checkpoints(args.output_dir)
+    for path in reversed(checkpoints):
+        missing = missing_from_checkpoint(path)
+        if not missing:
+            return path
+        if warn:
+            logger.warning("%s is incomplete (%s): trying the one before it", path, ", ".join(missing))
+    if checkpoints:
+        raise InputError(
+            f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_dir} (each of"
+            f" {', '.join(p.name for p in checkpoints)} lost files); start a new --output_dir"
+        )
+    return None
+
+
 def resume_step(accelerator, args: argparse.Namespace) -> int:
     """Load --resume_from_checkpoint and return its global step (0 when starting fresh)."""
     if not args.resume_from_checkpoint:
         return 0
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
-            args.resume_from_checkpoint = None
-            return 0
-        path = checkpoints[-1]
-    else:
-        path = named_checkpoint(args)
+    path = checkpoint_to_resume(args)
+    if path is None:
+        accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
+        args.resume_from_checkpoint = None
+        return 0
     accelerator.print(f"resuming from {path}")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise InputError(f"--resume_from_checkpoint: {path} cannot be loaded ({error})") from error
     return checkpoint_step(path)
 
 

@@ -216,3 +216,71 @@ def test_sigterm_to_the_launcher_stops_all_processes_at_the_same_step(tmp_path, 
     last = output_dir / f"checkpoint-{stops[0]}"
     assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert not list(output_dir.glob(".tmp-*"))
+
+
+def unet_weights(output_dir):
+    return (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_an_incomplete_checkpoint_is_named_and_latest_falls_back_to_a_complete_one(
+    tmp_path, digits_dir, tiny_unet_config
+):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "1")
+    assert_ok(run_script(SCRIPT, *args, "--max_train_steps", "3"))
+    (output_dir / "checkpoint-3" / "optimizer.bin").unlink()
+    (output_dir / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"cut")
+
+    named = run_script(
+        SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3", launcher="python"
+    )
+    assert named.returncode != 0 and "Traceback" not in named.stderr
+    assert "checkpoint-3 is incomplete: optimizer.bin (missing)" in named.stderr
+
+    latest = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert_ok(latest)
+    assert "checkpoint-3 is incomplete (optimizer.bin (missing))" in latest.stderr
+    assert "checkpoint-2 is incomplete (unet/diffusion_pytorch_model.safetensors (3 bytes" in latest.stderr
+    assert "resuming from" in latest.stdout and "checkpoint-1" in latest.stdout
+    steps = [step for step, _ in scalars(output_dir)["loss"]]
+    assert steps.count(2) == 2 and steps.count(4) == 1  # steps 2-4 ran again from checkpoint-1
+
+
+def test_a_finished_run_resumed_again_stays_finished(tmp_path, digits_dir, tiny_unet_config):
+    """The last step (3) is not at an epoch boundary (6 batches an epoch) and has its checkpoint."""
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", "--max_train_steps", "3"
+    )
+    assert_ok(run_script(SCRIPT, *args))
+    weights, card = unet_weights(output_dir), (output_dir / "README.md").read_text()
+
+    again = run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest")
+    assert_ok(again)
+    assert "nothing to do" in again.stdout
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert unet_weights(output_dir) == weights and (output_dir / "README.md").read_text() == card
+    assert sorted(loss_trace(output_dir)) == [1, 2, 3]
+
+
+def test_a_run_stopped_before_its_final_save_is_finished_by_resume(tmp_path, digits_dir, tiny_unet_config):
+    """As if killed during the final validation grid: checkpoint-3 is there, the model is not."""
+    import shutil
+
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", "--max_train_steps", "3"
+    )
+    assert_ok(run_script(SCRIPT, *args))
+    weights = unet_weights(output_dir)
+    for name in ("model_index.json", "README.md", "samples.png"):
+        (output_dir / name).unlink()
+    for name in ("unet", "scheduler", "validation"):
+        shutil.rmtree(output_dir / name)
+
+    assert_ok(run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest"))
+    assert load_and_sample(output_dir)[1].shape == (2, 8, 8, 1)
+    assert unet_weights(output_dir) == weights
+    assert "| steps, batch (U + S) | 3, 8 + 2 |" in (output_dir / "README.md").read_text()
+    assert (output_dir / "samples.png").is_file()
+    assert sorted(loss_trace(output_dir)) == [1, 2, 3]  # no step trained twice
