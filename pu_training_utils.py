@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -32,7 +33,7 @@ from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS, RiskOutput, compu
 logger = logging.getLogger(__name__)
 
 #: Never uploaded to the Hub: resumable training state and old validation images.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*"]
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*", ".pu-diffusion.lock"]
 #: Flags that define the objective: a resume must not change them.
 OBJECTIVE_FLAGS = (
     "loss_type",
@@ -767,6 +768,17 @@ def run_training(
     before the first step.
     """
     accelerator = make_accelerator(args)
+    lock = OutputDirLock(args.output_dir) if accelerator.is_main_process else None
+    try:
+        if lock is not None:
+            clean_staging_folders(args.output_dir)
+        _run(accelerator, args, tracker_name, prepare_run, training_step, end_of_epoch, before_training)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(accelerator, args, tracker_name, prepare_run, training_step, end_of_epoch, before_training) -> None:
     settle_seed(accelerator, args)
     with accelerator.main_process_first():
         unlabeled, sensitive = pu_data.load_training_sets(args)
@@ -1129,25 +1141,84 @@ def register_model_hooks(accelerator, model_cls, ema_model=None, subfolder: str 
 
 
 def save_pipeline_atomically(pipeline, output_dir: str) -> None:
-    """Write a pipeline so that a crash never leaves a folder that loads half-written.
+    """Write a pipeline so that the folder never holds a half-written one that loads, and a pipeline
+    saved before stays loadable until the new one is in place.
 
-    The pipeline is saved to a temporary folder beside its target, then moved
-    in piece by piece with ``model_index.json`` last: until that file is in
-    place, ``from_pretrained`` refuses the folder.
+    The pipeline is written to a staging folder beside its target (the slow
+    part). Its pieces are then moved in by renames, ``model_index.json`` last:
+    a file replaces the old one at once, a folder (``unet/``) first moves the
+    old one into the staging folder's ``replaced/``. A process killed between
+    those two renames leaves the old folder there, and
+    :func:`clean_staging_folders` puts it back at the next start.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "model_index.json").unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=output))
     try:
-        pipeline.save_pretrained(staging)
-        for item in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
+        written, replaced = staging / "new", staging / "replaced"
+        pipeline.save_pretrained(written)
+        replaced.mkdir()
+        for item in sorted(written.iterdir(), key=lambda p: p.name == "model_index.json"):
             target = output / item.name
             if target.is_dir():
-                shutil.rmtree(target)
+                os.replace(target, replaced / item.name)
             os.replace(item, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def clean_staging_folders(output_dir: str) -> None:
+    """Remove what a killed process left in --output_dir: .tmp-* staging folders of checkpoints, pipelines
+    and LoRA files. A pipeline folder that a kill left in ``replaced/`` goes back into place first."""
+    for staging in sorted(Path(output_dir).glob(".tmp-*")):
+        for old in sorted((staging / "replaced").glob("*")):
+            if not (Path(output_dir) / old.name).exists():
+                logger.warning("putting back %s, left aside by an interrupted save", old.name)
+                os.replace(old, Path(output_dir) / old.name)
+        logger.info("removing %s, left by an interrupted run", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+LOCK_FILE = ".pu-diffusion.lock"
+
+
+class OutputDirLock:
+    """One training run per --output_dir: an exclusive ``flock`` on a lock file inside it.
+
+    The operating system drops the lock when the process ends, however it
+    ends, so a lock file left by a killed run blocks nobody. On release the
+    lock file goes, and so does the folder if this run created it and left
+    nothing else in it (a run refused for bad input writes nothing).
+    """
+
+    def __init__(self, output_dir: str):
+        import fcntl
+
+        self.output_dir = Path(output_dir)
+        self.created = not self.output_dir.exists()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / LOCK_FILE
+        self.handle = open(self.path, "a+")  # held open, and locked, for the whole run
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise InputError(
+                f"--output_dir {output_dir} is in use by another training run ({owner}); wait for it to end or"
+                " choose another folder"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.handle.flush()
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.handle.close()  # closing drops the flock
+        if self.created and not any(self.output_dir.iterdir()):
+            self.output_dir.rmdir()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -284,3 +284,29 @@ def test_a_run_stopped_before_its_final_save_is_finished_by_resume(tmp_path, dig
     assert "| steps, batch (U + S) | 3, 8 + 2 |" in (output_dir / "README.md").read_text()
     assert (output_dir / "samples.png").is_file()
     assert sorted(loss_trace(output_dir)) == [1, 2, 3]  # no step trained twice
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_trains(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", "--max_train_steps", "100000",
+        "--save_images_epochs", "100000", "--save_model_epochs", "100000",
+    )  # fmt: skip
+    first = start_script(SCRIPT, *args, launcher="python")
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "checkpoint-3").is_dir():  # the first run is training
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.01)
+        second_args = [*args, "--resume_from_checkpoint", "latest"]
+        second_args[second_args.index("--seed") + 1] = "1"
+        second = run_script(SCRIPT, *second_args, launcher="python", timeout=120)
+        assert first.poll() is None  # still training, so the refusal above was the lock's
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert f"--output_dir {output_dir} is in use by another training run (pid {first.pid}" in second.stderr
+    # The first run stopped on its own signal, and its lock is gone with it.
+    assert first.returncode == 128 + signal.SIGTERM
+    assert not (output_dir / ".pu-diffusion.lock").exists()
