@@ -47,6 +47,7 @@ from pu_data import (
     load_image_dataset,
     require_column,
     resolve_label_values,
+    to_8bit,
 )
 from pu_training_utils import image_grid, to_uint8
 
@@ -220,7 +221,7 @@ def images_to_uint8(dataset, image_column: str, source: str) -> torch.Tensor:
     arrays, shapes = [], set()
     for image in dataset[image_column]:
         mode = "L" if image.mode in GRAYSCALE_MODES else "RGB"
-        array = np.asarray(image.convert(mode))
+        array = np.asarray(to_8bit(image).convert(mode))
         array = array[:, :, None] if array.ndim == 2 else array
         shapes.add(array.shape)
         arrays.append(array)
@@ -522,10 +523,42 @@ def _save_classifier(model, channels: int, metrics: dict, args: argparse.Namespa
 # --------------------------------------------------------------------------- sampling
 
 
+def check_pipeline_folder(name_or_path: str) -> None:
+    """A local pipeline folder must hold a folder for each component its model_index.json lists; Diffusers
+    would otherwise complain about a config.json without saying which component is missing."""
+    folder = Path(name_or_path)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return  # a Hub id, or not a pipeline at all: from_pretrained says so
+    listed = json.loads(index.read_text())
+    missing = [
+        name
+        for name, value in listed.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value[0] is not None
+        and not (folder / name).is_dir()
+    ]
+    if missing:
+        raise InputError(
+            f"--pipeline {name_or_path}: model_index.json lists {', '.join(missing)}, but the folder has no"
+            f" {', '.join(name + '/' for name in missing)}"
+        )
+
+
+def channel_conversion(sample_channels: int, classifier_channels: int) -> str | None:
+    """How samples are fitted to a classifier that takes another number of channels (None if they match)."""
+    if sample_channels == classifier_channels:
+        return None
+    how = "repeated into 3 channels" if sample_channels == 1 else "averaged into 1 channel"
+    return f"the pipeline makes {sample_channels}-channel images and --classifier takes {classifier_channels}: {how}"
+
+
 def load_unconditional_pipeline(name_or_path: str, scheduler: str, device: str):
     """A pipeline with a ``unet`` and a ``scheduler``, with the sampling scheduler swapped in."""
     from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 
+    check_pipeline_folder(name_or_path)
     try:
         pipeline = DiffusionPipeline.from_pretrained(name_or_path)
     except Exception as error:  # diffusers raises OSError, ValueError, EnvironmentError for "not a pipeline"
@@ -646,6 +679,9 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
     classifier = load_classifier(args.classifier, device)
     sensitive_ids = sensitive_class_ids(classifier, args.sensitive_labels)
     pipeline = load_unconditional_pipeline(args.pipeline, args.scheduler, device)
+    conversion = channel_conversion(sample_shape(pipeline)[0], classifier.channels)
+    if conversion:
+        logger.warning("%s", conversion)
     reference, reference_info = (None, None)
     if args.reference_dataset_name is not None or args.reference_data_dir is not None:
         reference, reference_info = load_reference_images(args)
@@ -670,6 +706,8 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
         attention=attention_processors(pipeline.unet),
         versions=_versions(),
     )
+    if conversion:
+        metrics["channel_conversion"] = conversion
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     image_grid(samples[: args.grid_size].permute(0, 2, 3, 1).numpy()).save(output_dir / "samples.png")
@@ -683,6 +721,7 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
 def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
+    check_pipeline_folder(args.pipeline)
     try:
         # Cast after loading: the loading keyword changed name (torch_dtype -> dtype) across Diffusers versions.
         pipeline = DiffusionPipeline.from_pretrained(args.pipeline)

@@ -30,7 +30,24 @@ logger = logging.getLogger(__name__)
 #: Table 1 of the paper: U holds 10 normal images for each sensitive one.
 PAPER_NORMAL_PER_SENSITIVE = 10
 #: PIL modes read as one channel. Palette ("P") images are often coloured, so they count as RGB.
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image whose pixels are not 8-bit, scaled into 8-bit grayscale; other images as they are.
+
+    PIL's own conversion to "L" clips such pixels at 255 instead of scaling
+    them, which turns a 16-bit scan white. The ranges taken: 16-bit modes
+    ("I;16*", and "I", which Pillow also gives 16-bit PNGs) span 0..65535;
+    32-bit float ("F") spans 0..1. Values outside are clipped.
+    """
+    if image.mode.startswith("I"):
+        pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) * (255.0 / 65535.0)
+    elif image.mode == "F":
+        pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 1) * 255.0
+    else:
+        return image
+    return Image.fromarray(np.round(pixels).astype(np.uint8))
 
 
 class InputError(ValueError):
@@ -90,9 +107,44 @@ def load_image_dataset(
         except Exception as error:
             raise InputError(f"{dir_flag} {data_dir}: could not read it as an image folder: {error}") from error
         source = f"{dir_flag} {data_dir}"
+        _warn_about_left_out_files(folder, dataset, source)
     if len(dataset) == 0:
         raise InputError(f"{source}: the dataset is empty")
     return dataset
+
+
+def _warn_about_left_out_files(folder: Path, dataset, source: str) -> None:
+    """Name the image files of a folder that the loaded dataset does not hold: broken links, images with no
+    metadata row, and any other file the image-folder loader passed over."""
+    from datasets import Image as ImageFeature
+
+    image_column = next((c for c, f in dataset.features.items() if isinstance(f, ImageFeature)), None)
+    if image_column is None:
+        return
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    on_disk = {
+        os.path.abspath(path)
+        for path in folder.rglob("*")
+        if path.suffix.lower() in extensions and (path.is_file() or path.is_symlink())
+    }
+    loaded = {
+        os.path.abspath(entry["path"])
+        for entry in dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+        if entry.get("path")
+    }
+    left_out = sorted(on_disk - loaded)
+    if not left_out:
+        return
+    broken = [path for path in left_out if not os.path.exists(path)]
+    has_metadata = any(folder.glob("metadata.*"))
+    others = [path for path in left_out if path not in broken]
+    reasons = []
+    if broken:
+        reasons.append(f"{len(broken)} broken link(s), e.g. {', '.join(broken[:3])}")
+    if others:
+        why = "with no row in the metadata file" if has_metadata else "passed over by the image-folder loader"
+        reasons.append(f"{len(others)} {why}, e.g. {', '.join(others[:3])}")
+    logger.warning("%s: %d image file(s) are left out: %s", source, len(left_out), "; ".join(reasons))
 
 
 def require_column(dataset, column: str, flag: str, source: str) -> None:
@@ -107,23 +159,63 @@ def resolve_label_values(dataset, label_column: str, labels: Sequence[str], flag
     """Map the user's label strings to the values stored in ``label_column``.
 
     A ``ClassLabel`` column accepts class names or integer ids; any other
-    column is matched on ``str(value)``. Every label must occur in the data.
+    column is matched on ``str(value)`` or, for numbers, on the number (so
+    "1" finds 1.0). Every label must occur in the data; the error lists the
+    values that do.
     """
     from datasets import ClassLabel
 
     feature = dataset.features[label_column]
-    present = set(dataset.unique(label_column))
+    present = {value for value in dataset.unique(label_column) if not _is_missing_label(value, feature)}
     resolved = set()
     for label in labels:
         if isinstance(feature, ClassLabel) and label in feature.names:
             value = feature.str2int(label)
         else:
-            matches = [v for v in present if str(v) == str(label)]
+            matches = [v for v in present if str(v) == str(label) or _same_number(v, label)]
             value = matches[0] if matches else None
         if value is None or value not in present:
-            raise InputError(f"{flag}: label {label!r} does not occur in column {label_column!r}")
+            shown = sorted(present, key=str)
+            if isinstance(feature, ClassLabel):
+                shown = [f"{feature.int2str(v)} (id {v})" for v in sorted(present)]
+            raise InputError(
+                f"{flag}: label {label!r} does not occur in column {label_column!r}; its values are"
+                f" {', '.join(map(str, shown[:20]))}{' ...' if len(shown) > 20 else ''}"
+            )
         resolved.add(value)
     return resolved
+
+
+def _same_number(value, label: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return float(label) == float(value)
+    except ValueError:
+        return False
+
+
+def _is_missing_label(value, feature) -> bool:
+    """None, or ClassLabel's -1 (how datasets stores a missing class)."""
+    from datasets import ClassLabel
+
+    return value is None or (isinstance(feature, ClassLabel) and value == -1)
+
+
+def drop_unlabeled_rows(dataset, label_column: str, source: str):
+    """Rows without a label are neither normal nor sensitive: they are left out of the split, with a warning."""
+    feature = dataset.features[label_column]
+    missing = [index for index, value in enumerate(dataset[label_column]) if _is_missing_label(value, feature)]
+    if not missing:
+        return dataset
+    logger.warning(
+        "%s: %d row(s) have no --label_column %r value (e.g. rows %s) and are left out of U and S",
+        source,
+        len(missing),
+        label_column,
+        ", ".join(map(str, missing[:3])),
+    )
+    return dataset.select(sorted(set(range(len(dataset))) - set(missing)))
 
 
 @dataclass
@@ -217,17 +309,20 @@ def normal_reference_split(
         cache_dir=cache_dir,
     )
     require_column(dataset, label_column, "--label_column", f"--dataset_name {dataset_name}")
+    dataset = drop_unlabeled_rows(dataset, label_column, f"--dataset_name {dataset_name} ({split})")
     normal = np.flatnonzero(~sensitive_mask(dataset, label_column, sensitive_labels))
     return dataset.select(normal)
 
 
 def check_images(dataset, image_column: str, resolution: int, source: str):
-    """Open every image once (header and checksum, no full decode); return the dataset without corrupt ones.
+    """Decode every image once; return the dataset without the ones that cannot be read.
 
-    Corrupt or non-image entries are skipped with a warning that counts them
-    and names a few; a source with no readable image at all is an error.
-    Images smaller than ``resolution`` are kept (they are enlarged) and
-    counted in a warning.
+    A full decode, not PIL's ``verify()`` alone, so a file cut off half-way
+    is found here and not at step N. JPEGs decode at 1/8 scale (their whole
+    stream is still read), which keeps this pass cheap. Unreadable entries are
+    skipped with a warning that counts them and names a few files; a source
+    with no readable image at all is an error. Images smaller than
+    ``resolution`` are kept (they are enlarged) and counted in a warning.
     """
     from datasets import Image as ImageFeature
 
@@ -238,12 +333,10 @@ def check_images(dataset, image_column: str, resolution: int, source: str):
     readable, corrupt, small = [], [], 0
     for index, entry in enumerate(dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]):
         try:
-            with Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]) as image:
-                small += min(image.size) < resolution
-                image.verify()
+            small += min(_decode_once(entry)) < resolution
             readable.append(index)
         except Exception:  # PIL raises many types for a file that is not a readable image
-            corrupt.append(entry.get("path") or f"row {index}")
+            corrupt.append(entry_name(entry, index))
     if not readable:
         raise InputError(f"{source}: none of its {len(dataset)} images can be read (e.g. {corrupt[0]})")
     if corrupt:
@@ -254,6 +347,56 @@ def check_images(dataset, image_column: str, resolution: int, source: str):
             "%s: %d image(s) are smaller than --resolution %d and will be enlarged", source, small, resolution
         )
     return dataset
+
+
+def _open_entry(entry: dict) -> Image.Image:
+    return Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"])
+
+
+def _decode_once(entry: dict) -> tuple[int, int]:
+    """Check the file's structure, then decode its pixels; returns its size."""
+    with _open_entry(entry) as image:
+        image.verify()
+    with _open_entry(entry) as image:
+        size = image.size
+        if image.format == "JPEG":
+            image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        image.load()
+    return size
+
+
+def entry_name(entry: dict, index: int) -> str:
+    """A file name for messages; rows stored as bytes only have their row number."""
+    return entry.get("path") or f"row {index}"
+
+
+def image_channels(datasets_and_sources: list, image_column: str) -> int:
+    """3 if any image of the given datasets is in colour, else 1; decided from the data as a whole.
+
+    Grayscale images are repeated into three channels for a colour model,
+    which loses nothing, so a few grayscale images in colour data (or the
+    reverse) are named in a warning but do not change the decision. Only the
+    headers are read.
+    """
+    from datasets import Image as ImageFeature
+
+    grayscale, colour = [], []
+    for dataset, source in datasets_and_sources:
+        entries = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+        for index, entry in enumerate(entries):
+            with _open_entry(entry) as image:
+                kind = grayscale if image.mode in GRAYSCALE_MODES else colour
+            kind.append(f"{source}: {entry_name(entry, index)}")
+    if colour and grayscale:
+        minority, what = (grayscale, "grayscale") if len(grayscale) <= len(colour) else (colour, "colour")
+        logger.warning(
+            "%d of %d images are %s (e.g. %s); the model takes 3 channels and grayscale images are repeated into them",
+            len(minority),
+            len(grayscale) + len(colour),
+            what,
+            ", ".join(minority[:3]),
+        )
+    return 3 if colour else 1
 
 
 def _load_source(dataset_name, data_dir, name_flag: str, dir_flag: str, args):
@@ -284,6 +427,7 @@ def load_training_sets(args):
     sensitive = None
     if args.label_column is not None:
         require_column(unlabeled, args.label_column, "--label_column", source)
+        unlabeled = drop_unlabeled_rows(unlabeled, args.label_column, source)
         split = split_by_label(
             sensitive_mask(unlabeled, args.label_column, args.sensitive_labels),
             args.num_unlabeled_normal,
@@ -349,7 +493,7 @@ class ImageTransform:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """uint8 tensor (channels, height, width), shorter side == resolution."""
-        image = image.convert(self.mode)
+        image = to_8bit(image).convert(self.mode)
         width, height = image.size
         scale = self.resolution / min(width, height)
         if scale != 1.0:
@@ -417,7 +561,10 @@ class TransformedImages(torch.utils.data.Dataset):
         try:
             image = self.dataset[index][self.image_column]
         except Exception as error:  # PIL raises many types for a truncated or corrupt file
-            raise InputError(f"{self.source}: image {index} cannot be decoded: {error}") from error
+            from datasets import Image as ImageFeature
+
+            entry = self.dataset.cast_column(self.image_column, ImageFeature(decode=False))[index][self.image_column]
+            raise InputError(f"{self.source}: {entry_name(entry, index)} cannot be decoded: {error}") from error
         return self.transform.prepare(image)
 
 

@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         common.check_common_arguments(args)
         if args.pretrained_model_name_or_path and args.model_config_name_or_path:
             raise InputError("--pretrained_model_name_or_path and --model_config_name_or_path: give one")
+        check_resolution(args)
     except InputError as error:
         parser.error(str(error))
     return args
@@ -142,8 +143,45 @@ def load_model(args: argparse.Namespace, data_channels: int):
     return unet, scheduler, None
 
 
-def image_channels(dataset, image_column: str) -> int:
-    return 1 if dataset[0][image_column].mode in pu_data.GRAYSCALE_MODES else 3
+def downsampling_factor(unet_config: dict) -> int:
+    """How many times smaller a UNet2DModel's deepest feature map is: every down block but the last halves it."""
+    return 2 ** (len(unet_config["down_block_types"]) - 1)
+
+
+def unet_config_for_check(args: argparse.Namespace) -> dict | None:
+    """The UNet's config without its weights, or None where it cannot be read yet (load_model then says why)."""
+    from diffusers import UNet2DModel
+
+    try:
+        if args.pretrained_model_name_or_path:
+            return UNet2DModel.load_config(
+                args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir
+            )
+        if args.model_config_name_or_path:
+            return UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
+    except (OSError, ValueError):
+        return None
+    return default_unet_config(args.resolution, 1)
+
+
+def check_resolution(args: argparse.Namespace) -> None:
+    """--resolution must survive the UNet's halvings; the nearest sizes that do are named. Checked before any
+    data is loaded."""
+    config = unet_config_for_check(args)
+    if config is None or args.resolution % downsampling_factor(config) == 0:
+        return
+    chosen = args.pretrained_model_name_or_path or args.model_config_name_or_path
+
+    def fits(size: int) -> bool:  # the default UNet's depth itself depends on the resolution
+        return size % downsampling_factor(config if chosen else default_unet_config(size, 1)) == 0
+
+    below = next((size for size in range(args.resolution - 1, 0, -1) if fits(size)), None)
+    above = next(size for size in range(args.resolution + 1, 2 * args.resolution + 64) if fits(size))
+    nearest = f"{below} or {above}" if below else str(above)
+    raise InputError(
+        f"--resolution {args.resolution}: the UNet halves its input {len(config['down_block_types']) - 1} times,"
+        f" so the resolution must be a multiple of {downsampling_factor(config)}; {nearest} would work"
+    )
 
 
 # --------------------------------------------------------------------------- validation and saving
@@ -195,7 +233,8 @@ def main(args: argparse.Namespace) -> None:
 
 def prepare_run(accelerator, args, unlabeled, sensitive) -> common.TrainingRun:
     """Model, EMA, loaders, optimizer and learning-rate schedule, passed through accelerator.prepare."""
-    unet, noise_scheduler, base_model = load_model(args, image_channels(unlabeled, args.image_column))
+    sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])
+    unet, noise_scheduler, base_model = load_model(args, pu_data.image_channels(sources, args.image_column))
     common.check_timestep_band(noise_scheduler, args)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()

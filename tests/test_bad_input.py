@@ -99,6 +99,14 @@ CASES = {
     "adam beta one": (lambda d, t: ["--dataset_name", d, "--adam_beta2", "1"], "--adam_beta2"),
     "grad norm zero": (lambda d, t: ["--dataset_name", d, "--max_grad_norm", "0"], "--max_grad_norm"),
     "prior not a number": (lambda d, t: ["--dataset_name", d, "--prior", "nan"], "--prior: must be > 0 and < 1"),
+    "resolution of MNIST for the default UNet": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resolution", "28"),
+        "--resolution 28: the UNet halves its input 3 times, so the resolution must be a multiple of 8; 24 or 32",
+    ),
+    "resolution 10 for the default UNet": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resolution", "10"),
+        "--resolution 10: the UNet halves its input 2 times, so the resolution must be a multiple of 4; 8 or 12",
+    ),
     "missing checkpoint": (
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resume_from_checkpoint", "checkpoint-7"),
         "--resume_from_checkpoint",

@@ -187,6 +187,38 @@ def test_bad_pipeline_is_named(classifier_dir, digits_dir, tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_a_pipeline_folder_without_its_unet_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline, broken)
+    shutil.rmtree(broken / "unet")
+    result = run_script(
+        "evaluate.py", *evaluation_args(broken, classifier_dir, digits_dir, tmp_path / "out"), launcher="python"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--pipeline {broken}: model_index.json lists unet, but the folder has no unet/" in result.stderr
+
+
+def test_samples_of_another_channel_count_are_converted_and_it_is_said(classifier_dir, tmp_path):
+    """A colour pipeline judged by the grayscale digits classifier: said on stderr and in metrics.json."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    colour = tmp_path / "colour"
+    DDPMPipeline(
+        unet=UNet2DModel(**tiny_unet_kwargs(3)), scheduler=DDPMScheduler(num_train_timesteps=50)
+    ).save_pretrained(colour)
+    args = [
+        "unconditional", "--pipeline", colour, "--classifier", classifier_dir, "--sensitive_labels", *ODD,
+        "--fid_features", "none", "--num_samples", "4", "--num_inference_steps", "2", "--output_dir", tmp_path / "out",
+    ]  # fmt: skip
+    result = run_script("evaluate.py", *args, launcher="python")
+    assert_ok(result)
+    expected = "the pipeline makes 3-channel images and --classifier takes 1: averaged into 1 channel"
+    assert expected in result.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["channel_conversion"] == expected
+
+
 def test_unknown_sensitive_label_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path):
     args = evaluation_args(tiny_pipeline, classifier_dir, digits_dir, tmp_path / "out")
     args[args.index("--sensitive_labels") + 1] = "eleven"

@@ -310,3 +310,17 @@ def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_trains(t
     # The first run stopped on its own signal, and its lock is gone with it.
     assert first.returncode == 128 + signal.SIGTERM
     assert not (output_dir / ".pu-diffusion.lock").exists()
+
+
+def test_a_grayscale_image_sorting_first_does_not_make_a_colour_folder_grayscale(tmp_path):
+    unlabeled = write_image_folder(tmp_path / "u", 5, mode="RGB", seed=1)
+    Image.new("L", (8, 8), 90).save(unlabeled / "000-gray.png")
+    output_dir = tmp_path / "out"
+    result = run_script(
+        SCRIPT, "--train_data_dir", unlabeled, "--loss_type", "unsupervised", "--resolution", "8",
+        "--train_batch_size", "3", "--max_train_steps", "1", "--ddpm_num_inference_steps", "1",
+        "--eval_batch_size", "1", "--seed", "0", "--output_dir", output_dir,
+    )  # fmt: skip
+    assert_ok(result)
+    assert "1 of 6 images are grayscale" in result.stderr and "000-gray.png" in result.stderr
+    assert load_and_sample(output_dir)[0].unet.config.in_channels == 3
