@@ -413,3 +413,27 @@ def test_gradient_accumulation_steps_after_every_accumulated_u_batches(
     args += ["--sensitive_batch_size", "1", "--gradient_accumulation_steps", str(accumulation)]
     assert forwards_per_optimizer_step(SCRIPT, *args, record_path=tmp_path / "record.json") == expected
     assert [step for step, _ in scalars(output_dir)["loss"]] == list(range(1, len(expected) + 1))
+
+
+def test_lora_resume_inside_an_accumulation_epoch_replays_the_run(tiny_sd_pipeline, captioned_data, tmp_path):
+    """Accumulation 3 over 8 U batches of 1: checkpoint-1 sits after 3 of them (and one pass of S)."""
+    import shutil
+
+    def args(output_dir, *extra):
+        base = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--num_train_epochs", "1", *extra)
+        base[base.index("--train_batch_size") + 1] = "1"
+        base[base.index("--checkpointing_steps") + 1] = "1"
+        return base + ["--sensitive_batch_size", "1", "--gradient_accumulation_steps", "3", "--random_flip"]
+
+    reference = tmp_path / "reference"
+    assert_ok(run_script(SCRIPT, *args(reference), launcher="python"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-1", resumed / "checkpoint-1")
+    assert_ok(run_script(SCRIPT, *args(resumed, "--resume_from_checkpoint", "latest"), launcher="python"))
+    reference_trace, resumed_trace = dict(scalars(reference)["loss"]), dict(scalars(resumed)["loss"])
+    assert sorted(resumed_trace) == [2, 3]
+    assert all(resumed_trace[step] == reference_trace[step] for step in (2, 3))
+    final_reference = load_file(reference / "pytorch_lora_weights.safetensors")
+    final_resumed = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(final_resumed[key], value) for key, value in final_reference.items())
