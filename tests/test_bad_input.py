@@ -93,12 +93,30 @@ CASES = {
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--image_column", "label"),
         "--image_column 'label'",
     ),
-    "epochs zero": (lambda d, t: ["--dataset_name", d, "--num_train_epochs", "0"], "--num_train_epochs"),
-    "epochs negative": (lambda d, t: ["--dataset_name", d, "--num_epochs", "-1"], "--num_train_epochs"),
-    "learning rate negative": (lambda d, t: ["--dataset_name", d, "--learning_rate=-0.001"], "--learning_rate"),
-    "adam beta one": (lambda d, t: ["--dataset_name", d, "--adam_beta2", "1"], "--adam_beta2"),
-    "grad norm zero": (lambda d, t: ["--dataset_name", d, "--max_grad_norm", "0"], "--max_grad_norm"),
-    "prior not a number": (lambda d, t: ["--dataset_name", d, "--prior", "nan"], "--prior: must be > 0 and < 1"),
+    "epochs zero": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--num_train_epochs", "0"),
+        "argument --num_train_epochs/--num_epochs: must be >= 1, got 0",
+    ),
+    "epochs negative": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--num_epochs", "-1"),
+        "argument --num_train_epochs/--num_epochs: must be >= 1, got -1",
+    ),
+    "learning rate negative": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--learning_rate=-0.001"),
+        "argument --learning_rate: must be > 0, got -0.001",
+    ),
+    "adam beta one": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--adam_beta2", "1"),
+        "argument --adam_beta2: must be >= 0 and < 1, got 1",
+    ),
+    "grad norm zero": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--max_grad_norm", "0"),
+        "argument --max_grad_norm: must be > 0, got 0",
+    ),
+    "prior not a number": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prior", "nan"),
+        "argument --prior: must be > 0 and < 1, got nan",
+    ),
     "resolution of MNIST for the default UNet": (
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--resolution", "28"),
         "--resolution 28: the UNet halves its input 3 times, so the resolution must be a multiple of 8; 24 or 32",
