@@ -15,6 +15,7 @@ See README.md and pu_loss.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import logging
 import os
@@ -26,9 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import pu_checkpoints
 import pu_data
-import pu_training_utils as common
+import pu_flags
+import pu_outputs
+import pu_training
 from pu_data import InputError
+from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +45,24 @@ LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    common.add_pretrained_model_arguments(
+    pu_flags.add_pretrained_model_arguments(
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
-    model.add_argument("--rank", type=common.POSITIVE_INT, default=4, help="LoRA rank (and alpha).")
+    model.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank (and alpha).")
     model.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs a GPU).")
     model.add_argument(
-        "--noise_offset", type=common.NON_NEGATIVE_FLOAT, default=0.0, help="Scale of the per-channel noise offset."
+        "--noise_offset", type=NON_NEGATIVE_FLOAT, default=0.0, help="Scale of the per-channel noise offset."
     )
     model.add_argument(
         "--snr_gamma",
-        type=common.POSITIVE_FLOAT,
+        type=POSITIVE_FLOAT,
         default=None,
         help="Min-SNR weighting (Hang et al., 2023) of each sample's loss; 5.0 is the usual value.",
     )
-    common.add_data_arguments(parser, with_captions=True)
-    common.add_pu_arguments(parser, default_nonnegative="abs")
-    common.add_training_arguments(parser)
+    pu_flags.add_data_arguments(parser, with_captions=True)
+    pu_flags.add_pu_arguments(parser, default_nonnegative="abs")
+    pu_flags.add_training_arguments(parser)
     validation = parser.add_argument_group("validation")
     validation.add_argument(
         "--validation_prompt",
@@ -67,27 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Prompts for the validation grids; add a sensitive one to watch the concept disappear.",
     )
     validation.add_argument(
-        "--num_validation_images", type=common.POSITIVE_INT, default=4, help="Images per validation prompt."
+        "--num_validation_images", type=POSITIVE_INT, default=4, help="Images per validation prompt."
     )
     validation.add_argument(
-        "--validation_epochs", type=common.POSITIVE_INT, default=1, help="A validation grid every N epochs."
+        "--validation_epochs", type=POSITIVE_INT, default=1, help="A validation grid every N epochs."
     )
     validation.add_argument(
-        "--validation_steps", type=common.POSITIVE_INT, default=30, help="Denoising steps of validation images."
+        "--validation_steps", type=POSITIVE_INT, default=30, help="Denoising steps of validation images."
     )
-    common.add_hub_arguments(parser)
-    common.show_ranges(parser)
+    pu_flags.add_hub_arguments(parser)
     # The official text-to-image examples' defaults.
     parser.set_defaults(
         resolution=512, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=0.9, adam_weight_decay=1e-2
     )
-    args = parser.parse_args(argv)
-    try:
-        common.check_common_arguments(args)
-        check_text_to_image_arguments(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return pu_flags.parse_and_check(parser, argv, check_text_to_image_arguments)
 
 
 def check_text_to_image_arguments(args: argparse.Namespace) -> None:
@@ -111,7 +109,7 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
 
 
 @dataclass(kw_only=True)
-class TextToImageRun(common.TrainingRun):
+class TextToImageRun(pu_training.TrainingRun):
     """The shared loop's parts plus the frozen models that turn a batch into latents and text states."""
 
     vae: torch.nn.Module
@@ -140,7 +138,7 @@ def load_models(args: argparse.Namespace):
             f"--pretrained_model_name_or_path {source}: not a Stable Diffusion pipeline with tokenizer/,"
             f" text_encoder/, vae/, unet/ and scheduler/: {error}"
         ) from error
-    common.set_prediction_type(noise_scheduler, args)
+    pu_flags.set_prediction_type(noise_scheduler, args)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
@@ -176,6 +174,8 @@ def place_models(unet, vae, text_encoder, device, mixed_precision: str, use_lora
         cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(device)
+    trained = f"LoRA rank {unet.peft_config['default'].r}" if use_lora else "the full UNet"
+    logger.info("%s trained in float32, frozen weights in %s", trained, weight_dtype)
     return weight_dtype
 
 
@@ -185,6 +185,14 @@ def lora_state_dict(unet) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def register_checkpoint_hooks(accelerator, unet, ema_model, use_lora: bool) -> None:
+    """checkpoint-N holds the LoRA adapters, or the UNet (and its EMA) in Diffusers format."""
+    if use_lora:
+        register_lora_hooks(accelerator, unet)
+    else:
+        pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
 
 
 def register_lora_hooks(accelerator, unet) -> None:
@@ -250,43 +258,6 @@ def captioned_dataset(args, tokenizer):
 # --------------------------------------------------------------------------- training
 
 
-def prepare_run(accelerator, args, unlabeled, sensitive) -> TextToImageRun:
-    """Models, LoRA or EMA, loaders, optimizer and schedule, passed through accelerator.prepare."""
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
-    common.check_timestep_band(noise_scheduler, args)
-    if args.use_lora:
-        add_lora(unet, args.rank)
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    weight_dtype = place_models(unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, args.use_lora)
-    ema_model = common.make_ema(unet, args) if args.use_ema else None
-    if args.use_lora:
-        register_lora_hooks(accelerator, unet)
-    else:
-        common.register_model_hooks(accelerator, type(unet), ema_model)
-
-    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    logger.info(
-        "%s trained in float32, frozen weights in %s",
-        f"LoRA rank {args.rank}" if args.use_lora else "the full UNet",
-        weight_dtype,
-    )
-    shared = common.prepare_for_training(
-        accelerator, args, unet, trainable, unlabeled, sensitive, captioned_dataset(args, tokenizer), ema_model
-    )
-    return TextToImageRun(
-        **shared,
-        noise_scheduler=noise_scheduler,
-        base_model=args.pretrained_model_name_or_path,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        weight_dtype=weight_dtype,
-    )
-
-
 def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
     """Eq. (20): one UNet forward over cat([U, S]) latents with their captions, then the PU risk."""
     batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
@@ -304,10 +275,10 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
     model_pred = run.model(noisy, timesteps, text_states, return_dict=False)[0]
-    target = common.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
+    target = pu_training.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
     num_unlabeled = len(unlabeled_batch["input_ids"])
-    return common.pu_objective(model_pred.float(), target, timesteps, num_unlabeled, args, weights)
+    return pu_training.pu_objective(model_pred.float(), target, timesteps, num_unlabeled, args, weights)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -366,9 +337,9 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
     pipeline = validation_pipeline(args, run, unet)
     rows = []
     unet.eval()
-    with common.ema_weights(run), accelerator.autocast(), torch.inference_mode():
+    with pu_training.ema_weights(run), accelerator.autocast(), torch.inference_mode():
         for index, prompt in enumerate(args.validation_prompt):
-            generator = torch.Generator(accelerator.device).manual_seed(pu_data.derived_seed(args.seed, index))
+            generator = torch.Generator(accelerator.device).manual_seed(pu_data.derived_seed(run.plan.seed, index))
             output = pipeline(
                 prompt,
                 height=args.resolution,
@@ -380,7 +351,7 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
             )
             rows.append(output.images)
     unet.train()
-    path = common.save_validation_images(
+    path = pu_outputs.save_validation_images(
         accelerator, np.concatenate(rows), args.output_dir, tag, global_step, columns=args.num_validation_images
     )
     logger.info("validation grid (%s): %s", ", ".join(args.validation_prompt), path)
@@ -399,7 +370,7 @@ def save_lora_atomically(unet, output_dir: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_model(accelerator, run: TextToImageRun, args) -> None:
+def save_model_and_card(accelerator, run: TextToImageRun, args) -> None:
     """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). Then the card."""
     from diffusers import StableDiffusionPipeline
 
@@ -408,16 +379,16 @@ def save_model(accelerator, run: TextToImageRun, args) -> None:
     if args.use_lora:
         save_lora_atomically(unet, args.output_dir)
     else:
-        with common.ema_weights(run):
+        with pu_training.ema_weights(run):
             pipeline = StableDiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
             )
             match_training_scheduler(pipeline, run.noise_scheduler)
-            common.save_pipeline_atomically(pipeline, args.output_dir)
-    write_model_card(args)
+            pu_outputs.save_pipeline_atomically(pipeline, args.output_dir)
+    write_text_to_image_card(args, run.plan)
 
 
-def write_model_card(args) -> None:
+def write_text_to_image_card(args, plan: pu_training.RunPlan) -> None:
     output_dir = Path(args.output_dir)
     repo = args.hub_model_id or args.output_dir
     if args.use_lora:
@@ -437,9 +408,10 @@ def write_model_card(args) -> None:
         body += "".join(f"{row + 1}. {prompt}\n" for row, prompt in enumerate(args.validation_prompt))
         if (output_dir / "validation" / "before-training.png").exists():
             body += "\nBefore training (the base model):\n\n![before](validation/before-training.png)\n"
-    common.write_model_card(
+    pu_outputs.write_model_card(
         args.output_dir,
         args,
+        plan,
         base_model=args.pretrained_model_name_or_path,
         tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
         title="PU diffusion: Stable Diffusion " + (f"LoRA (rank {args.rank})" if args.use_lora else "fine-tune"),
@@ -451,29 +423,61 @@ def write_model_card(args) -> None:
 def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step: int) -> None:
     """A validation grid every --validation_epochs; after the last step, the grid, the model and the upload."""
     accelerator.wait_for_everyone()
-    last = global_step >= args.max_train_steps
+    last = global_step >= run.plan.max_train_steps
     if accelerator.is_main_process:
         if args.validation_prompt and (last or (epoch + 1) % args.validation_epochs == 0):
             validate(accelerator, run, args, f"step-{global_step:06d}", global_step)
         if last:
-            save_model(accelerator, run, args)
+            save_model_and_card(accelerator, run, args)
             if run.hub_repo_id:
-                common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
+                pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
 
 
-def validate_before_training(accelerator, run: TextToImageRun, args) -> None:
-    """The base model's grid, for comparison (not on a resume: the model has moved on)."""
-    fresh_start = not args.resume_from_checkpoint or not common.list_checkpoints(args.output_dir)
-    if accelerator.is_main_process and args.validation_prompt and fresh_start:
-        validate(accelerator, run, args, "before-training", 0)
+# --------------------------------------------------------------------------- main
 
 
 def main(args: argparse.Namespace) -> None:
-    common.run_training(
-        args, "train_pu_text_to_image", prepare_run, training_step, end_of_epoch, validate_before_training
-    )
+    accelerator = pu_training.make_accelerator(args)
+    with pu_outputs.output_dir_lock(args.output_dir, accelerator.is_main_process):
+        seed = pu_training.settle_seed(accelerator, args)
+        tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+        pu_flags.check_timestep_band(noise_scheduler, args)
+        if args.use_lora:
+            add_lora(unet, args.rank)
+        pu_training.enable_memory_savers(unet, args)
+        weight_dtype = place_models(
+            unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, args.use_lora
+        )
+        ema_model = pu_training.make_ema(unet, args) if args.use_ema else None
+        register_checkpoint_hooks(accelerator, unet, ema_model, args.use_lora)
+
+        with accelerator.main_process_first():
+            unlabeled, sensitive = pu_data.load_training_sets(args, seed)
+        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes)
+        trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+        make_dataset = captioned_dataset(args, tokenizer)
+        shared = pu_training.prepare_for_training(
+            accelerator, args, plan, unet, trainable, unlabeled, sensitive, make_dataset, ema_model
+        )
+        hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_text_to_image")
+        frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "weight_dtype": weight_dtype}
+        run = TextToImageRun(
+            **shared,
+            **frozen,
+            noise_scheduler=noise_scheduler,
+            base_model=args.pretrained_model_name_or_path,
+            hub_repo_id=hub_repo_id,
+        )
+
+        first_step = pu_checkpoints.resume_step(accelerator, args)
+        if first_step == 0 and args.validation_prompt and accelerator.is_main_process:
+            validate(accelerator, run, args, "before-training", 0)  # the base model, to compare against
+        step = functools.partial(training_step, args=args)
+        save = functools.partial(end_of_epoch, accelerator, run, args)
+        pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
+        accelerator.end_training()
 
 
 if __name__ == "__main__":
-    common.exit_on_error(main, parse_args())
+    pu_training.exit_on_error(main, parse_args())

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 from pathlib import Path
 
 import torch
 
+import pu_checkpoints
 import pu_data
-import pu_training_utils as common
+import pu_flags
+import pu_images
+import pu_outputs
+import pu_training
 from pu_data import InputError
+from pu_flags import POSITIVE_INT
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +32,7 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    common.add_pretrained_model_arguments(
+    pu_flags.add_pretrained_model_arguments(
         model, "Fine-tune this DDPM pipeline (folder or Hub id): its unet and scheduler."
     )
     model.add_argument(
@@ -35,40 +41,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="UNet2DModel config (folder or Hub id) to train from scratch. Default: a UNet sized by --resolution.",
     )
-    model.add_argument(
-        "--ddpm_num_steps", type=common.POSITIVE_INT, default=1000, help="Diffusion steps T (from scratch)."
-    )
+    model.add_argument("--ddpm_num_steps", type=POSITIVE_INT, default=1000, help="Diffusion steps T (from scratch).")
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (from scratch).")
     model.add_argument(
         "--ddpm_num_inference_steps",
-        type=common.POSITIVE_INT,
+        type=POSITIVE_INT,
         default=1000,
         help="Denoising steps for the validation samples.",
     )
-    common.add_data_arguments(parser)
-    common.add_pu_arguments(parser)
-    common.add_training_arguments(parser)
+    pu_flags.add_data_arguments(parser)
+    pu_flags.add_pu_arguments(parser)
+    pu_flags.add_training_arguments(parser)
     validation = parser.add_argument_group("validation and saving")
+    validation.add_argument("--eval_batch_size", type=POSITIVE_INT, default=16, help="Images in each validation grid.")
     validation.add_argument(
-        "--eval_batch_size", type=common.POSITIVE_INT, default=16, help="Images in each validation grid."
+        "--save_images_epochs", type=POSITIVE_INT, default=10, help="Validation grid every N epochs."
     )
     validation.add_argument(
-        "--save_images_epochs", type=common.POSITIVE_INT, default=10, help="Validation grid every N epochs."
+        "--save_model_epochs", type=POSITIVE_INT, default=10, help="Save the pipeline every N epochs."
     )
-    validation.add_argument(
-        "--save_model_epochs", type=common.POSITIVE_INT, default=10, help="Save the pipeline every N epochs."
-    )
-    common.add_hub_arguments(parser)
-    common.show_ranges(parser)
-    args = parser.parse_args(argv)
-    try:
-        common.check_common_arguments(args)
-        if args.pretrained_model_name_or_path and args.model_config_name_or_path:
-            raise InputError("--pretrained_model_name_or_path and --model_config_name_or_path: give one")
-        check_resolution(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    pu_flags.add_hub_arguments(parser)
+    return pu_flags.parse_and_check(parser, argv, check_model_arguments)
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    if args.pretrained_model_name_or_path and args.model_config_name_or_path:
+        raise InputError("--pretrained_model_name_or_path and --model_config_name_or_path: give one")
+    check_resolution(args)
 
 
 # --------------------------------------------------------------------------- data
@@ -128,7 +127,7 @@ def load_model(args: argparse.Namespace, data_channels: int):
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a DDPM pipeline with"
                 f" unet/ and scheduler/: {error}"
             ) from error
-        common.set_prediction_type(scheduler, args)
+        pu_flags.set_prediction_type(scheduler, args)
         return unet, scheduler, args.pretrained_model_name_or_path
     if args.model_config_name_or_path:
         config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
@@ -187,31 +186,32 @@ def check_resolution(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- validation and saving
 
 
-def make_pipeline(accelerator, run: common.TrainingRun):
-    """A DDPMPipeline on the trained UNet; inside ``common.ema_weights(run)`` it holds the EMA weights."""
+def make_pipeline(accelerator, run: pu_training.TrainingRun):
+    """A DDPMPipeline on the trained UNet; inside ``pu_training.ema_weights(run)`` it holds the EMA weights."""
     from diffusers import DDPMPipeline
 
     return DDPMPipeline(unet=accelerator.unwrap_model(run.model), scheduler=copy.deepcopy(run.noise_scheduler))
 
 
-def generate_validation_grid(accelerator, pipeline, args, epoch: int, global_step: int) -> None:
-    generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
+def generate_validation_grid(accelerator, pipeline, args, seed: int, epoch: int, global_step: int) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     images = pipeline(
         generator=generator,
         batch_size=args.eval_batch_size,
         num_inference_steps=args.ddpm_num_inference_steps,
         output_type="np",
     ).images
-    path = common.save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
+    path = pu_outputs.save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
     logger.info("validation grid: %s", path)
 
 
-def save_model(pipeline, args, base_model: str | None) -> None:
-    common.save_pipeline_atomically(pipeline, args.output_dir)
+def save_pipeline_and_card(pipeline, args, plan: pu_training.RunPlan, base_model: str | None) -> None:
+    pu_outputs.save_pipeline_atomically(pipeline, args.output_dir)
     has_samples = (Path(args.output_dir) / "samples.png").exists()
-    common.write_model_card(
+    pu_outputs.write_model_card(
         args.output_dir,
         args,
+        plan,
         base_model=base_model,
         tags=["unconditional-image-generation", "ddpm"],
         title="PU diffusion: unconditional DDPM",
@@ -228,35 +228,37 @@ def save_model(pipeline, args, base_model: str | None) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    common.run_training(args, "train_pu_unconditional", prepare_run, training_step, end_of_epoch)
+    accelerator = pu_training.make_accelerator(args)
+    with pu_outputs.output_dir_lock(args.output_dir, accelerator.is_main_process):
+        seed = pu_training.settle_seed(accelerator, args)
+        with accelerator.main_process_first():
+            unlabeled, sensitive = pu_data.load_training_sets(args, seed)
+        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes)
+
+        sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])
+        unet, noise_scheduler, base_model = load_model(args, pu_images.image_channels(sources, args.image_column))
+        pu_flags.check_timestep_band(noise_scheduler, args)
+        pu_training.enable_memory_savers(unet, args)
+        ema_model = pu_training.make_ema(unet, args) if args.use_ema else None
+        pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
+
+        make_dataset = image_dataset(args, unet.config.in_channels)
+        shared = pu_training.prepare_for_training(
+            accelerator, args, plan, unet, list(unet.parameters()), unlabeled, sensitive, make_dataset, ema_model
+        )
+        hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_unconditional")
+        run = pu_training.TrainingRun(
+            **shared, noise_scheduler=noise_scheduler, base_model=base_model, hub_repo_id=hub_repo_id
+        )
+
+        first_step = pu_checkpoints.resume_step(accelerator, args)
+        step = functools.partial(training_step, args=args)
+        save = functools.partial(end_of_epoch, accelerator, run, args)
+        pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
+        accelerator.end_training()
 
 
-def prepare_run(accelerator, args, unlabeled, sensitive) -> common.TrainingRun:
-    """Model, EMA, loaders, optimizer and learning-rate schedule, passed through accelerator.prepare."""
-    sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])
-    unet, noise_scheduler, base_model = load_model(args, pu_data.image_channels(sources, args.image_column))
-    common.check_timestep_band(noise_scheduler, args)
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    ema_model = common.make_ema(unet, args) if args.use_ema else None
-    common.register_model_hooks(accelerator, type(unet), ema_model)
-
-    shared = common.prepare_for_training(
-        accelerator,
-        args,
-        unet,
-        list(unet.parameters()),
-        unlabeled,
-        sensitive,
-        image_dataset(args, unet.config.in_channels),
-        ema_model,
-    )
-    return common.TrainingRun(**shared, noise_scheduler=noise_scheduler, base_model=base_model)
-
-
-def training_step(run: common.TrainingRun, unlabeled_batch, sensitive_batch, args, generator=None):
+def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch, args, generator=None):
     """One forward over cat([U batch, S batch]) and the PU risk of its per-sample losses."""
     noise_scheduler = run.noise_scheduler
     clean = unlabeled_batch if sensitive_batch is None else torch.cat([unlabeled_batch, sensitive_batch])
@@ -266,28 +268,30 @@ def training_step(run: common.TrainingRun, unlabeled_batch, sensitive_batch, arg
     )
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     model_pred = run.model(noisy, timesteps).sample
-    target = common.diffusion_target(noise_scheduler, clean, noise, timesteps)
-    return common.pu_objective(model_pred, target, timesteps, unlabeled_batch.shape[0], args)
+    target = pu_training.diffusion_target(noise_scheduler, clean, noise, timesteps)
+    return pu_training.pu_objective(model_pred, target, timesteps, unlabeled_batch.shape[0], args)
 
 
-def end_of_epoch(accelerator, run: common.TrainingRun, args: argparse.Namespace, epoch: int, global_step: int) -> None:
+def end_of_epoch(
+    accelerator, run: pu_training.TrainingRun, args: argparse.Namespace, epoch: int, global_step: int
+) -> None:
     """Validation grid and pipeline save on their epoch schedules, and always after the last step."""
     accelerator.wait_for_everyone()
-    last = global_step >= args.max_train_steps
+    last = global_step >= run.plan.max_train_steps
     if accelerator.is_main_process:
         images_due = last or (epoch + 1) % args.save_images_epochs == 0
         model_due = last or (epoch + 1) % args.save_model_epochs == 0
         if images_due or model_due:
-            with common.ema_weights(run):
+            with pu_training.ema_weights(run):
                 pipeline = make_pipeline(accelerator, run)
                 if images_due:
-                    generate_validation_grid(accelerator, pipeline, args, epoch, global_step)
+                    generate_validation_grid(accelerator, pipeline, args, run.plan.seed, epoch, global_step)
                 if model_due:
-                    save_model(pipeline, args, run.base_model)
+                    save_pipeline_and_card(pipeline, args, run.plan, run.base_model)
         if model_due and run.hub_repo_id:
-            common.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
+            pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    common.exit_on_error(main, parse_args())
+    pu_training.exit_on_error(main, parse_args())

@@ -163,14 +163,15 @@ def classifier_ceiling(data: Path, classifier: Path) -> float:
     """The classifier's non-sensitive rate on the normal test images: the most the metric can show."""
     sys.path.insert(0, str(ROOT))
     import evaluate
+    import pu_classifier
 
     reference_args = argparse.Namespace(
         reference_dataset_name=str(data), reference_data_dir=None, reference_split="test",
         reference_image_column="image", reference_label_column="label", sensitive_labels=SENSITIVE_LABELS,
     )  # fmt: skip
     images, _ = evaluate.load_reference_images(reference_args)
-    model = evaluate.load_classifier(str(classifier), "cpu")
-    sensitive_ids = evaluate.sensitive_class_ids(model, SENSITIVE_LABELS)
+    model = pu_classifier.load_classifier(str(classifier), "cpu")
+    sensitive_ids = pu_classifier.sensitive_class_ids(model, SENSITIVE_LABELS)
     return evaluate.score_images(model, images, sensitive_ids, 500)["non_sensitive_rate"]
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from throughput import peak_memory_mb, synchronize  # noqa: E402
 
-import pu_training_utils as common  # noqa: E402
+import pu_flags  # noqa: E402
 import train_pu_text_to_image as t2i  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
     run = argparse.Namespace(
         model=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=scheduler, weight_dtype=weight_dtype
     )
-    loss_args = common.loss_arguments(nonnegative="abs", noise_offset=0.0, snr_gamma=None)
+    loss_args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None)
 
     def batch(size: int) -> dict:
         pixels = torch.rand(size, 3, options.resolution, options.resolution, device=accelerator.device) * 2 - 1

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pu_data  # noqa: E402
-import pu_training_utils as common  # noqa: E402
+import pu_flags  # noqa: E402
+import pu_training  # noqa: E402
 from pu_loss import compute_risk  # noqa: E402
 from train_pu_unconditional import default_unet_config, image_dataset, training_step  # noqa: E402
 
@@ -46,7 +47,7 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
     unet = UNet2DModel(**default_unet_config(resolution, channels=1)).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    args = common.loss_arguments(loss_type=loss_type)
+    args = pu_flags.default_loss_flags(loss_type=loss_type)
     images = torch.rand(num_unlabeled + num_sensitive, 1, resolution, resolution, device=device) * 2 - 1
     # Same images per step: the unsupervised baseline takes all of them as U.
     if loss_type == "pu":
@@ -117,9 +118,11 @@ def data_seconds_per_step(resolution: int, num_unlabeled: int, num_sensitive: in
         )
         unlabeled_batch = num_unlabeled if loss_type == "pu" else num_unlabeled + num_sensitive
         make_dataset = image_dataset(options, channels=1)
-        loaders = [common.seeded_loader(options, make_dataset(train, 0, "U"), unlabeled_batch, 0, drop_last=True)[0]]
+        loaders = [
+            pu_training.seeded_loader(options, make_dataset(train, 0, "U"), unlabeled_batch, 0, drop_last=True)[0]
+        ]
         if loss_type == "pu":
-            loaders.append(common.seeded_loader(options, make_dataset(train, 1, "S"), num_sensitive, 1, True)[0])
+            loaders.append(pu_training.seeded_loader(options, make_dataset(train, 1, "S"), num_sensitive, 1, True)[0])
         streams = [iter(loader) for loader in loaders]
         batches = min(len(loader) for loader in loaders)
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_script, write_image_folder
+from tests.helpers import run_script, write_image_folder
 
 SCRIPT = "train_pu_unconditional.py"
 ODD = ["1", "3", "5", "7", "9"]

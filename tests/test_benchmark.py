@@ -2,17 +2,13 @@
 
 import argparse
 import json
-import sys
 
+import loss_by_noise  # benchmarks/ is on pytest's pythonpath
+import paper_digits
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, assert_ok, run_script, tiny_unet_kwargs
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import loss_by_noise  # noqa: E402
-import paper_digits  # noqa: E402
+from tests.helpers import assert_ok, run_script, tiny_unet_kwargs
 
 
 def fake_run(name, seed, rate, fid):

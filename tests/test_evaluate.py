@@ -9,8 +9,9 @@ import torch
 from scipy import linalg
 
 import evaluate
+import pu_classifier
 from pu_data import InputError
-from tests.conftest import assert_ok, run_script, tiny_unet_kwargs
+from tests.helpers import assert_ok, run_script, tiny_unet_kwargs
 
 ODD = ["1", "3", "5", "7", "9"]
 
@@ -83,10 +84,10 @@ def test_trained_classifier_loads_and_its_reported_accuracy_is_real(classifier_d
     assert model.config.id2label == {i: str(i) for i in range(10)}
 
     # Recompute the test accuracy from the saved files through the public loader.
-    classifier = evaluate.load_classifier(str(classifier_dir), "cpu")
+    classifier = pu_classifier.load_classifier(str(classifier_dir), "cpu")
     test = load_dataset(str(digits_dir), split="test")
-    images = evaluate.images_to_uint8(test, "image", "test")
-    predictions = evaluate.classify_all(classifier, images, 100)
+    images = pu_classifier.images_to_uint8(test, "image", "test")
+    predictions = pu_classifier.classify_all(classifier, images, 100)
     recomputed = (predictions == torch.tensor(test["label"])).float().mean().item()
     assert recomputed == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert saved["test_accuracy"] > 0.5  # chance is 0.1; 4 epochs already learn the digits
@@ -105,9 +106,9 @@ def test_non_sensitive_rate_counts_the_classes_by_hand():
 def test_classifier_fid_matches_the_frechet_distance_computed_by_hand(classifier_dir, digits_dir):
     from datasets import load_dataset
 
-    classifier = evaluate.load_classifier(str(classifier_dir), "cpu")
+    classifier = pu_classifier.load_classifier(str(classifier_dir), "cpu")
     test = load_dataset(str(digits_dir), split="test")
-    images = evaluate.images_to_uint8(test, "image", "test")
+    images = pu_classifier.images_to_uint8(test, "image", "test")
     labels = np.array(test["label"])
     even, odd = images[torch.from_numpy(labels % 2 == 0)], images[torch.from_numpy(labels % 2 == 1)]
 
@@ -283,7 +284,7 @@ def test_zero_shot_clip_matches_the_models_own_probabilities(tiny_clip_model):
 
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     prompts = ["a cat"] * 3 + ["a dog"] * 3
-    judge = evaluate.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
+    judge = pu_classifier.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
     sensitive, cosines = judge.judge(images, prompts)
 
     model, processor = CLIPModel.from_pretrained(tiny_clip_model), AutoProcessor.from_pretrained(tiny_clip_model)

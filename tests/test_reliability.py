@@ -8,8 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import assert_ok, run_script, start_script, write_image_folder
-from tests.test_train_unconditional import SCRIPT, load_and_sample, scalars, tiny_run_args
+from tests.helpers import UNCONDITIONAL as SCRIPT
+from tests.helpers import (
+    assert_ok,
+    load_and_sample,
+    run_script,
+    scalars,
+    start_script,
+    tiny_run_args,
+    write_image_folder,
+)
 
 STEPS = 200
 # Random crops (8 px images at 6 px) and flips, EMA: everything random that a resume must replay.

@@ -8,10 +8,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import pu_training_utils
+import pu_flags
 import train_pu_text_to_image as t2i
-from tests.conftest import assert_ok, forwards_per_optimizer_step, run_script, write_captioned_folder
-from tests.test_train_unconditional import scalars
+from tests.helpers import (
+    assert_ok,
+    forwards_per_optimizer_step,
+    resume_from_a_copy,
+    run_script,
+    scalars,
+    write_captioned_folder,
+)
 
 SCRIPT = "train_pu_text_to_image.py"
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -236,7 +242,7 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     run.weight_dtype = torch.float32
     unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
     sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
-    args = pu_training_utils.loss_arguments(prior=0.1, nonnegative="abs", noise_offset=0.0, snr_gamma=None)
+    args = pu_flags.default_loss_flags(prior=0.1, nonnegative="abs", noise_offset=0.0, snr_gamma=None)
     risk = t2i.training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
 
     assert len(unet.calls) == 1 and unet.calls[0][0] == 5
@@ -334,13 +340,13 @@ def test_captions_are_read_per_image_and_bad_cells_are_named():
 
 
 def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipeline, captioned_data, tmp_path):
-    """scripts/make_text_to_image_data.py: generated images plus the mixed-in ones, all under the generic prompt."""
+    """make_text_to_image_data.py: generated images plus the mixed-in ones, all under the generic prompt."""
     from pu_data import load_image_dataset
 
     output_dir = tmp_path / "u"
     args = ["--pipeline", tiny_sd_pipeline, "--prompt", "a photo of a pet", "--num_generated", "3"]
     args += ["--batch_size", "2", "--num_inference_steps", "2", "--mix_in_dir", captioned_data[1]]
-    assert_ok(run_script("scripts/make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python"))
+    assert_ok(run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python"))
     dataset = load_image_dataset(None, str(output_dir), name_flag="--dataset_name", dir_flag="--train_data_dir")
     assert len(dataset) == 3 + 3
     assert set(dataset["text"]) == {"a photo of a pet"}
@@ -348,7 +354,7 @@ def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipe
     originals = sorted(captioned_data[1].glob("*.png"))
     assert [p.read_bytes() for p in mixed] == [p.read_bytes() for p in originals]
     assert Image.open(output_dir / "generated-00002.png").size == (32, 32)
-    again = run_script("scripts/make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python")
+    again = run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python")
     assert again.returncode != 0 and "--output_dir" in again.stderr
 
 
@@ -417,7 +423,6 @@ def test_gradient_accumulation_steps_after_every_accumulated_u_batches(
 
 def test_lora_resume_inside_an_accumulation_epoch_replays_the_run(tiny_sd_pipeline, captioned_data, tmp_path):
     """Accumulation 3 over 8 U batches of 1: checkpoint-1 sits after 3 of them (and one pass of S)."""
-    import shutil
 
     def args(output_dir, *extra):
         base = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--num_train_epochs", "1", *extra)
@@ -425,13 +430,8 @@ def test_lora_resume_inside_an_accumulation_epoch_replays_the_run(tiny_sd_pipeli
         base[base.index("--checkpointing_steps") + 1] = "1"
         return base + ["--sensitive_batch_size", "1", "--gradient_accumulation_steps", "3", "--random_flip"]
 
-    reference = tmp_path / "reference"
-    assert_ok(run_script(SCRIPT, *args(reference), launcher="python"))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(reference / "checkpoint-1", resumed / "checkpoint-1")
-    assert_ok(run_script(SCRIPT, *args(resumed, "--resume_from_checkpoint", "latest"), launcher="python"))
-    reference_trace, resumed_trace = dict(scalars(reference)["loss"]), dict(scalars(resumed)["loss"])
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference_trace, resumed_trace = resume_from_a_copy(SCRIPT, args, reference, resumed, "checkpoint-1")
     assert sorted(resumed_trace) == [2, 3]
     assert all(resumed_trace[step] == reference_trace[step] for step in (2, 3))
     final_reference = load_file(reference / "pytorch_lora_weights.safetensors")

@@ -2,76 +2,22 @@
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import assert_ok, forwards_per_optimizer_step, run_script, tiny_unet_kwargs, write_image_folder
-
-SCRIPT = "train_pu_unconditional.py"
-ODD = ["1", "3", "5", "7", "9"]
-
-
-def tiny_run_args(digits_dir, tiny_unet_config, output_dir, *extra):
-    """U = 40 even + 4 odd digits, S = 6 odd digits; 6 U batches of 8 per epoch."""
-    return [
-        "--dataset_name",
-        digits_dir,
-        "--label_column",
-        "label",
-        "--sensitive_labels",
-        *ODD,
-        "--num_unlabeled_normal",
-        "40",
-        "--num_unlabeled_sensitive",
-        "4",
-        "--num_labeled_sensitive",
-        "6",
-        "--resolution",
-        "8",
-        "--model_config_name_or_path",
-        tiny_unet_config,
-        "--train_batch_size",
-        "8",
-        "--sensitive_batch_size",
-        "2",
-        "--lr_warmup_steps",
-        "0",
-        "--learning_rate",
-        "1e-3",
-        "--ddpm_num_inference_steps",
-        "2",
-        "--eval_batch_size",
-        "4",
-        "--seed",
-        "0",
-        "--output_dir",
-        output_dir,
-        *extra,
-    ]
-
-
-def scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """TensorBoard scalars written under output_dir/logs: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[str, list[tuple[int, float]]] = {}
-    for event_file in sorted((output_dir / "logs").rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return values
-
-
-def load_and_sample(output_dir: Path):
-    from diffusers import DDPMPipeline, DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(output_dir)
-    assert isinstance(pipeline, DDPMPipeline)
-    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-    return pipeline, images
+from tests.helpers import UNCONDITIONAL as SCRIPT
+from tests.helpers import (
+    assert_ok,
+    forwards_per_optimizer_step,
+    load_and_sample,
+    resume_from_a_copy,
+    run_script,
+    scalars,
+    tiny_run_args,
+    tiny_unet_kwargs,
+    write_image_folder,
+)
 
 
 def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_dir, tiny_unet_config):
@@ -119,8 +65,8 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     from diffusers import DDPMScheduler
 
     import train_pu_unconditional
+    from pu_flags import default_loss_flags
     from pu_loss import compute_risk
-    from pu_training_utils import loss_arguments
 
     run = argparse.Namespace(model=ZeroUNet(), noise_scheduler=DDPMScheduler(num_train_timesteps=1000))
     unlabeled, sensitive = torch.rand(6, 1, 8, 8), torch.rand(3, 1, 8, 8)
@@ -136,11 +82,11 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
         run,
         unlabeled,
         sensitive,
-        loss_arguments(**args, sensitive_min_timestep=500),
+        default_loss_flags(**args, sensitive_min_timestep=500),
         generator.manual_seed(5),
     )
     everywhere = train_pu_unconditional.training_step(
-        run, unlabeled, sensitive, loss_arguments(**args, sensitive_min_timestep=0), generator.manual_seed(5)
+        run, unlabeled, sensitive, default_loss_flags(**args, sensitive_min_timestep=0), generator.manual_seed(5)
     )
     assert banded.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0, in_band).loss.item())
     assert everywhere.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0).loss.item())
@@ -334,7 +280,6 @@ def test_gradient_accumulation_steps_after_every_accumulated_u_batches(
 def test_resume_inside_an_epoch_with_accumulation_replays_the_run(tmp_path, digits_dir, tiny_unet_config):
     """checkpoint-1 of an accumulation of 4 sits after 4 of the epoch's 6 U batches (and 4 S batches, one
     pass and a third)."""
-    import shutil
 
     def args(output_dir, *extra):
         return tiny_run_args(
@@ -342,15 +287,23 @@ def test_resume_inside_an_epoch_with_accumulation_replays_the_run(tmp_path, digi
             "4", "--checkpointing_steps", "1", "--random_flip", *extra,
         )  # fmt: skip
 
-    reference = tmp_path / "reference"
-    assert_ok(run_script(SCRIPT, *args(reference), launcher="python"))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(reference / "checkpoint-1", resumed / "checkpoint-1")
-    assert_ok(run_script(SCRIPT, *args(resumed, "--resume_from_checkpoint", "latest"), launcher="python"))
-    reference_trace, resumed_trace = dict(scalars(reference)["loss"]), dict(scalars(resumed)["loss"])
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference_trace, resumed_trace = resume_from_a_copy(SCRIPT, args, reference, resumed, "checkpoint-1")
     assert sorted(resumed_trace) == [2, 3, 4]
     assert all(resumed_trace[step] == reference_trace[step] for step in (2, 3, 4))
     final_reference = load_and_sample(reference)[0].unet.state_dict()
     final_resumed = load_and_sample(resumed)[0].unet.state_dict()
     assert all(torch.equal(final_resumed[name], weight) for name, weight in final_reference.items())
+
+
+@pytest.mark.parametrize(("resolution", "low", "high"), [(8, 0.6e6, 0.8e6), (16, 1.0e6, 1.3e6), (32, 35e6, 36.5e6)])
+def test_default_unet_sizes(resolution, low, high):
+    from diffusers import UNet2DModel
+
+    from train_pu_unconditional import default_unet_config
+
+    model = UNet2DModel(**default_unet_config(resolution, channels=1 if resolution < 32 else 3))
+    parameters = sum(p.numel() for p in model.parameters())
+    assert low <= parameters <= high
+    sample = torch.zeros(1, model.config.in_channels, resolution, resolution)
+    assert model(sample, torch.tensor([10])).sample.shape == sample.shape

@@ -1,4 +1,4 @@
-"""The shared training pieces: Hub upload filter, atomic saves, the NaN stop, the default UNets."""
+"""pu_outputs: the Hub upload filter, atomic pipeline saves, staging clean-up, the output-folder lock, grids."""
 
 import argparse
 import json
@@ -6,11 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import pu_training_utils as common
+import pu_outputs
 from pu_data import InputError
-from pu_loss import RiskOutput
 
 
 def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_path, monkeypatch):
@@ -40,8 +38,8 @@ def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_pat
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
     args = argparse.Namespace(hub_model_id=None, output_dir=str(tmp_path), hub_private_repo=True, hub_token="t")
 
-    repo_id = common.create_hub_repo(args)
-    common.upload_to_hub(args, repo_id, "step 10")
+    repo_id = pu_outputs.create_hub_repo(args)
+    pu_outputs.upload_to_hub(args, repo_id, "step 10")
     assert calls["create"] == (tmp_path.name, {"exist_ok": True, "private": True, "token": "t"})
     assert calls["upload"]["repo_id"] == "user/out"
     files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
@@ -52,7 +50,7 @@ def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_pat
 def tiny_ddpm_pipeline():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from tests.conftest import tiny_unet_kwargs
+    from tests.helpers import tiny_unet_kwargs
 
     return DDPMPipeline(unet=UNet2DModel(**tiny_unet_kwargs()), scheduler=DDPMScheduler())
 
@@ -61,7 +59,7 @@ def test_an_interrupted_pipeline_save_keeps_the_previous_pipeline_loadable(tmp_p
     from diffusers import DiffusionPipeline
 
     pipeline = tiny_ddpm_pipeline()
-    common.save_pipeline_atomically(pipeline, tmp_path)
+    pu_outputs.save_pipeline_atomically(pipeline, tmp_path)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
@@ -72,7 +70,7 @@ def test_an_interrupted_pipeline_save_keeps_the_previous_pipeline_loadable(tmp_p
 
     pipeline.save_pretrained = crash_half_way
     with pytest.raises(KeyboardInterrupt):
-        common.save_pipeline_atomically(pipeline, tmp_path)
+        pu_outputs.save_pipeline_atomically(pipeline, tmp_path)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert isinstance(DiffusionPipeline.from_pretrained(tmp_path).unet, type(pipeline.unet))
     assert not list(tmp_path.glob(".tmp-*"))
@@ -86,7 +84,7 @@ def test_the_first_pipeline_save_is_not_loadable_until_complete(tmp_path):
 
     pipeline.save_pretrained = crash
     with pytest.raises(KeyboardInterrupt):
-        common.save_pipeline_atomically(pipeline, tmp_path)
+        pu_outputs.save_pipeline_atomically(pipeline, tmp_path)
     assert not (tmp_path / "model_index.json").exists()
 
 
@@ -94,7 +92,7 @@ def test_staging_left_by_a_killed_save_is_cleaned_and_a_set_aside_component_put_
     """kill -9 skips the finally: the state is built by hand, as a kill between two renames leaves it."""
     from diffusers import DiffusionPipeline
 
-    common.save_pipeline_atomically(tiny_ddpm_pipeline(), tmp_path)
+    pu_outputs.save_pipeline_atomically(tiny_ddpm_pipeline(), tmp_path)
     staging = tmp_path / ".tmp-pipeline-killed"
     (staging / "replaced").mkdir(parents=True)
     (staging / "new" / "scheduler").mkdir(parents=True)
@@ -103,66 +101,32 @@ def test_staging_left_by_a_killed_save_is_cleaned_and_a_set_aside_component_put_
     with pytest.raises(OSError):
         DiffusionPipeline.from_pretrained(tmp_path)
 
-    common.clean_staging_folders(tmp_path)
+    pu_outputs.clean_staging_folders(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert DiffusionPipeline.from_pretrained(tmp_path).unet.config.block_out_channels == [8, 16]
 
 
 def test_one_training_run_per_output_dir(tmp_path):
-    lock = common.OutputDirLock(tmp_path / "out")
-    assert "pid" in (tmp_path / "out" / common.LOCK_FILE).read_text()
+    lock = pu_outputs.OutputDirLock(tmp_path / "out")
+    assert "pid" in (tmp_path / "out" / pu_outputs.LOCK_FILE).read_text()
     with pytest.raises(InputError, match="is in use by another training run"):
-        common.OutputDirLock(tmp_path / "out")
+        pu_outputs.OutputDirLock(tmp_path / "out")
     lock.release()
     assert not (tmp_path / "out").exists()  # created by the lock, left empty: removed
 
     # A lock file whose process is gone (no flock held) blocks nobody.
     (tmp_path / "kept").mkdir()
-    (tmp_path / "kept" / common.LOCK_FILE).write_text("pid 999999 on elsewhere")
-    common.OutputDirLock(tmp_path / "kept").release()
+    (tmp_path / "kept" / pu_outputs.LOCK_FILE).write_text("pid 999999 on elsewhere")
+    pu_outputs.OutputDirLock(tmp_path / "kept").release()
     assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
-
-
-def test_a_non_finite_loss_stops_with_the_step_named():
-    risk = RiskOutput(loss=torch.tensor(float("nan")), unlabeled_loss=torch.tensor(1.0))
-    with pytest.raises(FloatingPointError, match="step 17"):
-        common.check_finite(risk.to_log_dict(), 17, "out")
-    common.check_finite(RiskOutput(loss=torch.tensor(2.0), unlabeled_loss=torch.tensor(2.0)).to_log_dict(), 18, "out")
-
-
-@pytest.mark.parametrize(("resolution", "low", "high"), [(8, 0.6e6, 0.8e6), (16, 1.0e6, 1.3e6), (32, 35e6, 36.5e6)])
-def test_default_unet_sizes(resolution, low, high):
-    from diffusers import UNet2DModel
-
-    from train_pu_unconditional import default_unet_config
-
-    model = UNet2DModel(**default_unet_config(resolution, channels=1 if resolution < 32 else 3))
-    parameters = sum(p.numel() for p in model.parameters())
-    assert low <= parameters <= high
-    sample = torch.zeros(1, model.config.in_channels, resolution, resolution)
-    assert model(sample, torch.tensor([10])).sample.shape == sample.shape
 
 
 def test_image_grid_enlarges_small_tiles_and_separates_them():
     images = np.zeros((5, 8, 8, 1))
     images[0] = 1.0  # first tile white
-    grid = np.asarray(common.image_grid(images, min_tile=32, gap=2))
+    grid = np.asarray(pu_outputs.image_grid(images, min_tile=32, gap=2))
     assert grid.shape == (2 + 2 * 34, 2 + 3 * 34)  # 2 rows x 3 columns of 32-px tiles
     assert (grid[2:34, 2:34] == 255).all() and (grid[2:34, 36:68] == 0).all()
     assert (grid[:2] == 128).all() and (grid[:, 34:36] == 128).all()
     # uint8 pixels are taken as they are: the same grid as their [0, 1] floats.
-    assert np.array_equal(np.asarray(common.image_grid((images * 255).astype(np.uint8))), grid)
-
-
-def test_checkpoint_names_resolve_in_one_place(tmp_path):
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-x", "my-ckpt"):
-        (tmp_path / name).mkdir()
-    assert [p.name for p in common.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="checkpoint-10")
-    assert common.named_checkpoint(args) == tmp_path / "checkpoint-10"
-    args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
-    assert common.checkpoint_step(common.named_checkpoint(args)) == 2
-    for bad in ("checkpoint-7", "my-ckpt"):
-        args.resume_from_checkpoint = bad
-        with pytest.raises(InputError, match=f"--resume_from_checkpoint {bad}"):
-            common.named_checkpoint(args)
+    assert np.array_equal(np.asarray(pu_outputs.image_grid((images * 255).astype(np.uint8))), grid)

@@ -1,7 +1,7 @@
 """Build an unlabeled text-to-image set U for the README's recipe: images the base model makes from a
 generic prompt, with images of the sensitive concept mixed in under the same caption.
 
-    python scripts/make_text_to_image_data.py \
+    python make_text_to_image_data.py \
         --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a pet" \
         --num_generated 450 --mix_in_dir dog_photos/ --output_dir data/pets-unlabeled
 
@@ -21,10 +21,9 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import evaluate  # noqa: E402
-from pu_data import InputError  # noqa: E402
+import evaluate
+from pu_data import InputError
+from pu_flags import NON_NEGATIVE_INT, POSITIVE_INT, show_ranges
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -33,18 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="The text-to-image pipeline (folder or Hub id).")
     parser.add_argument("--prompt", required=True, help="The generic prompt; also the caption of every image.")
-    parser.add_argument("--num_generated", type=int, default=450, help="Images generated from --prompt.")
+    parser.add_argument("--num_generated", type=NON_NEGATIVE_INT, default=450, help="Images generated from --prompt.")
     parser.add_argument("--mix_in_dir", default=None, help="A folder of images of the concept to mix into U.")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=8)
+    parser.add_argument("--num_inference_steps", type=POSITIVE_INT, default=30)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--resolution", type=POSITIVE_INT, default=None, help="Default: the pipeline's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--output_dir", required=True)
+    show_ranges(parser)
     args = parser.parse_args(argv)
-    if args.num_generated < 0 or args.batch_size < 1:
-        parser.error("--num_generated must be >= 0 and --batch_size >= 1")
     if args.mix_in_dir is not None and not mixed_in_images(args.mix_in_dir):
         parser.error(f"--mix_in_dir {args.mix_in_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
     if Path(args.output_dir).exists() and any(Path(args.output_dir).iterdir()):

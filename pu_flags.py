@@ -1,0 +1,423 @@
+"""The training scripts' shared flags, their ranges, and the checks that run before anything is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from pu_checkpoints import CHECKPOINT_CONFIG, DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, checkpoint_to_resume, saved_run_config
+from pu_data import InputError
+from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
+from pu_outputs import FINISHED_MODEL_FILES
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+class Bounded:
+    """An argparse ``type`` that converts with ``kind`` and refuses values outside a range.
+
+    The range is declared once, here; argparse's message names the flag
+    (``argument --learning_rate: must be > 0, got -0.001``) and
+    :func:`show_ranges` puts it into ``--help``.
+    """
+
+    def __init__(self, kind, low=None, high=None, *, low_open=False, high_open=False):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high}")
+        self.constraint = " and ".join(parts)
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+
+    def __call__(self, text: str):
+        value = self.kind(text)
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {self.constraint}, got {text}")
+        return value
+
+
+POSITIVE_INT = Bounded(int, 1)
+NON_NEGATIVE_INT = Bounded(int, 0)
+POSITIVE_FLOAT = Bounded(float, 0, low_open=True)
+NON_NEGATIVE_FLOAT = Bounded(float, 0)
+OPEN_UNIT_INTERVAL = Bounded(float, 0, 1, low_open=True, high_open=True)
+UNIT_INTERVAL = Bounded(float, 0, 1)
+ADAM_BETA = Bounded(float, 0, 1, high_open=True)
+
+
+def show_ranges(parser: argparse.ArgumentParser) -> None:
+    """Append each bounded flag's range to its --help line."""
+    for action in parser._actions:
+        if isinstance(action.type, Bounded):
+            action.help = f"{action.help or ''} [{action.type.constraint}]".lstrip()
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = False) -> None:
+    group = parser.add_argument_group("data: U (unlabeled) and S (labeled sensitive)")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="U: a Hub dataset id or a local dataset folder. With --label_column, the labeled dataset"
+        " that U and S are both drawn from.",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The config of --dataset_name.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="U: an image folder (datasets' imagefolder layout). Ignored if --dataset_name is set.",
+    )
+    group.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
+    if with_captions:
+        group.add_argument("--caption_column", type=str, default="text", help="The column holding U's captions.")
+    group.add_argument(
+        "--sensitive_dataset_name",
+        type=str,
+        default=None,
+        help="S: a Hub dataset id or a local dataset folder of sensitive images only.",
+    )
+    group.add_argument(
+        "--sensitive_data_dir",
+        type=str,
+        default=None,
+        help="S: an image folder of sensitive images only. Ignored if --sensitive_dataset_name is set.",
+    )
+    if with_captions:
+        group.add_argument("--sensitive_caption_column", type=str, default=None, help="The column of S's captions.")
+        group.add_argument("--sensitive_prompt", type=str, default=None, help="One caption for every image of S.")
+    group.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help="Build U and S from one labeled --dataset_name, as in the paper's Table 1.",
+    )
+    group.add_argument(
+        "--sensitive_labels",
+        type=str,
+        nargs="+",
+        default=None,
+        help="With --label_column: the label values (names or ids) that are sensitive.",
+    )
+    group.add_argument(
+        "--num_unlabeled_normal",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help="With --label_column: normal images drawn into U (default: all of them).",
+    )
+    group.add_argument(
+        "--num_unlabeled_sensitive",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help="With --label_column: sensitive images drawn into U (default: a tenth of the normal"
+        " count, the paper's 10:1).",
+    )
+    group.add_argument(
+        "--num_labeled_sensitive",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help="With --label_column: sensitive images drawn into S, disjoint from U's (default: as many"
+        " as U's sensitive ones).",
+    )
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
+    group.add_argument(
+        "--resolution", type=POSITIVE_INT, default=64, help="Images are resized and cropped to this size."
+    )
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random window.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument(
+        "--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0, help="Data-loading subprocesses; 0: main."
+    )
+
+
+def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str = "nnpu") -> None:
+    group = parser.add_argument_group("PU loss (Takahashi et al., 2025)")
+    group.add_argument(
+        "--loss_type",
+        choices=LOSS_TYPES,
+        default="pu",
+        help="pu: Eq. (19); supervised: Eq. (12), all of U taken as normal; unsupervised: Eq. (9),"
+        " plain diffusion training, S unused.",
+    )
+    group.add_argument(
+        "--prior",
+        type=OPEN_UNIT_INTERVAL,
+        default=0.1,
+        help="beta, the share of sensitive data in U, in (0, 1). The paper uses 0.1.",
+    )
+    group.add_argument(
+        "--nonnegative",
+        choices=NONNEGATIVE_MODES,
+        default=default_nonnegative,
+        help="How the negative risk is kept >= 0: nnpu (Algorithm 1), abs (|r|), none (unbiased).",
+    )
+    group.add_argument(
+        "--sensitive_batch_size",
+        type=POSITIVE_INT,
+        default=None,
+        help="S images per step (default: train_batch_size * |S| / |U|, at least 1).",
+    )
+    group.add_argument(
+        "--loss_reduction",
+        choices=REDUCTIONS,
+        default="sum",
+        help="Per-sample loss of Eq. (8): sum over pixels (the paper) or mean.",
+    )
+    group.add_argument(
+        "--positive_risk_weight",
+        type=NON_NEGATIVE_FLOAT,
+        default=1.0,
+        help="Ours, not the paper's: scales beta * L^+_S in Eq. (18); 1 is the paper. On small images (the 8x8"
+        " digits) 0 works better: see the README's benchmark section.",
+    )
+    group.add_argument(
+        "--sensitive_min_timestep",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="Ours, not the paper's: the S terms and the nonnegative correction use only (t, noise) draws with"
+        " t >= this; U's draws below it get the plain diffusion loss. 0 is the paper.",
+    )
+
+
+def default_loss_flags(**overrides) -> argparse.Namespace:
+    """The PU loss flags at their command-line defaults, then ``overrides`` (which may add other flags), for
+    code that calls a training step without parsing a command line: the benchmarks and the tests."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_pu_arguments(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **overrides})
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", type=str, required=True, help="Where the model and checkpoints are written.")
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Train even if --output_dir already holds a finished model."
+    )
+    group.add_argument("--seed", type=int, default=None, help="Seed for the U/S draws, training and samples.")
+    group.add_argument("--train_batch_size", type=POSITIVE_INT, default=16, help="U images per step and device.")
+    group.add_argument("--num_train_epochs", "--num_epochs", type=POSITIVE_INT, default=100, dest="num_train_epochs")
+    group.add_argument(
+        "--max_train_steps", type=POSITIVE_INT, default=None, help="If set, overrides --num_train_epochs."
+    )
+    group.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    group.add_argument("--learning_rate", type=POSITIVE_FLOAT, default=1e-4)
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps, batch size and process count.",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    group.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=500)
+    group.add_argument("--adam_beta1", type=ADAM_BETA, default=0.95)
+    group.add_argument("--adam_beta2", type=ADAM_BETA, default=0.999)
+    group.add_argument("--adam_weight_decay", type=NON_NEGATIVE_FLOAT, default=1e-6)
+    group.add_argument("--adam_epsilon", type=POSITIVE_FLOAT, default=1e-8)
+    group.add_argument("--max_grad_norm", type=POSITIVE_FLOAT, default=1.0)
+    group.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Default: what `accelerate launch` / `accelerate config` set.",
+    )
+    group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    group.add_argument("--ema_inv_gamma", type=POSITIVE_FLOAT, default=1.0)
+    group.add_argument("--ema_power", type=POSITIVE_FLOAT, default=3 / 4)
+    group.add_argument("--ema_max_decay", type=UNIT_INTERVAL, default=0.9999)
+    group.add_argument(
+        "--checkpointing_steps",
+        type=POSITIVE_INT,
+        default=500,
+        help="Save a resumable checkpoint-N folder every N optimizer steps.",
+    )
+    group.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=None, help="Keep at most this many.")
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint-N folder, or "latest" for the newest in --output_dir.',
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
+    group.add_argument(
+        "--report_to",
+        "--logger",
+        type=str,
+        default="tensorboard",
+        dest="report_to",
+        help='"tensorboard", "wandb", "all" or "none".',
+    )
+    group.add_argument("--logging_steps", type=POSITIVE_INT, default=1, help="Log the loss components every N steps.")
+    group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Hugging Face Hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the model (never the checkpoints).")
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--hub_model_id", type=str, default=None, help="Default: the name of --output_dir.")
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def add_pretrained_model_arguments(group, what: str, required: bool = False) -> None:
+    """--pretrained_model_name_or_path and the flags that go with it, as in the official examples."""
+    group.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=required, help=what)
+    group.add_argument("--revision", type=str, default=None, help="Revision of the pretrained pipeline.")
+    group.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    group.add_argument(
+        "--prediction_type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="What the model predicts. Default: the pretrained scheduler's, else epsilon.",
+    )
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+
+def set_prediction_type(noise_scheduler, args: argparse.Namespace) -> None:
+    """--prediction_type overrides the pretrained scheduler's; a type we cannot train is refused at load."""
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    elif noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise InputError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: its scheduler predicts"
+            f" {noise_scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
+        )
+
+
+def check_timestep_band(noise_scheduler, args: argparse.Namespace) -> None:
+    """--sensitive_min_timestep must leave S some timesteps of the schedule."""
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    if args.sensitive_min_timestep >= num_timesteps:
+        raise InputError(
+            f"--sensitive_min_timestep {args.sensitive_min_timestep}: the noise schedule has timesteps 0 to"
+            f" {num_timesteps - 1}, so S would never count"
+        )
+
+
+def parse_and_check(parser: argparse.ArgumentParser, argv: list[str] | None, *script_checks) -> argparse.Namespace:
+    """Parse a training script's command line, then run the shared checks and the script's own; a bad value
+    ends in argparse's usage error naming the flag, before anything is loaded."""
+    show_ranges(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_common_arguments(args)
+        for check in script_checks:
+            check(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """Checks that need no data: bad values fail here, before anything is loaded or written."""
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError("U is missing: give --dataset_name or --train_data_dir")
+    _check_sensitive_source(args)
+    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login` instead")
+    _check_output_dir(args)
+
+
+def _check_sensitive_source(args: argparse.Namespace) -> None:
+    label_flags = ("num_unlabeled_normal", "num_unlabeled_sensitive", "num_labeled_sensitive", "sensitive_labels")
+    if args.label_column is None:
+        given = [f"--{flag}" for flag in label_flags if getattr(args, flag) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} need --label_column")
+    else:
+        if args.dataset_name is None:
+            raise InputError("--label_column needs a labeled --dataset_name to draw U and S from")
+        if not args.sensitive_labels:
+            raise InputError("--label_column needs --sensitive_labels: which labels are sensitive")
+        if args.sensitive_dataset_name or args.sensitive_data_dir:
+            raise InputError("--label_column draws S from --dataset_name; drop --sensitive_dataset_name/_data_dir")
+    has_sensitive = args.label_column or args.sensitive_dataset_name or args.sensitive_data_dir
+    if args.loss_type != "unsupervised" and not has_sensitive:
+        raise InputError(
+            f"--loss_type {args.loss_type} needs labeled sensitive data S: give --sensitive_dataset_name,"
+            " --sensitive_data_dir, or --label_column with --sensitive_labels"
+        )
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    output_dir = Path(args.output_dir)
+    _check_writable(output_dir)
+    finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).exists()]
+    if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise InputError(
+            f"--output_dir {args.output_dir} already holds a finished model ({finished[0]}); pass"
+            " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
+        )
+    _check_resumed_run(args)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """--output_dir must be a folder we can write in (or be creatable), known before any work starts.
+
+    Nothing is created: a probe folder is made in the nearest existing
+    ancestor and removed at once.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output_dir {output_dir}: exists and is not a folder")
+    ancestor = output_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {ancestor} is a file, so the folder cannot be made")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-write-check-", dir=ancestor))
+    except OSError as error:
+        raise InputError(f"--output_dir {output_dir}: cannot write in {ancestor} ({error.strerror})") from error
+
+
+def _check_resumed_run(args: argparse.Namespace) -> None:
+    """A resume must continue the same objective, and is warned when it will not replay the data order."""
+    if not args.resume_from_checkpoint:
+        return
+    checkpoint = checkpoint_to_resume(args, warn=False)
+    if checkpoint is None:
+        return  # as in the official examples: "latest" with nothing to resume starts fresh
+    saved = saved_run_config(checkpoint)
+    if saved is None:
+        logger.warning(
+            "%s has no %s: cannot check that the resume continues the same run", checkpoint, CHECKPOINT_CONFIG
+        )
+        return
+    for key in OBJECTIVE_FLAGS:
+        if key in saved and saved[key] != getattr(args, key):
+            raise InputError(
+                f"--{key} {getattr(args, key)}: {checkpoint.name} was trained with --{key} {saved[key]}; a resume"
+                " continues the same objective (start a new --output_dir to train with another)"
+            )
+    for key in DATA_ORDER_FLAGS:
+        if saved.get(key) is not None and getattr(args, key) is not None and saved[key] != getattr(args, key):
+            logger.warning(
+                "--%s %s differs from %s's %s: the data order will not replay the interrupted run",
+                key,
+                getattr(args, key),
+                checkpoint.name,
+                saved[key],
+            )

@@ -1,0 +1,224 @@
+"""What the tests share: launching the repository's scripts as users do, tiny data and models built on the
+spot, and readers of what a run wrote. Fixtures live in conftest.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def script_command(
+    script: str, *args, launcher: str = "accelerate", num_processes: int = 1, mixed_precision: str = "no"
+) -> list[str]:
+    """The command line a user types: ``accelerate launch`` on CPU, or ``python`` for the file itself."""
+    command = [sys.executable]
+    if launcher == "accelerate":
+        command += [
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            mixed_precision,
+            "--dynamo_backend",
+            "no",
+        ]
+        if num_processes > 1:
+            command += ["--multi_gpu"]
+    return command + [str(REPO_ROOT / script), *map(str, args)]
+
+
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(
+    script: str, *args, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600, **launch_options
+):
+    """Run one of the repository's scripts the way a user does, and return the finished process.
+
+    ``launcher="accelerate"`` goes through ``accelerate launch`` on CPU;
+    ``"python"`` runs the file directly (for argument and input errors).
+    """
+    command = script_command(script, *args, launcher=launcher, num_processes=num_processes, **launch_options)
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=script_env(num_processes), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_script(script: str, *args, launcher: str = "accelerate", num_processes: int = 1) -> subprocess.Popen:
+    """Like run_script, but return at once with the process running."""
+    command = script_command(script, *args, launcher=launcher, num_processes=num_processes)
+    return subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=script_env(num_processes),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def script_env(num_processes: int) -> dict:
+    """Several processes on a machine without GPUs: torchrun's launcher with Accelerate told to use
+    the CPU, which makes it pick the gloo backend."""
+    return {**SCRIPT_ENV, "ACCELERATE_USE_CPU": "true"} if num_processes > 1 else SCRIPT_ENV
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-6000:]}"
+    )
+
+
+def forwards_per_optimizer_step(script: str, *args, record_path: Path) -> list[int]:
+    """Launch ``script`` under tests/step_counter.py and return the UNet training forwards of each optimizer
+    step; the run must succeed and leave no forward without its step."""
+
+    assert_ok(run_script("tests/step_counter.py", record_path, script, *args))
+    record = json.loads(record_path.read_text())
+    assert record["forwards_after_last_step"] == 0
+    return record["forwards_per_step"]
+
+
+def tiny_unet_kwargs(channels: int = 1) -> dict:
+    return {
+        "sample_size": 8,
+        "in_channels": channels,
+        "out_channels": channels,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "norm_num_groups": 4,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    }
+
+
+def write_image_folder(path: Path, count: int, size: int = 8, mode: str = "L", seed: int = 0) -> Path:
+    """``count`` random PNG images in an image folder."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    channels = {"L": (size, size), "RGB": (size, size, 3)}[mode]
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8)).save(path / f"{index:03d}.png")
+    return path
+
+
+def write_tiny_clip_tokenizer(path: Path, model_max_length: int = 16):
+    """A CLIPTokenizer whose vocabulary is the 256 byte symbols (plus their word-final forms), no merges."""
+
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # The byte-to-symbol map of byte-level BPE: printable bytes stand for themselves, the rest from 256 up.
+    others = [byte for byte in range(256) if byte not in printable]
+    symbols = [chr(code) for code in printable] + [chr(256 + index) for index in range(len(others))]
+    vocabulary = ["<|startoftext|>", "<|endoftext|>", *symbols, *(symbol + "</w>" for symbol in symbols)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocabulary)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
+
+
+def write_captioned_folder(path: Path, captions: list[str], size: int = 32, seed: int = 0) -> Path:
+    """An image folder with metadata.jsonl: one random RGB image per caption, in the ``text`` column."""
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, caption in enumerate(captions):
+        name = f"{index:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / name)
+        rows.append(json.dumps({"file_name": name, "text": caption}))
+    (path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- unconditional runs
+
+UNCONDITIONAL = "train_pu_unconditional.py"
+ODD = ["1", "3", "5", "7", "9"]
+
+
+def tiny_run_args(digits_dir, tiny_unet_config, output_dir, *extra):
+    """U = 40 even + 4 odd digits, S = 6 odd digits; 6 U batches of 8 per epoch."""
+    return [
+        "--dataset_name",
+        digits_dir,
+        "--label_column",
+        "label",
+        "--sensitive_labels",
+        *ODD,
+        "--num_unlabeled_normal",
+        "40",
+        "--num_unlabeled_sensitive",
+        "4",
+        "--num_labeled_sensitive",
+        "6",
+        "--resolution",
+        "8",
+        "--model_config_name_or_path",
+        tiny_unet_config,
+        "--train_batch_size",
+        "8",
+        "--sensitive_batch_size",
+        "2",
+        "--lr_warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--ddpm_num_inference_steps",
+        "2",
+        "--eval_batch_size",
+        "4",
+        "--seed",
+        "0",
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
+
+
+def scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars written under output_dir/logs: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, list[tuple[int, float]]] = {}
+    for event_file in sorted((output_dir / "logs").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return values
+
+
+def load_and_sample(output_dir: Path):
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert isinstance(pipeline, DDPMPipeline)
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    return pipeline, images
+
+
+def resume_from_a_copy(script: str, run_args, reference: Path, resumed: Path, checkpoint: str) -> tuple[dict, dict]:
+    """Train ``reference`` in full, then resume a new folder that holds only a copy of its ``checkpoint``;
+    return both loss traces ({step: loss}). ``run_args(output_dir, *extra)`` builds the command line; both
+    runs start with plain python, as a launcher that sets another thread count changes float rounding."""
+    import shutil
+
+    assert_ok(run_script(script, *run_args(reference), launcher="python"))
+    resumed.mkdir()
+    shutil.copytree(reference / checkpoint, resumed / checkpoint)
+    assert_ok(run_script(script, *run_args(resumed, "--resume_from_checkpoint", "latest"), launcher="python"))
+    return dict(scalars(reference)["loss"]), dict(scalars(resumed)["loss"])
