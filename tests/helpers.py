@@ -81,14 +81,16 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
     )
 
 
-def forwards_per_optimizer_step(script: str, *args, record_path: Path) -> list[int]:
+def forwards_per_optimizer_step(script: str, *args, record_path: Path, num_processes: int = 1) -> list[int]:
     """Launch ``script`` under tests/step_counter.py and return the UNet training forwards of each optimizer
-    step; the run must succeed and leave no forward without its step."""
-
-    assert_ok(run_script("tests/step_counter.py", record_path, script, *args))
-    record = json.loads(record_path.read_text())
-    assert record["forwards_after_last_step"] == 0
-    return record["forwards_per_step"]
+    step; the run must succeed and leave no forward without its step. With several processes, every process
+    must have stepped after the same forwards."""
+    assert_ok(run_script("tests/step_counter.py", record_path, script, *args, num_processes=num_processes))
+    paths = [record_path] + [Path(f"{record_path}.rank{rank}") for rank in range(1, num_processes)]
+    records = [json.loads(path.read_text()) for path in paths]
+    assert all(record["forwards_after_last_step"] == 0 for record in records)
+    assert all(record["forwards_per_step"] == records[0]["forwards_per_step"] for record in records)
+    return records[0]["forwards_per_step"]
 
 
 def tiny_unet_kwargs(channels: int = 1) -> dict:

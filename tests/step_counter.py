@@ -36,7 +36,10 @@ def main() -> None:
 
     register_module_forward_hook(count_forward)
     register_optimizer_step_post_hook(close_step)
-    atexit.register(lambda: open(record_path, "w").write(json.dumps(record)))
+    # Under a launcher of several processes each writes its own record: RECORD.json.rank1, and so on.
+    rank = int(os.environ.get("RANK", "0"))
+    path = record_path if rank == 0 else f"{record_path}.rank{rank}"
+    atexit.register(lambda: open(path, "w").write(json.dumps(record)))
     sys.argv = [script, *script_args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python SCRIPT` would have it
     runpy.run_path(script, run_name="__main__")

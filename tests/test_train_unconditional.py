@@ -277,6 +277,17 @@ def test_gradient_accumulation_steps_after_every_accumulated_u_batches(
     assert f"| steps, batch (U + S) | {len(expected)}, 8 + 2 |" in (output_dir / "README.md").read_text()
 
 
+def test_gradient_accumulation_with_two_processes_steps_every_process_together(tmp_path, digits_dir, tiny_unet_config):
+    """Two processes share the 6 U batches of an epoch, 3 each: with accumulation 2 each step covers 2, then 1."""
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(
+        digits_dir, tiny_unet_config, output_dir, "--num_train_epochs", "2", "--gradient_accumulation_steps", "2"
+    )
+    steps = forwards_per_optimizer_step(SCRIPT, *args, record_path=tmp_path / "record.json", num_processes=2)
+    assert steps == [2, 1, 2, 1]
+    assert [step for step, _ in scalars(output_dir)["loss"]] == [1, 2, 3, 4]
+
+
 def test_resume_inside_an_epoch_with_accumulation_replays_the_run(tmp_path, digits_dir, tiny_unet_config):
     """checkpoint-1 of an accumulation of 4 sits after 4 of the epoch's 6 U batches (and 4 S batches, one
     pass and a third)."""
