@@ -95,10 +95,7 @@ def missing_from_checkpoint(path: Path) -> list[str]:
 
     Checkpoints written before the list existed cannot be checked: nothing is reported for them.
     """
-    config_file = path / CHECKPOINT_CONFIG
-    if not config_file.is_file():
-        return []
-    listed = json.loads(config_file.read_text()).get("files", {})
+    listed = (saved_run_config(path) or {}).get("files", {})
     missing = []
     for name, size in listed.items():
         file = path / name

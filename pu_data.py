@@ -153,6 +153,7 @@ def drop_unlabeled_rows(dataset, label_column: str, source: str):
     missing = [index for index, value in enumerate(dataset[label_column]) if _is_missing_label(value, feature)]
     if not missing:
         return dataset
+    missing_set = set(missing)
     logger.warning(
         "%s: %d row(s) have no --label_column %r value (e.g. rows %s) and are left out of U and S",
         source,
@@ -160,7 +161,7 @@ def drop_unlabeled_rows(dataset, label_column: str, source: str):
         label_column,
         ", ".join(map(str, missing[:3])),
     )
-    return dataset.select(sorted(set(range(len(dataset))) - set(missing)))
+    return dataset.select([index for index in range(len(dataset)) if index not in missing_set])
 
 
 @dataclass

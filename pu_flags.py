@@ -11,7 +11,7 @@ from pathlib import Path
 from pu_checkpoints import CHECKPOINT_CONFIG, DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, checkpoint_to_resume, saved_run_config
 from pu_data import InputError
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
-from pu_outputs import FINISHED_MODEL_FILES
+from pu_outputs import finished_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -365,10 +365,10 @@ def _check_sensitive_source(args: argparse.Namespace) -> None:
 def _check_output_dir(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     _check_writable(output_dir)
-    finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).exists()]
+    finished = finished_model_file(output_dir)
     if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise InputError(
-            f"--output_dir {args.output_dir} already holds a finished model ({finished[0]}); pass"
+            f"--output_dir {args.output_dir} already holds a finished model ({finished}); pass"
             " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
         )
     _check_resumed_run(args)

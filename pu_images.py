@@ -13,7 +13,7 @@ from PIL import Image
 
 from pu_errors import InputError
 
-logger = logging.getLogger("pu_data")
+logger = logging.getLogger(__name__)
 
 
 #: PIL modes read as one channel. Palette ("P") images are often coloured, so they count as RGB.

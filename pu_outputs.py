@@ -21,10 +21,17 @@ from pu_data import InputError
 logger = logging.getLogger(__name__)
 
 
-#: Never uploaded to the Hub: resumable training state and old validation images.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*", ".pu-diffusion.lock"]
+#: Held by the run that writes an output folder (:class:`OutputDirLock`).
+LOCK_FILE = ".pu-diffusion.lock"
+#: Never uploaded to the Hub: resumable training state, old validation images, staging folders, the lock.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*", LOCK_FILE]
 #: Files whose presence marks a finished model in an output folder.
 FINISHED_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
+
+
+def finished_model_file(output_dir: str) -> str | None:
+    """The first of FINISHED_MODEL_FILES that ``output_dir`` holds, or None."""
+    return next((name for name in FINISHED_MODEL_FILES if (Path(output_dir) / name).exists()), None)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -67,9 +74,6 @@ def clean_staging_folders(output_dir: str) -> None:
                 os.replace(old, Path(output_dir) / old.name)
         logger.info("removing %s, left by an interrupted run", staging)
         shutil.rmtree(staging, ignore_errors=True)
-
-
-LOCK_FILE = ".pu-diffusion.lock"
 
 
 @contextlib.contextmanager

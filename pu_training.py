@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 import pu_data
-from pu_checkpoints import OBJECTIVE_FLAGS, resumed_seed, save_checkpoint
+from pu_checkpoints import DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, resumed_seed, save_checkpoint
 from pu_data import InputError
 from pu_loss import RiskOutput, compute_risk, per_sample_diffusion_loss
-from pu_outputs import FINISHED_MODEL_FILES, create_hub_repo
+from pu_outputs import create_hub_repo, finished_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -520,11 +520,11 @@ def finish_trained_run(accelerator, args, plan: RunPlan, global_step: int, end_o
     the final model is written from the checkpoint; a run that finished
     stays as it is.
     """
-    finished = [name for name in FINISHED_MODEL_FILES if (Path(args.output_dir) / name).exists()]
+    finished = finished_model_file(args.output_dir)
     if finished:
         accelerator.print(
             f"step {global_step} of --max_train_steps {plan.max_train_steps} is done and {args.output_dir} holds"
-            f" the finished model ({finished[0]}): nothing to do"
+            f" the finished model ({finished}): nothing to do"
         )
         return
     accelerator.print(f"step {global_step} is the last one: saving the final model from the checkpoint")
@@ -569,10 +569,6 @@ def tracker_config(args: argparse.Namespace, plan: RunPlan) -> dict:
 def checkpoint_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     """What a checkpoint records so that a resume can check it continues the same run."""
     config = {key: getattr(args, key, None) for key in OBJECTIVE_FLAGS}
-    config.update(
-        seed=plan.seed,
-        train_batch_size=args.train_batch_size,
-        sensitive_batch_size=plan.sensitive_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
+    # The data order as run: the plan's value where it settled one (seed, S batch size), else the flag.
+    config.update({key: getattr(plan, key) if hasattr(plan, key) else getattr(args, key) for key in DATA_ORDER_FLAGS})
     return config
