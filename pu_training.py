@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -493,6 +494,23 @@ def train(
             break
     stop.restore()
     progress.close()
+
+
+def end_training(accelerator, run: TrainingRun) -> None:
+    """Close the trackers and the process group, releasing the DDP wrapper first.
+
+    DDP's reducer holds a reference to the gloo process group. Were it the
+    last one, the group would be destroyed from the reducer's destructor,
+    which keeps the GIL while it waits for gloo's worker thread; a worker
+    still finishing the last barrier needs the GIL to free that barrier's
+    tensors, and the process hangs at exit (seen in CI with two CPU
+    processes). Released here, the reducer is never the last owner.
+    """
+    accelerator.wait_for_everyone()
+    run.model = accelerator.unwrap_model(run.model)
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 class CycleAverage:

@@ -457,13 +457,12 @@ def main(args: argparse.Namespace) -> None:
         plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
         make_dataset = captioned_dataset(args, tokenizer)
-        shared = pu_training.prepare_for_training(
-            accelerator, args, plan, unet, trainable, unlabeled, sensitive, make_dataset, ema_model
-        )
         hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_text_to_image")
         frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "weight_dtype": weight_dtype}
         run = TextToImageRun(
-            **shared,
+            **pu_training.prepare_for_training(
+                accelerator, args, plan, unet, trainable, unlabeled, sensitive, make_dataset, ema_model
+            ),
             **frozen,
             noise_scheduler=noise_scheduler,
             base_model=args.pretrained_model_name_or_path,
@@ -476,7 +475,7 @@ def main(args: argparse.Namespace) -> None:
         step = functools.partial(training_step, args=args)
         save = functools.partial(end_of_epoch, accelerator, run, args)
         pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
-        accelerator.end_training()
+        pu_training.end_training(accelerator, run)
 
 
 if __name__ == "__main__":

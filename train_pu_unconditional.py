@@ -243,19 +243,21 @@ def main(args: argparse.Namespace) -> None:
         pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
 
         make_dataset = image_dataset(args, unet.config.in_channels)
-        shared = pu_training.prepare_for_training(
-            accelerator, args, plan, unet, list(unet.parameters()), unlabeled, sensitive, make_dataset, ema_model
-        )
         hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_unconditional")
         run = pu_training.TrainingRun(
-            **shared, noise_scheduler=noise_scheduler, base_model=base_model, hub_repo_id=hub_repo_id
+            **pu_training.prepare_for_training(
+                accelerator, args, plan, unet, list(unet.parameters()), unlabeled, sensitive, make_dataset, ema_model
+            ),
+            noise_scheduler=noise_scheduler,
+            base_model=base_model,
+            hub_repo_id=hub_repo_id,
         )
 
         first_step = pu_checkpoints.resume_step(accelerator, args)
         step = functools.partial(training_step, args=args)
         save = functools.partial(end_of_epoch, accelerator, run, args)
         pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
-        accelerator.end_training()
+        pu_training.end_training(accelerator, run)
 
 
 def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch, args, generator=None):

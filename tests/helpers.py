@@ -51,9 +51,15 @@ def run_script(
     ``"python"`` runs the file directly (for argument and input errors).
     """
     command = script_command(script, *args, launcher=launcher, num_processes=num_processes, **launch_options)
-    return subprocess.run(
-        command, cwd=REPO_ROOT, env=script_env(num_processes), capture_output=True, text=True, timeout=timeout
-    )
+    try:
+        return subprocess.run(
+            command, cwd=REPO_ROOT, env=script_env(num_processes), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as timeout_error:
+        # pytest would show a cut repr of the output; the end of stderr says where the run stopped.
+        stderr = timeout_error.stderr or b""
+        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        raise AssertionError(f"{script} ran past {timeout} s; the end of its stderr:\n{stderr[-6000:]}") from None
 
 
 def start_script(script: str, *args, launcher: str = "accelerate", num_processes: int = 1) -> subprocess.Popen:
