@@ -22,6 +22,7 @@ OBJECTIVE_FLAGS = (
     "loss_reduction",
     "positive_risk_weight",
     "sensitive_min_timestep",
+    "sensitive_max_snr",
 )
 #: Flags that define the data order: a resume that changes them trains on, but does not replay the run.
 DATA_ORDER_FLAGS = ("seed", "train_batch_size", "sensitive_batch_size", "gradient_accumulation_steps")
@@ -149,6 +150,15 @@ def resumed_seed(args: argparse.Namespace) -> int | None:
     path = checkpoint_to_resume(args, warn=False)
     saved = saved_run_config(path) if path is not None else None
     return saved.get("seed") if saved else None
+
+
+def resumed_prior_estimate(args: argparse.Namespace) -> dict | None:
+    """The --prior auto estimate recorded by the checkpoint --resume_from_checkpoint continues, if any."""
+    if not args.resume_from_checkpoint:
+        return None
+    path = checkpoint_to_resume(args, warn=False)
+    saved = saved_run_config(path) if path is not None else None
+    return saved.get("prior_estimate") if saved else None
 
 
 def resume_step(accelerator, args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from pu_checkpoints import CHECKPOINT_CONFIG, DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, checkpoint_to_resume, saved_run_config
 from pu_data import InputError
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
@@ -143,6 +145,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = Fa
     )
 
 
+def prior_value(text: str) -> float | str:
+    """--prior: "auto" or a share in (0, 1)."""
+    return "auto" if text == "auto" else OPEN_UNIT_INTERVAL(text)
+
+
 def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str = "nnpu") -> None:
     group = parser.add_argument_group("PU loss (Takahashi et al., 2025)")
     group.add_argument(
@@ -154,9 +161,10 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     )
     group.add_argument(
         "--prior",
-        type=OPEN_UNIT_INTERVAL,
+        type=prior_value,
         default=0.1,
-        help="beta, the share of sensitive data in U, in (0, 1). The paper uses 0.1.",
+        help="beta, the share of sensitive data in U, in (0, 1) (the paper uses 0.1), or auto: estimated from"
+        " U and S before training, as estimate_prior.py does.",
     )
     group.add_argument(
         "--nonnegative",
@@ -179,17 +187,73 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     group.add_argument(
         "--positive_risk_weight",
         type=NON_NEGATIVE_FLOAT,
-        default=1.0,
-        help="Ours, not the paper's: scales beta * L^+_S in Eq. (18); 1 is the paper. On small images (the 8x8"
-        " digits) 0 works better: see the README's benchmark section.",
+        default=None,
+        help="Ours, not the paper's: scales beta * L^+_S in Eq. (18). Default 0 (1 with --paper_loss): at small"
+        " image sizes the positive risk pushes S hardest where l is small; see docs/benchmark.md.",
+    )
+    group.add_argument(
+        "--sensitive_max_snr",
+        type=NON_NEGATIVE_FLOAT,
+        default=None,
+        help="Ours, not the paper's: the S terms and the nonnegative correction use only (t, noise) draws whose"
+        f" signal-to-noise ratio alpha_bar / (1 - alpha_bar) is at most this; U's other draws get the plain"
+        f" diffusion loss. Default {DEFAULT_SENSITIVE_MAX_SNR:g} (timestep 100 of the linear 1,000-step"
+        " schedule); inf, or --paper_loss, uses every draw.",
     )
     group.add_argument(
         "--sensitive_min_timestep",
         type=NON_NEGATIVE_INT,
-        default=0,
-        help="Ours, not the paper's: the S terms and the nonnegative correction use only (t, noise) draws with"
-        " t >= this; U's draws below it get the plain diffusion loss. 0 is the paper.",
+        default=None,
+        help="The same band as a timestep index, t >= this (its meaning depends on the schedule); replaces"
+        " --sensitive_max_snr.",
     )
+    group.add_argument(
+        "--paper_loss",
+        action="store_true",
+        help="The paper's Eq. (19) exactly: positive risk weight 1, S terms at every noise level.",
+    )
+    add_prior_estimation_arguments(parser)
+
+
+def add_prior_estimation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prior estimation (--prior auto)")
+    group.add_argument(
+        "--prior_folds", type=Bounded(int, 2), default=5, help="Cross-fitting folds of the S-vs-U classifier."
+    )
+    group.add_argument(
+        "--prior_epochs", type=POSITIVE_INT, default=40, help="Most training epochs of each fold's classifier."
+    )
+    group.add_argument(
+        "--prior_confidence", type=OPEN_UNIT_INTERVAL, default=0.9, help="Coverage of the bootstrap interval."
+    )
+
+
+#: The default noise band of the S terms, chosen on the digits (docs/benchmark.md) as t >= 100 of the linear
+#: 1,000-step DDPM schedule: SNR(100) = 8.54, SNR(99) = 8.71. Under Stable Diffusion's scaled-linear schedule
+#: it is t >= 99; under the cosine schedule t >= 203 (the same noise level, a later step).
+DEFAULT_SENSITIVE_MAX_SNR = 8.6
+
+
+def resolve_loss_options(args: argparse.Namespace) -> None:
+    """Settle our two loss options: --paper_loss, else the flags given, else our defaults (at parse time).
+
+    Afterwards ``positive_risk_weight`` is a number, and the band is
+    ``sensitive_max_snr`` (None: every draw) or, when given,
+    ``sensitive_min_timestep`` (0: not used).
+    """
+    band_flags = [flag for flag in ("sensitive_max_snr", "sensitive_min_timestep") if getattr(args, flag) is not None]
+    if args.paper_loss:
+        given = band_flags + (["positive_risk_weight"] if args.positive_risk_weight is not None else [])
+        if given:
+            raise InputError(f"--paper_loss is Eq. (19) as written; drop --{given[0]}")
+    if len(band_flags) == 2:
+        raise InputError("--sensitive_max_snr and --sensitive_min_timestep set the same band: give one")
+    if args.positive_risk_weight is None:
+        args.positive_risk_weight = 1.0 if args.paper_loss else 0.0
+    if args.sensitive_min_timestep is None:
+        args.sensitive_min_timestep = 0
+        if args.sensitive_max_snr is None and not args.paper_loss:
+            args.sensitive_max_snr = DEFAULT_SENSITIVE_MAX_SNR
 
 
 def default_loss_flags(**overrides) -> argparse.Namespace:
@@ -197,7 +261,9 @@ def default_loss_flags(**overrides) -> argparse.Namespace:
     code that calls a training step without parsing a command line: the benchmarks and the tests."""
     parser = argparse.ArgumentParser(add_help=False)
     add_pu_arguments(parser)
-    return argparse.Namespace(**{**vars(parser.parse_args([])), **overrides})
+    args = argparse.Namespace(**{**vars(parser.parse_args([])), **overrides})
+    resolve_loss_options(args)
+    return args
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,14 +370,27 @@ def set_prediction_type(noise_scheduler, args: argparse.Namespace) -> None:
         )
 
 
-def check_timestep_band(noise_scheduler, args: argparse.Namespace) -> None:
-    """--sensitive_min_timestep must leave S some timesteps of the schedule."""
+def check_noise_band(noise_scheduler, args: argparse.Namespace) -> None:
+    """The S terms' noise band must hold some timesteps of the schedule."""
     num_timesteps = noise_scheduler.config.num_train_timesteps
     if args.sensitive_min_timestep >= num_timesteps:
         raise InputError(
             f"--sensitive_min_timestep {args.sensitive_min_timestep}: the noise schedule has timesteps 0 to"
             f" {num_timesteps - 1}, so S would never count"
         )
+    if args.sensitive_max_snr is not None:
+        lowest = float(signal_to_noise(noise_scheduler).min())
+        if lowest > args.sensitive_max_snr:
+            raise InputError(
+                f"--sensitive_max_snr {args.sensitive_max_snr:g}: the noise schedule's lowest signal-to-noise"
+                f" ratio is {lowest:.4g}, so S would never count"
+            )
+
+
+def signal_to_noise(noise_scheduler) -> torch.Tensor:
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) for every training timestep t of a DDPM-style scheduler."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.double()
+    return (alphas_cumprod / (1 - alphas_cumprod)).float()
 
 
 def parse_and_check(parser: argparse.ArgumentParser, argv: list[str] | None, *script_checks) -> argparse.Namespace:
@@ -335,13 +414,14 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         args.local_rank = env_local_rank
     if args.dataset_name is None and args.train_data_dir is None:
         raise InputError("U is missing: give --dataset_name or --train_data_dir")
-    _check_sensitive_source(args)
+    check_sensitive_source(args)
+    resolve_loss_options(args)
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login` instead")
     _check_output_dir(args)
 
 
-def _check_sensitive_source(args: argparse.Namespace) -> None:
+def check_sensitive_source(args: argparse.Namespace) -> None:
     label_flags = ("num_unlabeled_normal", "num_unlabeled_sensitive", "num_labeled_sensitive", "sensitive_labels")
     if args.label_column is None:
         given = [f"--{flag}" for flag in label_flags if getattr(args, flag) is not None]

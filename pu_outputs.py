@@ -172,6 +172,24 @@ def save_validation_images(
     return path
 
 
+def prior_description(plan) -> str:
+    estimate = plan.prior_estimate
+    if estimate is None:
+        return f"{plan.prior}"
+    return (
+        f"{estimate['estimate']:.4f}, estimated (--prior auto; {round(100 * estimate['confidence'])}% interval"
+        f" {estimate['low']:.4f} to {estimate['high']:.4f}; {estimate['method']}, {estimate['features']})"
+    )
+
+
+def noise_band_description(args) -> str:
+    if args.sensitive_min_timestep:
+        return f"t >= {args.sensitive_min_timestep}"
+    if args.sensitive_max_snr is None:
+        return "all"
+    return f"SNR <= {args.sensitive_max_snr:g}"
+
+
 def write_model_card(
     output_dir: str,
     args: argparse.Namespace,
@@ -216,11 +234,11 @@ def write_model_card(
         f"| sensitive data S | {sensitive or 'none (unsupervised)'} |",
         f"| images in U, S | {plan.num_unlabeled_images}, {plan.num_sensitive_images} |",
         f"| loss type | {args.loss_type} |",
-        f"| prior (beta) | {args.prior} |",
+        f"| prior (beta) | {prior_description(plan)} |",
         f"| nonnegative | {args.nonnegative} |",
         f"| loss reduction | {args.loss_reduction} |",
         f"| positive risk weight (ours; 1 = paper) | {args.positive_risk_weight} |",
-        f"| S terms from timestep (ours; 0 = paper) | {args.sensitive_min_timestep} |",
+        f"| noise band of the S terms (ours; paper: all) | {noise_band_description(args)} |",
         f"| steps, batch (U + S) | {plan.max_train_steps}, {args.train_batch_size} + {plan.sensitive_batch_size} |",
         f"| learning rate | {plan.learning_rate} ({args.lr_scheduler}) |",
         f"| EMA | {args.use_ema} |",

@@ -23,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 import pu_data
-from pu_checkpoints import DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, resumed_seed, save_checkpoint
+from pu_checkpoints import DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, resumed_prior_estimate, resumed_seed, save_checkpoint
 from pu_data import InputError
+from pu_flags import signal_to_noise
 from pu_loss import RiskOutput, compute_risk, per_sample_diffusion_loss
-from pu_outputs import create_hub_repo, finished_model_file
+from pu_outputs import create_hub_repo, finished_model_file, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +48,31 @@ def diffusion_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, 
 
 
 def pu_objective(
-    model_pred, target, timesteps, num_unlabeled: int, args: argparse.Namespace, weights=None
+    run: TrainingRun, model_pred, target, timesteps, num_unlabeled: int, args: argparse.Namespace, weights=None
 ) -> RiskOutput:
     """Per-sample losses of one forward over cat([U, S]), then the risk chosen by --loss_type.
 
     ``weights`` (one per sample, e.g. Min-SNR) scale each l(x) of Eq. (8) before
     the risk, so U and S terms are weighted alike. ``timesteps`` place each
-    sample in or out of the --sensitive_min_timestep band.
+    sample in or out of the S terms' noise band. The prior is the run's: --prior, or its estimate.
     """
     per_sample = per_sample_diffusion_loss(model_pred, target, reduction=args.loss_reduction)
     if weights is not None:
         per_sample = per_sample * weights
-    in_band = timesteps >= args.sensitive_min_timestep if args.sensitive_min_timestep > 0 else None
+    in_band = noise_band(run.noise_scheduler, timesteps, args)
     return compute_risk(
-        per_sample, num_unlabeled, args.loss_type, args.prior, args.nonnegative, args.positive_risk_weight, in_band
+        per_sample, num_unlabeled, args.loss_type, run.plan.prior, args.nonnegative, args.positive_risk_weight, in_band
     )
+
+
+def noise_band(noise_scheduler, timesteps: torch.Tensor, args: argparse.Namespace) -> torch.Tensor | None:
+    """Which draws the S terms use: SNR(t) <= --sensitive_max_snr, or t >= --sensitive_min_timestep; None: all."""
+    if args.sensitive_min_timestep > 0:
+        return timesteps >= args.sensitive_min_timestep
+    if args.sensitive_max_snr is None:
+        return None
+    snr = signal_to_noise(noise_scheduler).to(timesteps.device)
+    return snr[timesteps] <= args.sensitive_max_snr
 
 
 def check_finite(logs: dict[str, torch.Tensor], global_step: int, output_dir: str) -> None:
@@ -91,12 +102,16 @@ class RunPlan:
     steps_per_epoch: int  # optimizer steps per pass over U
     max_train_steps: int
     num_train_epochs: int
+    prior: float  # --prior, or its estimate for --prior auto
+    prior_estimate: dict | None = None  # what --prior auto found (pu_prior.PriorEstimate.to_dict())
 
 
-def plan_run(args: argparse.Namespace, seed: int, unlabeled, sensitive, num_processes: int) -> RunPlan:
+def plan_run(
+    args: argparse.Namespace, seed: int, unlabeled, sensitive, num_processes: int, prior_estimate: dict | None = None
+) -> RunPlan:
     """The default --sensitive_batch_size, the learning rate after --scale_lr, and the step counts: an epoch
     of U gives ceil(batches per process / --gradient_accumulation_steps) steps; --max_train_steps, when
-    given, wins over --num_train_epochs."""
+    given, wins over --num_train_epochs. With --prior auto the prior is ``prior_estimate``'s."""
     sensitive_batch_size = None
     if sensitive is not None:
         sensitive_batch_size = args.sensitive_batch_size or pu_data.default_sensitive_batch_size(
@@ -117,6 +132,8 @@ def plan_run(args: argparse.Namespace, seed: int, unlabeled, sensitive, num_proc
         steps_per_epoch=steps_per_epoch,
         max_train_steps=max_train_steps,
         num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
+        prior=prior_estimate["estimate"] if prior_estimate is not None else args.prior,
+        prior_estimate=prior_estimate,
     )
 
 
@@ -160,6 +177,26 @@ def settle_seed(accelerator, args: argparse.Namespace) -> int:
         logger.info("no --seed given: using %d", seed)
     set_seed(seed)
     return seed
+
+
+def settle_prior(accelerator, args: argparse.Namespace, estimate: Callable) -> dict | None:
+    """For --prior auto with the PU loss: the estimate of the checkpoint being resumed, else ``estimate()``
+    (a :class:`pu_prior.PriorEstimate`) run on the main process and shared; it goes to prior.json in
+    --output_dir. None for a numeric --prior."""
+    from accelerate.utils import broadcast_object_list
+
+    if args.prior != "auto" or args.loss_type != "pu":
+        return None
+    saved = resumed_prior_estimate(args)
+    if saved is not None:
+        logger.info("--prior auto: %.4f, as estimated when the resumed run started", saved["estimate"])
+        return saved
+    result = [estimate().to_dict() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result)
+    if accelerator.is_main_process:
+        write_json_atomically(Path(args.output_dir) / "prior.json", result[0])
+    return result[0]
 
 
 class TrainingInterrupted(Exception):
@@ -587,6 +624,8 @@ def tracker_config(args: argparse.Namespace, plan: RunPlan) -> dict:
 def checkpoint_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     """What a checkpoint records so that a resume can check it continues the same run."""
     config = {key: getattr(args, key, None) for key in OBJECTIVE_FLAGS}
+    # --prior auto is resolved once, at the start; a resume reuses this estimate.
+    config.update(prior_value=plan.prior, prior_estimate=plan.prior_estimate)
     # The data order as run: the plan's value where it settled one (seed, S batch size), else the flag.
     config.update({key: getattr(plan, key) if hasattr(plan, key) else getattr(args, key) for key in DATA_ORDER_FLAGS})
     return config

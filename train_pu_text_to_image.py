@@ -31,6 +31,7 @@ import pu_checkpoints
 import pu_data
 import pu_flags
 import pu_outputs
+import pu_prior
 import pu_training
 from pu_data import InputError
 from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
@@ -278,7 +279,7 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     target = pu_training.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
     num_unlabeled = len(unlabeled_batch["input_ids"])
-    return pu_training.pu_objective(model_pred.float(), target, timesteps, num_unlabeled, args, weights)
+    return pu_training.pu_objective(run, model_pred.float(), target, timesteps, num_unlabeled, args, weights)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -442,7 +443,7 @@ def main(args: argparse.Namespace) -> None:
     with pu_outputs.output_dir_lock(args.output_dir, accelerator.is_main_process):
         seed = pu_training.settle_seed(accelerator, args)
         tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
-        pu_flags.check_timestep_band(noise_scheduler, args)
+        pu_flags.check_noise_band(noise_scheduler, args)
         if args.use_lora:
             add_lora(unet, args.rank)
         pu_training.enable_memory_savers(unet, args)
@@ -454,7 +455,10 @@ def main(args: argparse.Namespace) -> None:
 
         with accelerator.main_process_first():
             unlabeled, sensitive = pu_data.load_training_sets(args, seed)
-        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes)
+        prior_estimate = pu_training.settle_prior(
+            accelerator, args, lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, vae)
+        )
+        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
         make_dataset = captioned_dataset(args, tokenizer)
         hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_text_to_image")

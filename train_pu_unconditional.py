@@ -22,6 +22,7 @@ import pu_data
 import pu_flags
 import pu_images
 import pu_outputs
+import pu_prior
 import pu_training
 from pu_data import InputError
 from pu_flags import POSITIVE_INT
@@ -233,11 +234,14 @@ def main(args: argparse.Namespace) -> None:
         seed = pu_training.settle_seed(accelerator, args)
         with accelerator.main_process_first():
             unlabeled, sensitive = pu_data.load_training_sets(args, seed)
-        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes)
+        prior_estimate = pu_training.settle_prior(
+            accelerator, args, lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed)
+        )
+        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate)
 
         sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])
         unet, noise_scheduler, base_model = load_model(args, pu_images.image_channels(sources, args.image_column))
-        pu_flags.check_timestep_band(noise_scheduler, args)
+        pu_flags.check_noise_band(noise_scheduler, args)
         pu_training.enable_memory_savers(unet, args)
         ema_model = pu_training.make_ema(unet, args) if args.use_ema else None
         pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
@@ -271,7 +275,7 @@ def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     model_pred = run.model(noisy, timesteps).sample
     target = pu_training.diffusion_target(noise_scheduler, clean, noise, timesteps)
-    return pu_training.pu_objective(model_pred, target, timesteps, unlabeled_batch.shape[0], args)
+    return pu_training.pu_objective(run, model_pred, target, timesteps, unlabeled_batch.shape[0], args)
 
 
 def end_of_epoch(

@@ -44,4 +44,43 @@ def test_help_shows_each_range():
 def test_default_loss_flags_are_the_command_line_defaults():
     flags = pu_flags.default_loss_flags(prior=0.2)
     assert flags.prior == 0.2 and flags.loss_type == "pu" and flags.nonnegative == "nnpu"
-    assert flags.positive_risk_weight == 1.0 and flags.sensitive_min_timestep == 0
+    # Our two options are on by default; --paper_loss turns both off.
+    assert flags.positive_risk_weight == 0.0 and flags.sensitive_max_snr == pu_flags.DEFAULT_SENSITIVE_MAX_SNR
+    assert flags.sensitive_min_timestep == 0
+    paper = pu_flags.default_loss_flags(paper_loss=True)
+    assert paper.positive_risk_weight == 1.0 and paper.sensitive_max_snr is None and paper.sensitive_min_timestep == 0
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"positive_risk_weight": 0.5}, (0.5, pu_flags.DEFAULT_SENSITIVE_MAX_SNR, 0)),
+        ({"sensitive_max_snr": 2.0}, (0.0, 2.0, 0)),
+        # The timestep alias replaces the default SNR band instead of adding to it.
+        ({"sensitive_min_timestep": 100}, (0.0, None, 100)),
+        ({"sensitive_min_timestep": 0}, (0.0, None, 0)),
+    ],
+)
+def test_explicit_loss_options_win_over_our_defaults(given, expected):
+    flags = pu_flags.default_loss_flags(**given)
+    assert (flags.positive_risk_weight, flags.sensitive_max_snr, flags.sensitive_min_timestep) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"paper_loss": True, "positive_risk_weight": 0.0}, "drop --positive_risk_weight"),
+        ({"paper_loss": True, "sensitive_max_snr": 8.5}, "drop --sensitive_max_snr"),
+        ({"paper_loss": True, "sensitive_min_timestep": 100}, "drop --sensitive_min_timestep"),
+        ({"sensitive_max_snr": 8.5, "sensitive_min_timestep": 100}, "set the same band: give one"),
+    ],
+)
+def test_conflicting_loss_options_are_refused(given, message):
+    with pytest.raises(pu_flags.InputError, match=message):
+        pu_flags.default_loss_flags(**given)
+
+
+def test_prior_takes_a_share_or_auto():
+    assert pu_flags.prior_value("auto") == "auto" and pu_flags.prior_value("0.25") == 0.25
+    with pytest.raises(argparse.ArgumentTypeError, match="must be > 0 and < 1, got 1.5"):
+        pu_flags.prior_value("1.5")

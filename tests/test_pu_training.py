@@ -14,3 +14,52 @@ def test_a_non_finite_loss_stops_with_the_step_named():
     pu_training.check_finite(
         RiskOutput(loss=torch.tensor(2.0), unlabeled_loss=torch.tensor(2.0)).to_log_dict(), 18, "out"
     )
+
+
+def test_the_default_noise_band_is_timestep_100_of_the_linear_schedule_and_a_noise_level_elsewhere():
+    """SNR <= 8.5 is t >= 100 under the linear 1,000-step schedule; under the cosine schedule the same
+    noise level sits at a later timestep, and with 250 steps at an earlier one."""
+    from diffusers import DDPMScheduler
+
+    from pu_flags import default_loss_flags
+
+    flags = default_loss_flags()
+    timesteps = torch.arange(1000)
+    linear = pu_training.noise_band(DDPMScheduler(num_train_timesteps=1000), timesteps, flags)
+    assert torch.equal(linear, timesteps >= 100)
+    cosine = pu_training.noise_band(
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), timesteps, flags
+    )
+    first_cosine = int(cosine.int().argmax())
+    assert 150 < first_cosine < 250 and torch.equal(cosine, timesteps >= first_cosine)
+    short = pu_training.noise_band(DDPMScheduler(num_train_timesteps=250), torch.arange(250), flags)
+    assert 0 < int(short.int().argmax()) < 100
+    assert pu_training.noise_band(None, timesteps, default_loss_flags(paper_loss=True)) is None
+
+
+def test_a_noise_band_outside_the_schedule_is_refused():
+    from diffusers import DDPMScheduler
+
+    from pu_flags import check_noise_band, default_loss_flags
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    with pytest.raises(pu_training.InputError, match="--sensitive_max_snr 1e-06: the noise schedule's lowest"):
+        check_noise_band(scheduler, default_loss_flags(sensitive_max_snr=1e-6))
+    with pytest.raises(pu_training.InputError, match="--sensitive_min_timestep 1000"):
+        check_noise_band(scheduler, default_loss_flags(sensitive_min_timestep=1000))
+    check_noise_band(scheduler, default_loss_flags())  # the default band holds 900 timesteps
+
+
+def test_the_plan_takes_the_estimated_prior_for_prior_auto():
+    import argparse
+
+    flags = argparse.Namespace(
+        sensitive_batch_size=None, train_batch_size=4, learning_rate=1e-3, scale_lr=False,
+        gradient_accumulation_steps=1, max_train_steps=None, num_train_epochs=2, prior="auto",
+    )  # fmt: skip
+    estimate = {"estimate": 0.07, "low": 0.05, "high": 0.09}
+    plan = pu_training.plan_run(flags, 0, range(40), range(8), 1, prior_estimate=estimate)
+    assert plan.prior == 0.07 and plan.prior_estimate == estimate
+    assert (plan.sensitive_batch_size, plan.steps_per_epoch, plan.max_train_steps) == (1, 10, 20)
+    flags.prior = 0.2
+    assert pu_training.plan_run(flags, 0, range(40), range(8), 1).prior == 0.2

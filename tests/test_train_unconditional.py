@@ -38,8 +38,8 @@ def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_di
         "| loss type | pu |",
         "| prior (beta) | 0.1 |",
         "| nonnegative | nnpu |",
-        "| positive risk weight (ours; 1 = paper) | 1.0 |",
-        "| S terms from timestep (ours; 0 = paper) | 0 |",
+        "| positive risk weight (ours; 1 = paper) | 0.0 |",
+        "| noise band of the S terms (ours; paper: all) | SNR <= 8.6 |",
         "| images in U, S | 44, 6 |",
         "trained from scratch",
         "DiffusionPipeline.from_pretrained",
@@ -68,9 +68,10 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     from pu_flags import default_loss_flags
     from pu_loss import compute_risk
 
-    run = argparse.Namespace(model=ZeroUNet(), noise_scheduler=DDPMScheduler(num_train_timesteps=1000))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    run = argparse.Namespace(model=ZeroUNet(), noise_scheduler=scheduler, plan=argparse.Namespace(prior=0.3))
     unlabeled, sensitive = torch.rand(6, 1, 8, 8), torch.rand(3, 1, 8, 8)
-    args = {"prior": 0.3, "nonnegative": "none", "positive_risk_weight": 0.0}
+    args = {"prior": 0.9, "nonnegative": "none", "positive_risk_weight": 0.0}  # the run's prior (0.3) is used
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn((9, 1, 8, 8), generator=generator)
     timesteps = torch.randint(0, 1000, (9,), generator=generator)
@@ -88,9 +89,43 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     everywhere = train_pu_unconditional.training_step(
         run, unlabeled, sensitive, default_loss_flags(**args, sensitive_min_timestep=0), generator.manual_seed(5)
     )
+    # The same band by noise level: SNR(t) <= SNR(500) holds exactly for t >= 500.
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    snr_at_500 = float((alphas_cumprod / (1 - alphas_cumprod))[500])
+    by_noise_level = train_pu_unconditional.training_step(
+        run, unlabeled, sensitive, default_loss_flags(**args, sensitive_max_snr=snr_at_500), generator.manual_seed(5)
+    )
     assert banded.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0, in_band).loss.item())
+    assert by_noise_level.loss.item() == banded.loss.item()
     assert everywhere.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0).loss.item())
     assert banded.loss.item() != pytest.approx(everywhere.loss.item())
+
+
+def test_prior_auto_is_estimated_once_recorded_and_reused_on_resume(tmp_path, digits_dir, tiny_unet_config):
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--prior", "auto", "--checkpointing_steps", "2")
+    args += ["--prior_folds", "2", "--prior_epochs", "2"]
+    first = run_script(SCRIPT, *args, "--max_train_steps", "2")
+    assert_ok(first)
+    assert "estimated prior (share of sensitive images in U)" in first.stderr
+
+    estimate = json.loads((output_dir / "prior.json").read_text())
+    assert (estimate["num_unlabeled"], estimate["num_sensitive"], estimate["folds"]) == (44, 6, 2)
+    assert estimate["method"].startswith("BBE") and estimate["features"] == "pixels at 8 px"
+    assert 0 <= estimate["low"] <= estimate["high"] <= 1 and 0 <= estimate["estimate"] <= 1
+    saved = json.loads((output_dir / "checkpoint-2" / "training_config.json").read_text())
+    assert saved["prior"] == "auto" and saved["prior_estimate"] == estimate
+    assert saved["prior_value"] == estimate["estimate"]
+    card = (output_dir / "README.md").read_text()
+    assert f"| prior (beta) | {estimate['estimate']:.4f}, estimated (--prior auto; 90% interval" in card
+
+    (output_dir / "prior.json").unlink()  # the resume must take the checkpoint's estimate, not make a new one
+    resumed = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert_ok(resumed)
+    assert "as estimated when the resumed run started" in resumed.stderr
+    assert "estimated prior (share" not in resumed.stderr and not (output_dir / "prior.json").exists()
+    final = json.loads((output_dir / "checkpoint-4" / "training_config.json").read_text())
+    assert final["prior_estimate"] == estimate
 
 
 def test_checkpoint_limit_and_resume_continue_the_global_step(tmp_path, digits_dir, tiny_unet_config):

@@ -1,0 +1,89 @@
+"""Estimate beta, the share of sensitive images in U, from U and S alone, and write prior.json.
+
+    python estimate_prior.py --dataset_name data/digits --label_column label \
+        --sensitive_labels 1 3 5 7 9 --resolution 8 --output_dir prior-digits
+
+    python estimate_prior.py --train_data_dir my_images --sensitive_data_dir my_sensitive \
+        --resolution 512 --features vae --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --output_dir prior-mine
+
+It takes the training scripts' data flags. A small CNN learns to tell S from
+U with cross-fitting (each image scored by a model that never saw it) and
+Best Bin Estimation turns the held-out scores into beta (see pu_prior.py).
+``--prior auto`` in both training scripts runs the same estimate first.
+Features: the images themselves at up to 32 px (``pixels``), or the latents of
+a Stable Diffusion VAE (``vae``), which see more than 32 px can show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pu_flags
+import pu_prior
+from pu_data import InputError, load_training_sets
+from pu_outputs import write_json_atomically
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pu_flags.add_data_arguments(parser)
+    pu_flags.add_prior_estimation_arguments(parser)
+    parser.add_argument("--output_dir", default=".", help="prior.json is written here.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the label split and the folds.")
+    parser.add_argument(
+        "--features",
+        choices=("pixels", "vae"),
+        default="pixels",
+        help="What the classifier sees: the images at up to 32 px, or their latents from the VAE of"
+        " --pretrained_model_name_or_path.",
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path", default=None, help="With --features vae: a Stable Diffusion pipeline."
+    )
+    parser.add_argument("--revision", default=None, help="Revision of --pretrained_model_name_or_path.")
+    pu_flags.show_ranges(parser)
+    args = parser.parse_args(argv)
+    args.loss_type = "pu"  # S is needed
+    try:
+        if args.dataset_name is None and args.train_data_dir is None:
+            raise InputError("U is missing: give --dataset_name or --train_data_dir")
+        pu_flags.check_sensitive_source(args)
+        if args.features == "vae" and args.pretrained_model_name_or_path is None:
+            raise InputError("--features vae needs --pretrained_model_name_or_path (a pipeline with a vae/ folder)")
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def load_vae(args: argparse.Namespace):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+
+
+def main(args: argparse.Namespace) -> None:
+    unlabeled, sensitive = load_training_sets(args, args.seed)
+    vae = load_vae(args) if args.features == "vae" else None
+    estimate = pu_prior.estimate_for_data(unlabeled, sensitive, args, args.seed, vae)
+    output = Path(args.output_dir) / "prior.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(output, estimate.to_dict())
+    print(
+        f"prior (share of sensitive images in U): {estimate.estimate:.4f}"
+        f" [{estimate.low:.4f}, {estimate.high:.4f}] ({round(100 * estimate.confidence)}% bootstrap interval)"
+    )
+    print(f"U: {estimate.num_unlabeled} images, S: {estimate.num_sensitive}; written to {output}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cli_args = parse_args()
+    try:
+        main(cli_args)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
