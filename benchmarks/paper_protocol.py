@@ -1,19 +1,27 @@
-"""The paper's Table 2-3 protocol on the built-in digits data (even digits normal, odd sensitive).
+"""The paper's protocol (its Tables 2-5) on a labeled dataset: the built-in digits or shapes, or yours.
 
-    python benchmarks/paper_digits.py --quick            # unsupervised vs pu, one seed (~10 min on 2 cores)
-    python benchmarks/paper_digits.py                    # three methods + oracle, seeds 0 1 2
-    python benchmarks/paper_digits.py --priors 0.01 0.02 0.05 0.1 0.2   # adds the prior sweep (Figure 4)
+    python benchmarks/paper_protocol.py --quick                 # digits: unsupervised vs pu, one seed (make demo)
+    python benchmarks/paper_protocol.py --dataset shapes        # every method + oracle, seeds 0 1 2
+    python benchmarks/paper_protocol.py --protocol finetune     # pretrain unsupervised, then fine-tune (Tables 4-5)
+    python benchmarks/paper_protocol.py --dataset path/to/labeled --sensitive_labels cat --resolution 32
 
-Every method trains from scratch with the same steps and hyperparameters;
-only ``--loss_type`` differs. Each run is then scored by ``evaluate.py``: the
-non-sensitive rate by a small ResNet trained on the digits (its test accuracy
-is in the table) and the classifier FID against the normal test images.
-Beside the methods, two rows give the scale of the numbers:
+Every method trains with the same steps and hyperparameters; only the loss
+differs: ``unsupervised`` (plain diffusion on U), ``supervised`` (all of U
+taken as normal), ``pu`` (the training scripts' defaults, nothing added) and
+``pu-paper`` (``--paper_loss``, the paper's Eq. (19) as written). Each run is
+scored by ``evaluate.py``: the non-sensitive rate by a small ResNet trained on
+the dataset's labels (its test accuracy is in the table) and the classifier
+FID against the normal test images. Beside the methods, two rows give the
+scale of the numbers:
 
 - oracle: the same training on the normal part of U only, the best any
   method can do from this U;
 - classifier ceiling: the classifier's own non-sensitive rate on the normal
   test images, the highest rate the metric can show.
+
+With ``--protocol finetune`` a model is first trained unsupervised on U for
+``--pretrain_steps`` (its row is "pretrained"), and every method, the oracle
+included, fine-tunes it for ``--max_train_steps``.
 
 Written to ``--output_dir``: ``results.md`` (the table and the t-tests),
 ``results.json``, ``chart.png`` (means with standard deviations), ``grids.png``
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -35,14 +44,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SENSITIVE_LABELS = ["1", "3", "5", "7", "9"]
-METHODS = ("unsupervised", "supervised", "pu")
+METHODS = ("unsupervised", "supervised", "pu", "pu-paper")
 
-#: The training settings every method shares. See the README for how they were chosen.
+
+@dataclass(frozen=True)
+class Dataset:
+    """A built-in dataset: the script that writes it, its sensitive labels and its image size."""
+
+    writer: str
+    sensitive_labels: tuple[str, ...]
+    resolution: int
+
+
+DATASETS = {
+    "digits": Dataset("prepare_digits.py", ("1", "3", "5", "7", "9"), 8),
+    "shapes": Dataset("prepare_shapes.py", ("triangle", "star", "ring"), 16),
+}
+
+#: The training settings every method shares. The final validation grid uses 50 DDPM steps, not 1,000: it is
+#: only a look at the model, and evaluate.py samples the scored images itself.
 COMMON_TRAINING = [
-    "--resolution", "8", "--train_batch_size", "128", "--learning_rate", "1e-3", "--lr_warmup_steps", "100",
+    "--train_batch_size", "128", "--learning_rate", "1e-3", "--lr_warmup_steps", "100",
     "--use_ema", "--ema_max_decay", "0.995", "--save_images_epochs", "100000", "--save_model_epochs", "100000",
-    "--checkpointing_steps", "100000", "--logging_steps", "50",
+    "--checkpointing_steps", "100000", "--logging_steps", "50", "--ddpm_num_inference_steps", "50",
 ]  # fmt: skip
 
 
@@ -59,36 +83,45 @@ class Run:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/benchmark")
+    parser.add_argument("--dataset", default="digits", help="digits, shapes, or a labeled dataset (folder or Hub id).")
+    parser.add_argument("--label_column", default="label", help="With a dataset of yours: its label column.")
+    parser.add_argument("--sensitive_labels", nargs="+", default=None, help="Default: the built-in dataset's.")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the built-in dataset's (8 or 16).")
+    parser.add_argument("--output_dir", default=None, help="Default: outputs/benchmark-DATASET[-finetune].")
+    parser.add_argument("--protocol", choices=("scratch", "finetune"), default="scratch")
     parser.add_argument("--quick", action="store_true", help="unsupervised and pu, seed 0, no reference rows.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no_oracle", action="store_true", help="Skip the oracle row.")
-    parser.add_argument("--max_train_steps", type=int, default=2000)
-    parser.add_argument("--prior", type=float, default=0.15, help="PU prior; 0.15 was best in the README's search.")
-    parser.add_argument("--nonnegative", default=None, help="PU correction. Default: the training script's.")
-    parser.add_argument(
-        "--positive_risk_weight",
-        type=float,
-        default=0.0,
-        help="Passed to the training script (ours). 0 here; 1 with --sensitive_min_timestep 0 is the paper's loss.",
-    )
-    parser.add_argument(
-        "--sensitive_min_timestep",
-        type=int,
-        default=100,
-        help="Passed to the training script (ours). 100 here; 0 with --positive_risk_weight 1 is the paper's loss.",
-    )
+    parser.add_argument("--max_train_steps", type=int, default=2000, help="Steps of each method (of fine-tuning).")
+    parser.add_argument("--pretrain_steps", type=int, default=2000, help="With --protocol finetune.")
+    parser.add_argument("--prior", default=None, help="PU prior for pu; default: the training script's.")
     parser.add_argument("--priors", nargs="+", type=float, default=[], help="Also run pu at each prior (Figure 4).")
+    parser.add_argument(
+        "--pu_args",
+        type=shlex.split,
+        default=[],
+        help='Further flags for the pu rows only, as one string: --pu_args="--positive_risk_weight 1".',
+    )
     parser.add_argument(
         "--train_args", nargs=argparse.REMAINDER, default=[], help="Further flags for every training run (last)."
     )
     parser.add_argument("--num_samples", type=int, default=1000, help="Samples per evaluation.")
     parser.add_argument("--fid_features", choices=("classifier", "inception"), default="classifier")
     parser.add_argument("--fresh", action="store_true", help="Delete earlier results in --output_dir first.")
-    parser.add_argument("--data_dir", default=str(ROOT / "data" / "digits"), help="Written if missing.")
+    parser.add_argument("--data_dir", default=None, help="A built-in dataset's folder; written if missing.")
     parser.add_argument("--classifier_epochs", type=int, default=30)
     args = parser.parse_args(argv)
+    builtin = DATASETS.get(args.dataset)
+    if builtin is None and (args.sensitive_labels is None or args.resolution is None):
+        parser.error(f"--dataset {args.dataset}: a dataset of yours needs --sensitive_labels and --resolution")
+    args.sensitive_labels = args.sensitive_labels or list(builtin.sensitive_labels)
+    args.resolution = args.resolution or builtin.resolution
+    if args.output_dir is None:
+        name = args.dataset if builtin else Path(args.dataset).name
+        args.output_dir = str(
+            ROOT / "outputs" / f"benchmark-{name}{'-finetune' if args.protocol == 'finetune' else ''}"
+        )
     if args.quick:
         args.methods, args.seeds, args.no_oracle = ["unsupervised", "pu"], [0], True
     return args
@@ -104,31 +137,41 @@ def run_command(command: list[str], log: Path) -> None:
         sys.exit(f"failed ({completed.returncode}): {' '.join(command)}\n" + "\n".join(tail))
 
 
-def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The digits data and the classifier, made once."""
-    data = Path(args.data_dir)
-    if not (data / "data").is_dir():
-        run_command([sys.executable, "prepare_digits.py", "--output_dir", str(data)], output_dir / "logs" / "data.log")
+def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
+    """The dataset (a built-in one is written if missing) and the classifier, made once."""
+    builtin = DATASETS.get(args.dataset)
+    data = args.dataset
+    if builtin is not None:
+        data = args.data_dir or str(ROOT / "data" / args.dataset)
+        if not (Path(data) / "data").is_dir():
+            command = [sys.executable, builtin.writer, "--output_dir", data]
+            run_command(command, output_dir / "logs" / "data.log")
     classifier = output_dir / "classifier"
     if not (classifier / "classifier_metrics.json").is_file():
         print("training the classifier ...", flush=True)
-        command = [sys.executable, "evaluate.py", "train-classifier", "--dataset_name", str(data)]
-        command += ["--num_epochs", str(args.classifier_epochs)]
+        command = [sys.executable, "evaluate.py", "train-classifier", "--dataset_name", data]
+        command += ["--label_column", args.label_column, "--num_epochs", str(args.classifier_epochs)]
         run_command(command + ["--output_dir", str(classifier)], output_dir / "logs" / "classifier.log")
     return data, classifier
 
 
-def pu_flags(prior: float, args: argparse.Namespace) -> list[str]:
-    flags = ["--prior", str(prior), "--positive_risk_weight", str(args.positive_risk_weight)]
-    flags += ["--sensitive_min_timestep", str(args.sensitive_min_timestep)]
-    return flags + ([] if args.nonnegative is None else ["--nonnegative", args.nonnegative])
+def pu_flags(prior, args: argparse.Namespace) -> list[str]:
+    """The pu rows' flags: none beyond the scripts' defaults unless asked for."""
+    return (["--prior", str(prior)] if prior is not None else []) + list(args.pu_args)
 
 
 def planned_runs(args: argparse.Namespace) -> list[Run]:
     runs = []
     for seed in args.seeds:
+        if args.protocol == "finetune":
+            runs.append(Run("pretrained", seed, "unsupervised"))
         for method in args.methods:
-            runs.append(Run(method, seed, method, pu_flags(args.prior, args) if method == "pu" else []))
+            if method == "pu":
+                runs.append(Run(method, seed, "pu", pu_flags(args.prior, args)))
+            elif method == "pu-paper":
+                runs.append(Run(method, seed, "pu", (["--prior", args.prior] if args.prior else []) + ["--paper_loss"]))
+            else:
+                runs.append(Run(method, seed, method))
         if not args.no_oracle:
             runs.append(Run("oracle", seed, "unsupervised", ["--num_unlabeled_sensitive", "0"]))
         for prior in args.priors:
@@ -140,38 +183,53 @@ def run_folder(output_dir: Path, run: Run) -> Path:
     return output_dir / "runs" / f"{run.name.replace(' ', '-')}-seed{run.seed}"
 
 
-def train_and_evaluate(run: Run, args: argparse.Namespace, data: Path, classifier: Path) -> dict:
+def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path) -> list[str]:
+    """train_pu_unconditional.py for one run; under --protocol finetune every row but "pretrained" starts
+    from that seed's pretrained model."""
+    command = [sys.executable, "train_pu_unconditional.py", "--dataset_name", data, "--label_column", args.label_column]
+    command += ["--sensitive_labels", *args.sensitive_labels, "--resolution", str(args.resolution)]
+    command += ["--loss_type", run.loss_type, "--seed", str(run.seed)]
+    steps = args.max_train_steps
+    if args.protocol == "finetune":
+        if run.name == "pretrained":
+            steps = args.pretrain_steps
+        else:
+            pretrained = run_folder(Path(args.output_dir), Run("pretrained", run.seed, "unsupervised"))
+            command += ["--pretrained_model_name_or_path", str(pretrained)]
+    command += ["--max_train_steps", str(steps), *COMMON_TRAINING, *run.extra, *args.train_args]
+    return command + ["--output_dir", str(folder), "--overwrite_output_dir"]
+
+
+def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier: Path) -> dict:
     """Train (unless a finished model is there), then evaluate; returns metrics.json's content."""
     folder = run_folder(Path(args.output_dir), run)
     metrics_file = folder / "evaluation" / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     if not (folder / "model_index.json").is_file():
-        train = [sys.executable, "train_pu_unconditional.py", "--dataset_name", str(data), "--label_column", "label"]
-        train += ["--sensitive_labels", *SENSITIVE_LABELS, "--loss_type", run.loss_type, "--seed", str(run.seed)]
-        train += ["--max_train_steps", str(args.max_train_steps), *COMMON_TRAINING, *run.extra, *args.train_args]
-        run_command(train + ["--output_dir", str(folder), "--overwrite_output_dir"], folder / "train.log")
+        run_command(training_command(run, args, data, folder), folder / "train.log")
     evaluate = [sys.executable, "evaluate.py", "unconditional", "--pipeline", str(folder)]
-    evaluate += ["--classifier", str(classifier), "--sensitive_labels", *SENSITIVE_LABELS]
-    evaluate += ["--reference_dataset_name", str(data), "--reference_label_column", "label"]
+    evaluate += ["--classifier", str(classifier), "--sensitive_labels", *args.sensitive_labels]
+    evaluate += ["--reference_dataset_name", data, "--reference_label_column", args.label_column]
     evaluate += ["--fid_features", args.fid_features, "--num_samples", str(args.num_samples), "--seed", "0"]
     run_command(evaluate + ["--output_dir", str(folder / "evaluation")], folder / "evaluate.log")
     return json.loads(metrics_file.read_text())
 
 
-def classifier_ceiling(data: Path, classifier: Path) -> float:
+def classifier_ceiling(data: str, classifier: Path, args: argparse.Namespace) -> float:
     """The classifier's non-sensitive rate on the normal test images: the most the metric can show."""
     sys.path.insert(0, str(ROOT))
     import evaluate
     import pu_classifier
 
     reference_args = argparse.Namespace(
-        reference_dataset_name=str(data), reference_data_dir=None, reference_split="test",
-        reference_image_column="image", reference_label_column="label", sensitive_labels=SENSITIVE_LABELS,
+        reference_dataset_name=data, reference_data_dir=None, reference_split="test",
+        reference_image_column="image", reference_label_column=args.label_column,
+        sensitive_labels=args.sensitive_labels,
     )  # fmt: skip
     images, _ = evaluate.load_reference_images(reference_args)
     model = pu_classifier.load_classifier(str(classifier), "cpu")
-    sensitive_ids = pu_classifier.sensitive_class_ids(model, SENSITIVE_LABELS)
+    sensitive_ids = pu_classifier.sensitive_class_ids(model, args.sensitive_labels)
     return evaluate.score_images(model, images, sensitive_ids, 500)["non_sensitive_rate"]
 
 
@@ -207,7 +265,9 @@ def welch_t_test(first: list[float], second: list[float]) -> str:
     return f"t = {result.statistic:.2f}, p = {result.pvalue:.3g}"
 
 
-def markdown_report(summary: dict, ceiling: float | None, accuracy: float, fid_name: str, args) -> str:
+def markdown_report(
+    summary: dict, ceiling: float | None, accuracy: float, fid_name: str, args, priors: list[float] = ()
+) -> str:
     lines = [
         f"| method | seeds | non-sensitive rate | {fid_name} |",
         "| --- | --- | --- | --- |",
@@ -218,16 +278,32 @@ def markdown_report(summary: dict, ceiling: float | None, accuracy: float, fid_n
         lines.append(f"| {name} | {seeds} | {rate} | {entry['fid_mean']:.2f} ± {entry['fid_std']:.2f} |")
     if ceiling is not None:
         lines.append(f"| classifier ceiling (normal test images) | - | {ceiling:.3f} | - |")
-    lines += ["", f"Classifier test accuracy: {accuracy:.4f}. {args.num_samples} samples per run, DDIM 50 steps."]
+    lines += [
+        "",
+        f"Dataset {args.dataset} at {args.resolution} px, sensitive labels {' '.join(args.sensitive_labels)}.",
+    ]
+    lines.append(f"Classifier test accuracy: {accuracy:.4f}. {args.num_samples} samples per run, DDIM 50 steps.")
     if "pu" in summary and "unsupervised" in summary:
         pu, unsupervised = summary["pu"], summary["unsupervised"]
         rate_test = welch_t_test(pu["rate"], unsupervised["rate"])
         fid_test = welch_t_test(pu["fid"], unsupervised["fid"])
         lines.append(f"PU vs unsupervised, Welch t-test: rate {rate_test}; {fid_name} {fid_test}.")
-    if "pu" in summary or any(name.startswith("pu prior") for name in summary):
-        lines.append(f"PU flags: {' '.join(pu_flags(args.prior, args))}.")
-    lines.append(f"Steps {args.max_train_steps}; shared flags: {' '.join(COMMON_TRAINING + args.train_args)}")
+    if "pu" in summary:
+        flags = " ".join(pu_flags(args.prior, args)) or "none (the training script's defaults)"
+        lines.append(f"PU flags: {flags}.")
+        if priors:
+            lines.append(f"PU prior per seed (--prior auto estimates): {', '.join(f'{p:.3f}' for p in priors)}.")
+    protocol = "from scratch" if args.protocol == "scratch" else f"fine-tuning after {args.pretrain_steps} steps"
+    lines.append(
+        f"Steps {args.max_train_steps} ({protocol}); shared flags: {' '.join(COMMON_TRAINING + args.train_args)}"
+    )
     return "\n".join(lines) + "\n"
+
+
+def estimated_priors(output_dir: Path, runs: list[Run]) -> list[float]:
+    """The prior each pu run estimated (prior.json), in seed order; empty when --prior was given."""
+    files = [run_folder(output_dir, run) / "prior.json" for run in runs if run.name == "pu"]
+    return [json.loads(file.read_text())["estimate"] for file in files if file.is_file()]
 
 
 def two_panels(width: float, height: float):
@@ -314,8 +390,8 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = summarize(runs)
     fid_name = fid_key(runs[0].metrics)
-    ceiling = None if args.quick else classifier_ceiling(data, classifier)
-    report = markdown_report(summary, ceiling, accuracy, fid_name, args)
+    ceiling = None if args.quick else classifier_ceiling(data, classifier, args)
+    report = markdown_report(summary, ceiling, accuracy, fid_name, args, estimated_priors(output_dir, runs))
     (output_dir / "results.md").write_text(report)
     (output_dir / "results.json").write_text(json.dumps({"summary": summary, "ceiling": ceiling}, indent=2))
     bar_chart(summary, fid_name, output_dir / "chart.png")

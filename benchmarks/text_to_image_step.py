@@ -95,7 +95,12 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     run = argparse.Namespace(
-        model=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=scheduler, weight_dtype=weight_dtype
+        model=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        noise_scheduler=scheduler,
+        weight_dtype=weight_dtype,
+        plan=argparse.Namespace(prior=0.1),
     )
     loss_args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None)
 

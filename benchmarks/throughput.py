@@ -55,7 +55,7 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
     else:
         unlabeled, sensitive = images, None
 
-    run = argparse.Namespace(model=unet, noise_scheduler=scheduler)
+    run = argparse.Namespace(model=unet, noise_scheduler=scheduler, plan=argparse.Namespace(prior=args.prior))
 
     def step():
         risk = training_step(run, unlabeled, sensitive, args)

@@ -3,12 +3,12 @@
 #   bash scripts/demo.sh [output folder]     (default: outputs/digits-benchmark)
 # Trains an unsupervised and a PU diffusion model (seed 0, 2000 steps each), scores both with
 # evaluate.py (non-sensitive rate, classifier FID) and prints the table; under 10 minutes on 2 CPU cores.
-# The full benchmark (three methods, oracle, three seeds) is `python benchmarks/paper_digits.py`.
+# The full benchmark (three methods, oracle, three seeds) is `python benchmarks/paper_protocol.py`.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 OUTPUT_DIR=${1:-outputs/digits-benchmark}
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
-"$PYTHON" benchmarks/paper_digits.py --quick --output_dir "$OUTPUT_DIR"
+"$PYTHON" benchmarks/paper_protocol.py --quick --output_dir "$OUTPUT_DIR"
 echo "PU model: $OUTPUT_DIR/runs/pu-seed0   samples side by side: $OUTPUT_DIR/grids.png"

@@ -1,10 +1,10 @@
-"""benchmarks/paper_digits.py end to end on a few steps, and its statistics by hand."""
+"""benchmarks/paper_protocol.py end to end on a few steps, and its statistics by hand."""
 
 import argparse
 import json
 
 import loss_by_noise  # benchmarks/ is on pytest's pythonpath
-import paper_digits
+import paper_protocol
 import pytest
 import torch
 
@@ -12,12 +12,12 @@ from tests.helpers import assert_ok, run_script, tiny_unet_kwargs
 
 
 def fake_run(name, seed, rate, fid):
-    return paper_digits.Run(name, seed, "pu", metrics={"non_sensitive_rate": rate, "classifier_fid": fid})
+    return paper_protocol.Run(name, seed, "pu", metrics={"non_sensitive_rate": rate, "classifier_fid": fid})
 
 
 def test_summary_means_and_sample_standard_deviations_by_hand():
     runs = [fake_run("pu", 0, 0.9, 4.0), fake_run("pu", 1, 1.0, 6.0), fake_run("unsupervised", 0, 0.8, 5.0)]
-    summary = paper_digits.summarize(runs)
+    summary = paper_protocol.summarize(runs)
     assert list(summary) == ["pu", "unsupervised"]
     assert summary["pu"]["rate_mean"] == pytest.approx(0.95)
     assert summary["pu"]["rate_std"] == pytest.approx(0.0707107, rel=1e-5)  # sqrt(((0.05)^2 * 2) / 1)
@@ -27,14 +27,14 @@ def test_summary_means_and_sample_standard_deviations_by_hand():
 
 def test_welch_t_test_by_hand():
     # means 2 and 5, variances 1 and 1, n = 3 each: t = -3 / sqrt(1/3 + 1/3) = -3.674
-    assert paper_digits.welch_t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]).startswith("t = -3.67")
-    assert paper_digits.welch_t_test([1.0], [2.0, 3.0]).startswith("n/a")
+    assert paper_protocol.welch_t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]).startswith("t = -3.67")
+    assert paper_protocol.welch_t_test([1.0], [2.0, 3.0]).startswith("n/a")
 
 
 def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     output_dir = tmp_path / "benchmark"
     result = run_script(
-        "benchmarks/paper_digits.py",
+        "benchmarks/paper_protocol.py",
         "--quick",
         "--data_dir",
         digits_dir,
@@ -52,12 +52,13 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     report = (output_dir / "results.md").read_text()
     assert "| unsupervised | 0 |" in report and "| pu | 0 |" in report
     assert report in result.stdout  # the table is printed
-    # The PU row trains with the benchmark's settings (ours), and the report says which.
-    assert "PU flags: --prior 0.15 --positive_risk_weight 0.0 --sensitive_min_timestep 100." in report
+    # The PU row trains with the training script's defaults, and the report says so.
+    assert "PU flags: none (the training script's defaults)." in report
+    assert "Dataset digits at 8 px, sensitive labels 1 3 5 7 9." in report
     card = (output_dir / "runs" / "pu-seed0" / "README.md").read_text()
-    assert "| prior (beta) | 0.15 |" in card
+    assert "| prior (beta) | 0.1 |" in card
     assert "| positive risk weight (ours; 1 = paper) | 0.0 |" in card
-    assert "| S terms from timestep (ours; 0 = paper) | 100 |" in card
+    assert "| noise band of the S terms (ours; paper: all) | SNR <= 8.6 |" in card
     results = json.loads((output_dir / "results.json").read_text())
     for method in ("unsupervised", "pu"):
         metrics = json.loads((output_dir / "runs" / f"{method}-seed0" / "evaluation" / "metrics.json").read_text())
@@ -73,7 +74,7 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     metrics_file = output_dir / "runs" / "pu-seed0" / "evaluation" / "metrics.json"
     written = metrics_file.stat().st_mtime_ns
     again = run_script(
-        "benchmarks/paper_digits.py", "--quick", "--data_dir", digits_dir, "--output_dir", output_dir,
+        "benchmarks/paper_protocol.py", "--quick", "--data_dir", digits_dir, "--output_dir", output_dir,
         "--max_train_steps", "3", "--num_samples", "16", launcher="python",
     )  # fmt: skip
     assert_ok(again)
@@ -83,6 +84,39 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
 class ZeroPrediction(torch.nn.Module):
     def forward(self, noisy, timesteps):
         return argparse.Namespace(sample=torch.zeros_like(noisy))
+
+
+def test_finetune_protocol_pretrains_once_per_seed_and_starts_every_row_from_it(tmp_path):
+    args = paper_protocol.parse_args(
+        ["--dataset", "shapes", "--protocol", "finetune", "--seeds", "3", "--output_dir", str(tmp_path)]
+        + ["--max_train_steps", "7", "--pretrain_steps", "11", "--pu_args=--positive_risk_weight 1"]
+    )
+    runs = paper_protocol.planned_runs(args)
+    assert [run.name for run in runs] == ["pretrained", "unsupervised", "supervised", "pu", "pu-paper", "oracle"]
+    commands = {
+        run.name: paper_protocol.training_command(run, args, "data/shapes", tmp_path / run.name) for run in runs
+    }
+    pretrained_folder = str(tmp_path / "runs" / "pretrained-seed3")
+    assert "--pretrained_model_name_or_path" not in commands["pretrained"]
+    assert commands["pretrained"][commands["pretrained"].index("--max_train_steps") + 1] == "11"
+    for name in ("unsupervised", "supervised", "pu", "pu-paper", "oracle"):
+        command = commands[name]
+        assert command[command.index("--pretrained_model_name_or_path") + 1] == pretrained_folder
+        assert command[command.index("--max_train_steps") + 1] == "7"
+        assert command[command.index("--sensitive_labels") + 1 : command.index("--resolution")] == [
+            "triangle", "star", "ring"
+        ]  # fmt: skip
+        assert command[command.index("--resolution") + 1] == "16"
+    assert commands["pu"][commands["pu"].index("--positive_risk_weight") + 1] == "1"
+    assert "--paper_loss" in commands["pu-paper"] and "--positive_risk_weight" not in commands["pu-paper"]
+    assert commands["oracle"][commands["oracle"].index("--num_unlabeled_sensitive") + 1] == "0"
+
+
+def test_a_dataset_of_ones_own_needs_its_labels_and_size():
+    with pytest.raises(SystemExit):
+        paper_protocol.parse_args(["--dataset", "some/folder"])
+    args = paper_protocol.parse_args(["--dataset", "some/folder", "--sensitive_labels", "cat", "--resolution", "32"])
+    assert args.sensitive_labels == ["cat"] and args.output_dir.endswith("benchmark-folder")
 
 
 def test_loss_by_noise_level_matches_the_squared_noise_of_a_zero_prediction():
