@@ -14,10 +14,10 @@ from its description:
    part only adds, ``q_U(c) >= beta * q_S(c)``: each c gives an upper bound
    ``q_U(c) / q_S(c)`` on beta, tight where the top bin holds sensitive images
    only.
-3. BBE picks the bin whose bound stays tightest once the sampling error of
-   q_U and q_S is added (their Eq. for c-hat, with the DKW-style term
-   ``(1 + gamma) / q_S(c) * (sqrt(log(4/delta) / 2 n_U) + sqrt(log(4/delta) / 2 n_S))``),
-   and returns ``q_U(c*) / q_S(c*)``.
+3. BBE picks the bin whose upper confidence bound on that ratio is lowest
+   and returns ``q_U(c*) / q_S(c*)``. Garg et al. bound every bin with one
+   DKW term; we bound each bin by its own binomial (Wilson) interval (see
+   :func:`best_bin_estimate` for why).
 
 The interval is a percentile bootstrap over the held-out scores.
 """
@@ -76,18 +76,22 @@ def wilson_bounds(successes: np.ndarray, trials: int, z: float) -> tuple[np.ndar
     return centre - half, centre + half
 
 
-def best_bin_estimate(sensitive_scores: np.ndarray, unlabeled_scores: np.ndarray, delta: float = 0.1) -> float:
+#: Each bin's two Wilson bounds hold with probability 1 - DELTA / 4 each side. Chosen on the digits (0.1 left
+#: outliers at a share of 0.2; 0.05 to 0.005 gave the same error) and reported on the shapes (docs/benchmark.md).
+DELTA = 0.02
+
+
+def best_bin_estimate(sensitive_scores: np.ndarray, unlabeled_scores: np.ndarray, delta: float = DELTA) -> float:
     """BBE: ``q_U(c*) / q_S(c*)`` at the threshold c* whose upper confidence bound on beta is lowest.
 
     Scores are higher for images more like S. The bound at c is
     ``upper(q_U(c)) / lower(q_S(c))``. Garg et al. bound every bin with one
     DKW term, ``sqrt(log(4/delta) / 2n)``; we use each bin's own binomial
-    (Wilson) interval at the same level, which is as valid bin by bin and
-    much tighter where q_U is small. With a few hundred images in S, DKW's
-    term is about 0.1 and pulls c* towards the largest bins, where normal
-    images creep in and the estimate grows: on the digits with 150 S images,
-    about +0.03 at a true share of 0.1 (benchmarks/prior_accuracy.py).
-    The estimate is clipped to [0, 1].
+    (Wilson) interval, which is much tighter where q_U is small. With a few
+    hundred images in S, DKW's term is about 0.1 and pulls c* towards the
+    largest bins, where normal images creep in: on the digits with 150 S
+    images it overestimated every share by 0.03 to 0.05. The estimate is
+    clipped to [0, 1].
     """
     sensitive_scores, unlabeled_scores = np.asarray(sensitive_scores), np.asarray(unlabeled_scores)
     q_sensitive, q_unlabeled = top_bin_shares(sensitive_scores, unlabeled_scores)
@@ -108,7 +112,12 @@ def scipy_normal_quantile(probability: float) -> float:
 
 
 def bootstrap_interval(
-    sensitive_scores: np.ndarray, unlabeled_scores: np.ndarray, confidence: float = 0.9, draws: int = 200, seed: int = 0
+    sensitive_scores: np.ndarray,
+    unlabeled_scores: np.ndarray,
+    confidence: float = 0.9,
+    draws: int = 200,
+    seed: int = 0,
+    delta: float = DELTA,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`best_bin_estimate`, resampling S's and U's held-out scores."""
     rng = np.random.default_rng(seed)
@@ -116,6 +125,7 @@ def bootstrap_interval(
         best_bin_estimate(
             rng.choice(sensitive_scores, size=len(sensitive_scores)),
             rng.choice(unlabeled_scores, size=len(unlabeled_scores)),
+            delta,
         )
         for _ in range(draws)
     ]

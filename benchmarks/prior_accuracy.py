@@ -2,21 +2,27 @@
 
     python benchmarks/prior_accuracy.py                                  # digits and shapes, shares 0.05 0.1 0.2
     python benchmarks/prior_accuracy.py --datasets shapes --seeds 0 1 2 3 4
+    python benchmarks/prior_accuracy.py --deltas 0.1 0.02 0.005          # the bin rule's confidence, compared
 
 For each dataset, true share and seed, U gets all normal training images plus
-as many sensitive ones as make the share, S a fixed number of other sensitive
-images (the label-split flags), and estimate_prior.py's estimator runs on
-them exactly as ``--prior auto`` does. Prints a markdown table: mean estimate,
-mean absolute error, and how often the interval holds the true share.
+as many sensitive ones as make the share, and S a fixed number of other
+sensitive images (the label-split flags). The cross-fitted S-vs-U scores are
+computed as ``--prior auto`` computes them and kept in ``--output_dir``
+(``scores/*.npz``), so a second call, or one with other ``--deltas``, only
+redoes the cheap last step. Prints a markdown table: mean estimate, mean
+absolute error, and how often the bootstrap interval holds the true share.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -24,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 import estimate_prior  # noqa: E402
 import pu_prior  # noqa: E402
 from pu_data import load_training_sets  # noqa: E402
+from pu_images import image_channels  # noqa: E402
 
-#: name -> (how to write it, its label flags, resolution)
+#: name -> (the script that writes it, its sensitive labels, its resolution)
 DATASETS = {
     "digits": ("prepare_digits.py", ["1", "3", "5", "7", "9"], 8),
     "shapes": ("prepare_shapes.py", ["triangle", "star", "ring"], 16),
@@ -37,27 +44,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["digits", "shapes"])
     parser.add_argument("--shares", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--deltas", nargs="+", type=float, default=[pu_prior.DELTA])
     parser.add_argument("--num_labeled_sensitive", type=int, default=150, help="|S| in every cell.")
     parser.add_argument("--data_root", default=str(ROOT / "data"), help="Datasets are written here if missing.")
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "prior-accuracy"))
     return parser.parse_args(argv)
 
 
 def dataset_folder(name: str, data_root: Path) -> Path:
     folder = data_root / name
     if not (folder / "data").is_dir():
-        import subprocess
-
         subprocess.run([sys.executable, DATASETS[name][0], "--output_dir", str(folder)], cwd=ROOT, check=True)
     return folder
-
-
-def estimator_args(folder: Path, name: str, share: float, num_normal: int, num_sensitive: int, seed: int):
-    _, sensitive_labels, resolution = DATASETS[name]
-    num_unlabeled_sensitive = round(share / (1 - share) * num_normal)
-    argv = ["--dataset_name", str(folder), "--label_column", "label", "--sensitive_labels", *sensitive_labels]
-    argv += ["--num_unlabeled_sensitive", str(num_unlabeled_sensitive), "--num_labeled_sensitive", str(num_sensitive)]
-    argv += ["--resolution", str(resolution), "--seed", str(seed), "--cache_dir", str(folder / ".cache")]
-    return estimate_prior.parse_args(argv), num_unlabeled_sensitive / (num_normal + num_unlabeled_sensitive)
 
 
 def normal_count(folder: Path, name: str) -> int:
@@ -68,32 +66,59 @@ def normal_count(folder: Path, name: str) -> int:
     return sum(label not in sensitive_ids for label in train["label"])
 
 
+def estimator_args(folder: Path, name: str, share: float, num_normal: int, num_sensitive: int, seed: int):
+    """estimate_prior.py's arguments for one cell, and the share of sensitive images they give U."""
+    _, sensitive_labels, resolution = DATASETS[name]
+    num_unlabeled_sensitive = round(share / (1 - share) * num_normal)
+    argv = ["--dataset_name", str(folder), "--label_column", "label", "--sensitive_labels", *sensitive_labels]
+    argv += ["--num_unlabeled_sensitive", str(num_unlabeled_sensitive), "--num_labeled_sensitive", str(num_sensitive)]
+    argv += ["--resolution", str(resolution), "--seed", str(seed)]
+    return estimate_prior.parse_args(argv), num_unlabeled_sensitive / (num_normal + num_unlabeled_sensitive)
+
+
+def cell_scores(cache: Path, folder: Path, name: str, share: float, num_normal: int, args, seed: int):
+    """(S scores, U scores, true share) of one cell, from the cache or computed as --prior auto does."""
+    if cache.is_file():
+        saved = np.load(cache)
+        return saved["s"], saved["u"], float(saved["true"])
+    run_args, true_share = estimator_args(folder, name, share, num_normal, args.num_labeled_sensitive, seed)
+    unlabeled, sensitive = load_training_sets(run_args, seed)
+    channels = image_channels([(unlabeled, "U"), (sensitive, "S")], "image")
+    inputs = [pu_prior.pixel_inputs(data, "image", run_args.resolution, channels) for data in (sensitive, unlabeled)]
+    sensitive_scores, unlabeled_scores = pu_prior.cross_fitted_scores(
+        *inputs, folds=run_args.prior_folds, epochs=run_args.prior_epochs, seed=seed
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, s=sensitive_scores, u=unlabeled_scores, true=true_share)
+    return sensitive_scores, unlabeled_scores, true_share
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = ["| dataset | true share | seeds | mean estimate | mean abs. error | interval holds the truth |",
-            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = ["| dataset | true share | delta | seeds | mean estimate | mean abs. error | interval holds the truth |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name in args.datasets:
         folder = dataset_folder(name, Path(args.data_root))
         num_normal = normal_count(folder, name)
         for share in args.shares:
-            estimates, errors, covered = [], [], 0
+            cells = []
             for seed in args.seeds:
                 start = time.perf_counter()
-                run_args, true_share = estimator_args(folder, name, share, num_normal, args.num_labeled_sensitive, seed)
-                unlabeled, sensitive = load_training_sets(run_args, seed)
-                estimate = pu_prior.estimate_for_data(unlabeled, sensitive, run_args, seed)
-                estimates.append(estimate.estimate)
-                errors.append(abs(estimate.estimate - true_share))
-                covered += estimate.low <= true_share <= estimate.high
-                print(
-                    f"{name} share {true_share:.3f} seed {seed}: {estimate.estimate:.3f}"
-                    f" [{estimate.low:.3f}, {estimate.high:.3f}] ({time.perf_counter() - start:.0f} s)",
-                    flush=True,
+                cache = Path(args.output_dir) / "scores" / f"{name}-{share:g}-{seed}.npz"
+                cells.append(cell_scores(cache, folder, name, share, num_normal, args, seed))
+                print(f"{name} share {share:g} seed {seed}: scores ready ({time.perf_counter() - start:.0f} s)")
+            for delta in args.deltas:
+                estimates, errors, covered = [], [], 0
+                for sensitive_scores, unlabeled_scores, true_share in cells:
+                    estimate = pu_prior.best_bin_estimate(sensitive_scores, unlabeled_scores, delta)
+                    low, high = pu_prior.bootstrap_interval(sensitive_scores, unlabeled_scores, delta=delta)
+                    estimates.append(estimate)
+                    errors.append(abs(estimate - true_share))
+                    covered += low <= true_share <= high
+                rows.append(
+                    f"| {name} | {cells[0][2]:.3f} | {delta:g} | {len(cells)} | {statistics.fmean(estimates):.3f} |"
+                    f" {statistics.fmean(errors):.3f} | {covered}/{len(cells)} |"
                 )
-            rows.append(
-                f"| {name} | {share:g} | {len(args.seeds)} | {statistics.fmean(estimates):.3f} |"
-                f" {statistics.fmean(errors):.3f} | {covered}/{len(args.seeds)} |"
-            )
     print("\n" + "\n".join(rows))
     print(f"\n|S| = {args.num_labeled_sensitive}; U = every normal training image + the share's sensitive ones.")
 

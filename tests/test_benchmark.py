@@ -162,3 +162,30 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode():
     assert all(row[1].startswith(f"{lora_parameters:,} / ") for row in rows)
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)  # ms/step, images/s
     assert "gradient checkpointing on" in report
+
+
+def test_prior_accuracy_reports_each_delta_from_cached_scores(digits_dir, tmp_path, capsys):
+    import numpy as np
+    import prior_accuracy
+
+    import pu_prior
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits").symlink_to(digits_dir)
+    rng = np.random.default_rng(0)
+    sensitive = rng.uniform(0.4, 1.0, 300)
+    unlabeled = np.concatenate([rng.uniform(0.4, 1.0, 100), rng.uniform(0.0, 0.6, 900)])
+    (tmp_path / "out" / "scores").mkdir(parents=True)
+    np.savez(tmp_path / "out" / "scores" / "digits-0.1-0.npz", s=sensitive, u=unlabeled, true=0.1)
+    prior_accuracy.main(
+        ["--datasets", "digits", "--shares", "0.1", "--seeds", "0", "--deltas", "0.1", "0.02"]
+        + ["--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
+    )
+    printed = capsys.readouterr().out
+    for delta in (0.1, 0.02):
+        estimate = pu_prior.best_bin_estimate(sensitive, unlabeled, delta)
+        low, high = pu_prior.bootstrap_interval(sensitive, unlabeled, delta=delta)
+        covered = int(low <= 0.1 <= high)
+        assert (
+            f"| digits | 0.100 | {delta:g} | 1 | {estimate:.3f} | {abs(estimate - 0.1):.3f} | {covered}/1 |" in printed
+        )

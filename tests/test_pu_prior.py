@@ -28,7 +28,8 @@ def test_best_bin_takes_the_ratio_at_the_lowest_upper_bound():
     """Computed by hand from the bins: S has 20 scores of 2 and 20 of 1, U 4 of 2, 36 of 1 and 160 of 0."""
     sensitive = np.array([2.0] * 20 + [1.0] * 20)
     unlabeled = np.array([2.0] * 4 + [1.0] * 36 + [0.0] * 160)
-    z = 1.959963984540054  # the normal quantile at 1 - delta / 4 for delta = 0.1
+    z = 2.5758293035489004  # the normal quantile at 1 - delta / 4 for the default delta, 0.02
+    assert pu_prior.DELTA == 0.02
 
     def wilson(k, n, side):
         p = k / n
