@@ -201,13 +201,24 @@ def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path
 
 
 def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier: Path) -> dict:
-    """Train (unless a finished model is there), then evaluate; returns metrics.json's content."""
+    """Train (unless this run's finished model is there), then evaluate; returns metrics.json's content.
+
+    A run folder is reused only if ``benchmark_run.json`` records the same
+    training command: results of other flags or of an older version of the
+    scripts' defaults are trained again, not reported under a new name.
+    """
     folder = run_folder(Path(args.output_dir), run)
+    command = training_command(run, args, data, folder)
+    record = folder / "benchmark_run.json"
+    if folder.exists() and (not record.is_file() or json.loads(record.read_text())["command"] != command[1:]):
+        print("(made with other flags: training again)", end=" ", flush=True)
+        shutil.rmtree(folder)
     metrics_file = folder / "evaluation" / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     if not (folder / "model_index.json").is_file():
-        run_command(training_command(run, args, data, folder), folder / "train.log")
+        run_command(command, folder / "train.log")
+        record.write_text(json.dumps({"command": command[1:]}, indent=2))  # without the interpreter's path
     evaluate = [sys.executable, "evaluate.py", "unconditional", "--pipeline", str(folder)]
     evaluate += ["--classifier", str(classifier), "--sensitive_labels", *args.sensitive_labels]
     evaluate += ["--reference_dataset_name", data, "--reference_label_column", args.label_column]

@@ -79,6 +79,16 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     )  # fmt: skip
     assert_ok(again)
     assert metrics_file.stat().st_mtime_ns == written
+    # Other training flags: the runs are trained again, not reported under the old results.
+    changed = run_script(
+        "benchmarks/paper_protocol.py", "--quick", "--data_dir", digits_dir, "--output_dir", output_dir,
+        "--max_train_steps", "4", "--num_samples", "16", launcher="python",
+    )  # fmt: skip
+    assert_ok(changed)
+    assert changed.stdout.count("made with other flags: training again") == 2
+    assert metrics_file.stat().st_mtime_ns != written
+    recorded = json.loads((output_dir / "runs" / "pu-seed0" / "benchmark_run.json").read_text())["command"]
+    assert recorded[recorded.index("--max_train_steps") + 1] == "4"
 
 
 class ZeroPrediction(torch.nn.Module):
