@@ -143,22 +143,23 @@ def saved_run_config(path: Path) -> dict | None:
     return json.loads(config_file.read_text()) if config_file.is_file() else None
 
 
-def resumed_seed(args: argparse.Namespace) -> int | None:
-    """The seed of the checkpoint --resume_from_checkpoint continues, if it has one."""
+def resumed_config_value(args: argparse.Namespace, key: str):
+    """``key`` of the training_config.json of the checkpoint --resume_from_checkpoint continues, if there is one."""
     if not args.resume_from_checkpoint:
         return None
     path = checkpoint_to_resume(args, warn=False)
     saved = saved_run_config(path) if path is not None else None
-    return saved.get("seed") if saved else None
+    return saved.get(key) if saved else None
+
+
+def resumed_seed(args: argparse.Namespace) -> int | None:
+    """The seed of the run being resumed: a resume without --seed continues with it."""
+    return resumed_config_value(args, "seed")
 
 
 def resumed_prior_estimate(args: argparse.Namespace) -> dict | None:
-    """The --prior auto estimate recorded by the checkpoint --resume_from_checkpoint continues, if any."""
-    if not args.resume_from_checkpoint:
-        return None
-    path = checkpoint_to_resume(args, warn=False)
-    saved = saved_run_config(path) if path is not None else None
-    return saved.get("prior_estimate") if saved else None
+    """The --prior auto estimate of the run being resumed: the objective must not change on a resume."""
+    return resumed_config_value(args, "prior_estimate")
 
 
 def resume_step(accelerator, args: argparse.Namespace) -> int:
