@@ -155,9 +155,13 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
     return data, classifier
 
 
+def prior_flag(prior) -> list[str]:
+    return ["--prior", str(prior)] if prior is not None else []
+
+
 def pu_flags(prior, args: argparse.Namespace) -> list[str]:
     """The pu rows' flags: none beyond the scripts' defaults unless asked for."""
-    return (["--prior", str(prior)] if prior is not None else []) + list(args.pu_args)
+    return prior_flag(prior) + list(args.pu_args)
 
 
 def planned_runs(args: argparse.Namespace) -> list[Run]:
@@ -169,7 +173,7 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
             if method == "pu":
                 runs.append(Run(method, seed, "pu", pu_flags(args.prior, args)))
             elif method == "pu-paper":
-                runs.append(Run(method, seed, "pu", (["--prior", args.prior] if args.prior else []) + ["--paper_loss"]))
+                runs.append(Run(method, seed, "pu", prior_flag(args.prior) + ["--paper_loss"]))
             else:
                 runs.append(Run(method, seed, method))
         if not args.no_oracle:
