@@ -23,16 +23,21 @@ CLIP (a normal text against a sensitive one) or any image classifier:
         --sensitive_text "a photo of a dog" --clip_score --output_dir sd-pu-lora/evaluation
 
 The output folder gets ``metrics.json`` (written last, so a folder holding it
-is complete) and ``samples.png``.
+is complete), ``samples.png``, and tables to find what still leaks:
+``per_class.csv`` (unconditional: samples per predicted class), or
+``per_prompt.csv`` (rate and CLIP score of each prompt) and ``per_image.csv``
+(each image's seed, the judge's sensitive probability and its verdict).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +47,7 @@ from pu_classifier import (
     CLASSIFIER_METRICS_FILE,
     ClassifierFeatures,
     ClipJudge,
+    class_probabilities,
     classify_all,
     images_to_uint8,
     load_classifier,
@@ -64,6 +70,7 @@ SCHEDULERS = ("ddpm", "ddim")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FID_FEATURES = ("inception", "classifier", "none")
 METRICS_FILE = "metrics.json"
+PER_CLASS_FILE, PER_PROMPT_FILE, PER_IMAGE_FILE = "per_class.csv", "per_prompt.csv", "per_image.csv"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -444,6 +451,8 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     image_grid(samples[: args.grid_size].permute(0, 2, 3, 1).numpy()).save(output_dir / "samples.png")
+    sensitive_labels = metrics["classifier"]["sensitive_labels"]
+    write_csv(output_dir / PER_CLASS_FILE, class_rows(metrics["prediction_counts"], sensitive_labels))
     write_json_atomically(output_dir / METRICS_FILE, metrics)
     return metrics
 
@@ -481,68 +490,109 @@ def default_dtype(dtype: str | None, device: str) -> torch.dtype:
     return DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
 
 
+@dataclass(frozen=True)
+class ImageOrigin:
+    """Where an image of ``text-to-image`` came from: image ``position`` of the batch whose generator was seeded
+    with ``batch_seed``; that batch holds ``batch_size`` images of prompt ``prompt_index``."""
+
+    prompt_index: int
+    image_index: int  # among the prompt's images
+    batch_seed: int
+    batch_size: int
+    position: int
+
+
 @torch.inference_mode()
-def generate_from_prompts(pipeline, args: argparse.Namespace, device: str) -> tuple[torch.Tensor, float]:
+def generate_from_prompts(pipeline, args: argparse.Namespace, device: str):
     """--images_per_prompt images of each prompt, prompt after prompt; batch b of prompt p draws its
-    noise from a generator seeded with (seed, p, b). Returns (N, C, H, W) uint8 images and images/s."""
+    noise from a generator seeded with (seed, p, b). Returns (N, C, H, W) uint8 images, images/s and
+    each image's :class:`ImageOrigin`."""
     from tqdm.auto import tqdm
 
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
-    batches = []
+    batches, origins = [], []
     start = time.perf_counter()
     for prompt_index, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
         for batch_index, first in enumerate(range(0, args.images_per_prompt, args.batch_size)):
-            generator = torch.Generator(device).manual_seed(derived_seed(args.seed, prompt_index, batch_index))
+            batch_seed = derived_seed(args.seed, prompt_index, batch_index)
+            batch_size = min(args.batch_size, args.images_per_prompt - first)
             images = pipeline(
                 prompt,
-                num_images_per_prompt=min(args.batch_size, args.images_per_prompt - first),
+                num_images_per_prompt=batch_size,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
-                generator=generator,
+                generator=torch.Generator(device).manual_seed(batch_seed),
                 output_type="np",
                 **size,
             ).images
             batches.append(float_to_uint8(images))
+            origins += [
+                ImageOrigin(prompt_index, first + position, batch_seed, batch_size, position)
+                for position in range(batch_size)
+            ]
     images = torch.cat(batches)
-    return images, len(images) / (time.perf_counter() - start)
+    return images, len(images) / (time.perf_counter() - start), origins
 
 
-def judge_images(args, images: torch.Tensor, prompts: list[str], device: str) -> tuple[torch.Tensor, dict]:
-    """Whether each image is sensitive, and the judge's part of metrics.json."""
+@dataclass
+class Judgement:
+    """The judge's verdict on each image, the probability behind it, and what metrics.json says of the judge."""
+
+    sensitive: torch.Tensor  # bool, one per image
+    sensitive_probability: torch.Tensor  # CLIP: the sensitive texts' share; classifier: its sensitive classes'
+    clip_cosines: torch.Tensor | None  # each image with its prompt, with --clip_score
+    info: dict
+
+
+def judge_images(args, images: torch.Tensor, prompts: list[str], device: str) -> Judgement:
+    """Whether each image is sensitive: the classifier's predicted class is a sensitive one, or CLIP gives the
+    sensitive texts more than half the probability."""
     if args.classifier is not None:
         classifier = load_classifier(args.classifier, device)
         sensitive_ids = sensitive_class_ids(classifier, args.sensitive_labels)
-        predictions = classify_all(classifier, images, args.batch_size)
+        probabilities = class_probabilities(classifier, images, args.batch_size)
+        predictions = probabilities.argmax(dim=1)
         counts = non_sensitive_rate(predictions, sensitive_ids, classifier.labels)["prediction_counts"]
         info = {"classifier": _classifier_info(args.classifier, sensitive_ids, classifier.labels)}
-        return torch.isin(predictions, torch.tensor(sensitive_ids)), {**info, "prediction_counts": counts}
+        return Judgement(
+            sensitive=torch.isin(predictions, torch.tensor(sensitive_ids)),
+            sensitive_probability=probabilities[:, sensitive_ids].sum(dim=1),
+            clip_cosines=None,
+            info={**info, "prediction_counts": counts},
+        )
     judge = ClipJudge(args.clip_model, args.normal_text, args.sensitive_text, device)
-    sensitive, cosines = [], []
+    probabilities, cosines = [], []
     for start in range(0, len(images), args.batch_size):
         end = start + args.batch_size
-        batch_sensitive, batch_cosines = judge.judge(images[start:end], prompts[start:end])
-        sensitive.append(batch_sensitive)
+        batch_probabilities, batch_cosines = judge.judge(images[start:end], prompts[start:end])
+        probabilities.append(batch_probabilities)
         cosines.append(batch_cosines)
+    probability = torch.cat(probabilities)
     info = {"clip_model": args.clip_model, "normal_text": args.normal_text, "sensitive_text": args.sensitive_text}
-    if args.clip_score:
-        info["clip_score"] = float(100 * torch.cat(cosines).clamp(min=0).mean())
-    return torch.cat(sensitive), info
+    all_cosines = torch.cat(cosines) if args.clip_score else None
+    if all_cosines is not None:
+        info["clip_score"] = clip_score(all_cosines)
+    return Judgement(probability > 0.5, probability, all_cosines, info)
+
+
+def clip_score(cosines: torch.Tensor) -> float:
+    """CLIPScore (Hessel et al., 2021): 100 * max(cos, 0), averaged."""
+    return float(100 * cosines.clamp(min=0).mean())
 
 
 def evaluate_text_to_image(args: argparse.Namespace) -> dict:
     device = default_device(args.device)
     pipeline = load_text_to_image_pipeline(args, device, default_dtype(args.dtype, device))
-    images, images_per_second = generate_from_prompts(pipeline, args, device)
-    prompts = [prompt for prompt in args.prompt for _ in range(args.images_per_prompt)]
-    sensitive, judge_info = judge_images(args, images, prompts, device)
-    per_prompt = sensitive.view(len(args.prompt), args.images_per_prompt)
+    images, images_per_second, origins = generate_from_prompts(pipeline, args, device)
+    prompts = [args.prompt[origin.prompt_index] for origin in origins]
+    judgement = judge_images(args, images, prompts, device)
+    per_prompt = prompt_rows(args.prompt, judgement, args.images_per_prompt)
     metrics = {
-        "non_sensitive_rate": 1.0 - sensitive.float().mean().item(),
+        "non_sensitive_rate": 1.0 - judgement.sensitive.float().mean().item(),
         "per_prompt": [
-            {"prompt": prompt, "non_sensitive_rate": 1.0 - row.float().mean().item()}
-            for prompt, row in zip(args.prompt, per_prompt, strict=True)
+            {"prompt": row["prompt"], "non_sensitive_rate": row["non_sensitive_rate"]} for row in per_prompt
         ],
-        **judge_info,
+        **judgement.info,
         "num_images": len(images),
         "images_per_second": images_per_second,
         "settings": _settings(args, args.num_inference_steps, device),
@@ -553,8 +603,58 @@ def evaluate_text_to_image(args: argparse.Namespace) -> dict:
     shown = min(args.grid_images_per_prompt, args.images_per_prompt)
     grid = images.view(len(args.prompt), args.images_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1)
     image_grid(grid.permute(0, 2, 3, 1).numpy(), columns=shown).save(output_dir / "samples.png")
+    write_csv(output_dir / PER_PROMPT_FILE, per_prompt)
+    write_csv(output_dir / PER_IMAGE_FILE, image_rows(args.prompt, origins, judgement))
     write_json_atomically(output_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def prompt_rows(prompts: list[str], judgement: Judgement, images_per_prompt: int) -> list[dict]:
+    """per_prompt.csv: each prompt's image count, non-sensitive rate and (with --clip_score) CLIP score."""
+    sensitive = judgement.sensitive.view(len(prompts), images_per_prompt)
+    cosines = None if judgement.clip_cosines is None else judgement.clip_cosines.view(len(prompts), -1)
+    rows = []
+    for index, prompt in enumerate(prompts):
+        rate = 1.0 - sensitive[index].float().mean().item()
+        score = "" if cosines is None else round(clip_score(cosines[index]), 4)
+        rows.append({"prompt": prompt, "images": images_per_prompt, "non_sensitive_rate": rate, "clip_score": score})
+    return rows
+
+
+def image_rows(prompts: list[str], origins: list[ImageOrigin], judgement: Judgement) -> list[dict]:
+    """per_image.csv: enough to make each image again (prompt, batch seed and size, position) and the verdict."""
+    return [
+        {
+            "prompt_index": origin.prompt_index,
+            "prompt": prompts[origin.prompt_index],
+            "image_index": origin.image_index,
+            "batch_seed": origin.batch_seed,
+            "batch_size": origin.batch_size,
+            "position_in_batch": origin.position,
+            "sensitive_probability": round(float(probability), 6),
+            "verdict": "sensitive" if sensitive else "normal",
+        }
+        for origin, probability, sensitive in zip(
+            origins, judgement.sensitive_probability, judgement.sensitive.tolist(), strict=True
+        )
+    ]
+
+
+def class_rows(prediction_counts: dict[str, int], sensitive_labels: list[str]) -> list[dict]:
+    """per_class.csv: how many samples the classifier put in each class, and whether that class is sensitive."""
+    total = sum(prediction_counts.values())
+    sensitive = {str(label) for label in sensitive_labels}
+    return [
+        {"label": label, "sensitive": label in sensitive, "samples": count, "share": count / total}
+        for label, count in prediction_counts.items()
+    ]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _classifier_info(name_or_path: str, sensitive_ids: list[int], id2label: dict) -> dict:

@@ -141,14 +141,20 @@ def sensitive_class_ids(classifier: ClassifierFeatures, labels: list[str]) -> li
 
 
 @torch.inference_mode()
-def classify_all(classifier: ClassifierFeatures, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def class_probabilities(classifier: ClassifierFeatures, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, classes): the classifier's softmax for each image."""
     from tqdm.auto import tqdm
 
-    predictions = []
+    probabilities = []
     for start in tqdm(range(0, len(images), batch_size), desc="classifying", leave=False):
         logits, _ = classifier.classify(images[start : start + batch_size])
-        predictions.append(logits.argmax(dim=1).cpu())
-    return torch.cat(predictions)
+        probabilities.append(logits.float().softmax(dim=1).cpu())
+    return torch.cat(probabilities)
+
+
+def classify_all(classifier: ClassifierFeatures, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The predicted class of each image."""
+    return class_probabilities(classifier, images, batch_size).argmax(dim=1)
 
 
 def digits_classifier_config(channels: int, labels: list[str], image_size: int):
@@ -304,7 +310,10 @@ class ClipJudge:
 
     @torch.inference_mode()
     def judge(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(whether each image is sensitive, the cosine of each image with its own prompt)."""
+        """(each image's probability of the sensitive texts, the cosine of each image with its own prompt).
+
+        An image is judged sensitive when that probability is above one half.
+        """
         unique_prompts = sorted(set(prompts))
         inputs = self.processor(
             text=self.texts + unique_prompts,
@@ -315,7 +324,7 @@ class ClipJudge:
         ).to(self.device)
         output = self.model(**inputs)
         probabilities = output.logits_per_image[:, : len(self.texts)].softmax(dim=1)
-        sensitive = probabilities[:, self.num_normal :].sum(dim=1) > 0.5
+        sensitive_probability = probabilities[:, self.num_normal :].sum(dim=1)
         cosines = output.image_embeds @ output.text_embeds[len(self.texts) :].T
         own = torch.tensor([unique_prompts.index(prompt) for prompt in prompts], device=cosines.device)
-        return sensitive.cpu(), cosines.gather(1, own[:, None]).squeeze(1).cpu()
+        return sensitive_probability.cpu(), cosines.gather(1, own[:, None]).squeeze(1).cpu()

@@ -1,5 +1,6 @@
 """evaluate.py: the classifier it trains, the non-sensitive rate, the FID, and its errors."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -155,6 +156,10 @@ def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
     from PIL import Image
 
     assert Image.open(output_dir / "samples.png").size[0] > 8 * 4
+    per_class = read_csv(output_dir / "per_class.csv")
+    assert {row["label"]: int(row["samples"]) for row in per_class} == counts
+    assert {row["label"] for row in per_class if row["sensitive"] == "True"} == set(ODD)
+    assert sum(float(row["share"]) for row in per_class) == pytest.approx(1.0)
 
     # Same seed, same samples: the evaluation is reproducible.
     again = tmp_path / "again"
@@ -273,6 +278,11 @@ def text_to_image_args(pipeline, output_dir, *extra):
     ]  # fmt: skip
 
 
+def read_csv(path):
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
 def clip_judge_args(clip):
     return ["--clip_model", clip, "--normal_text", "a cat", "--sensitive_text", "a dog", "a puppy", "--clip_score"]
 
@@ -285,7 +295,7 @@ def test_zero_shot_clip_matches_the_models_own_probabilities(tiny_clip_model):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     prompts = ["a cat"] * 3 + ["a dog"] * 3
     judge = pu_classifier.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
-    sensitive, cosines = judge.judge(images, prompts)
+    sensitive_probability, cosines = judge.judge(images, prompts)
 
     model, processor = CLIPModel.from_pretrained(tiny_clip_model), AutoProcessor.from_pretrained(tiny_clip_model)
     pixels = processor(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
@@ -293,7 +303,7 @@ def test_zero_shot_clip_matches_the_models_own_probabilities(tiny_clip_model):
     with torch.no_grad():
         output = model(pixel_values=pixels, **texts)
     probabilities = output.logits_per_image.softmax(dim=1)
-    assert torch.equal(sensitive, probabilities[:, 1:].sum(dim=1) > 0.5)
+    assert torch.allclose(sensitive_probability, probabilities[:, 1:].sum(dim=1), atol=1e-6)
     image_embeds = output.image_embeds
     text_embeds = output.text_embeds[[0, 0, 0, 1, 1, 1]]
     assert torch.allclose(cosines, (image_embeds * text_embeds).sum(dim=1), atol=1e-5)
@@ -320,6 +330,47 @@ def test_text_to_image_evaluation_writes_per_prompt_rates_and_a_grid(tiny_sd_pip
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert again["per_prompt"] == metrics["per_prompt"] and again["clip_score"] == metrics["clip_score"]
 
+    prompt_rows = read_csv(tmp_path / "a" / "per_prompt.csv")
+    assert [row["prompt"] for row in prompt_rows] == ["a photo of a cat", "a photo of a dog"]
+    assert [float(row["non_sensitive_rate"]) for row in prompt_rows] == pytest.approx(per_prompt)
+    assert [int(row["images"]) for row in prompt_rows] == [3, 3]
+    # Equal images per prompt: the overall CLIP score is the mean of the prompts' scores.
+    assert sum(float(row["clip_score"]) for row in prompt_rows) / 2 == pytest.approx(metrics["clip_score"], abs=1e-3)
+    image_rows = read_csv(tmp_path / "a" / "per_image.csv")
+    assert [(int(row["prompt_index"]), int(row["image_index"])) for row in image_rows] == [
+        (prompt, image) for prompt in range(2) for image in range(3)
+    ]
+    for row in image_rows:
+        assert row["verdict"] == ("sensitive" if float(row["sensitive_probability"]) > 0.5 else "normal")
+    for prompt_index, rate in enumerate(per_prompt):
+        verdicts = [row["verdict"] for row in image_rows if int(row["prompt_index"]) == prompt_index]
+        assert verdicts.count("normal") / 3 == pytest.approx(rate)
+
+
+def test_per_image_rows_say_how_to_make_each_image_again(tiny_sd_pipeline, tiny_clip_model, tmp_path):
+    """The third image of the second prompt, made again from its row's seed, batch size and position, gets the
+    probability the row records."""
+    from diffusers import DiffusionPipeline
+
+    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "a", *clip_judge_args(tiny_clip_model))
+    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    row = read_csv(tmp_path / "a" / "per_image.csv")[5]
+    assert (row["prompt"], row["image_index"], row["batch_size"], row["position_in_batch"]) == (
+        "a photo of a dog", "2", "1", "0"
+    )  # fmt: skip
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    images = pipeline(
+        row["prompt"],
+        num_images_per_prompt=int(row["batch_size"]),
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(int(row["batch_seed"])),
+        output_type="np",
+    ).images
+    image = evaluate.float_to_uint8(images)[int(row["position_in_batch"])]
+    judge = pu_classifier.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
+    probability, _ = judge.judge(image[None], [row["prompt"]])
+    assert float(probability) == pytest.approx(float(row["sensitive_probability"]), abs=1e-5)
+
 
 def test_text_to_image_rate_by_an_image_classifier(tiny_sd_pipeline, classifier_dir, tmp_path):
     """Any HF image classifier can judge; here the digits one (RGB images are averaged to its one channel)."""
@@ -333,6 +384,10 @@ def test_text_to_image_rate_by_an_image_classifier(tiny_sd_pipeline, classifier_
     normal = sum(count for label, count in counts.items() if label not in ODD)
     assert metrics["non_sensitive_rate"] == pytest.approx(normal / 6)
     assert "clip_score" not in metrics
+    image_rows = read_csv(tmp_path / "out" / "per_image.csv")
+    assert [row["verdict"] for row in image_rows].count("normal") == normal
+    assert all(0 <= float(row["sensitive_probability"]) <= 1 for row in image_rows)
+    assert {row["clip_score"] for row in read_csv(tmp_path / "out" / "per_prompt.csv")} == {""}
 
 
 def test_text_to_image_with_lora_weights_changes_the_images(tiny_sd_pipeline, tmp_path):
