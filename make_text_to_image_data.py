@@ -72,7 +72,7 @@ def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
         resolution=args.resolution,
         seed=args.seed,
     )
-    images, _ = evaluate.generate_from_prompts(pipeline, sampling, device)
+    images = evaluate.generate_from_prompts(pipeline, sampling, device)[0]
     names = [f"generated-{index:05d}.png" for index in range(len(images))]
     for name, pixels in zip(names, images, strict=True):
         Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(output_dir / name)

@@ -24,6 +24,8 @@ OBJECTIVE_FLAGS = (
     "sensitive_min_timestep",
     "sensitive_max_snr",
 )
+#: The adapters a checkpoint holds (train_pu_text_to_image.py): a resume must build the same ones.
+ADAPTER_FLAGS = ("use_lora", "rank", "lora_alpha", "lora_dropout", "lora_layers", "use_dora")
 #: Flags that define the data order: a resume that changes them trains on, but does not replay the run.
 DATA_ORDER_FLAGS = ("seed", "train_batch_size", "sensitive_batch_size", "gradient_accumulation_steps")
 CHECKPOINT_CONFIG = "training_config.json"
@@ -178,15 +180,42 @@ def resume_step(accelerator, args: argparse.Namespace) -> int:
     return checkpoint_step(path)
 
 
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The model's whole state dict where DeepSpeed or FSDP shard its weights (on the main process; the others
+    get what Accelerate gives them), else None: the unwrapped model holds its weights. Gathering is a
+    collective, so every process must call this, not only the one that saves."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def full_model(accelerator, model, state: dict | None):
+    """The unwrapped model, or with a gathered ``state`` a copy of it built from its config that holds it
+    (under ZeRO-3 or FSDP the unwrapped model's own tensors are shards)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if state is None:
+        return unwrapped
+    copy = type(unwrapped).from_config(unwrapped.config)
+    copy.load_state_dict(state)
+    return copy
+
+
 def register_model_hooks(accelerator, model_cls, ema_model=None, subfolder: str = "unet") -> None:
-    """Save checkpoints' models in Diffusers format (checkpoint-N/unet loads with from_pretrained)."""
+    """Save checkpoints' models in Diffusers format (checkpoint-N/unet loads with from_pretrained).
+
+    Under DeepSpeed and FSDP, Accelerate saves and loads its own sharded copy
+    for the resume; the Diffusers folder is then written from the gathered weights.
+    """
 
     def save_model_hook(models, weights, output_dir):
+        states = [gathered_state_dict(accelerator, model) for model in models]
         if accelerator.is_main_process:
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(output_dir, f"{subfolder}_ema"))
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, subfolder))
+            for model, state in zip(models, states, strict=True):
+                full_model(accelerator, model, state).save_pretrained(os.path.join(output_dir, subfolder))
         # Everything is saved above: stop Accelerate from saving the same weights again.
         while weights:
             weights.pop()

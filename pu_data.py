@@ -315,11 +315,23 @@ def load_training_sets(args, seed: int | None = None):
         )
         if getattr(args, "sensitive_caption_column", None):
             require_column(sensitive, args.sensitive_caption_column, "--sensitive_caption_column", sensitive_source)
+    unlabeled = limit_unlabeled(
+        unlabeled, getattr(args, "max_train_samples", None), args.seed if seed is None else seed
+    )
     if args.loss_type == "unsupervised":
         return unlabeled, None  # S, even when drawn, takes no part in Eq. (9)
     if sensitive is None:
         raise InputError(f"--num_labeled_sensitive: --loss_type {args.loss_type} needs at least one image in S")
     return unlabeled, sensitive
+
+
+def limit_unlabeled(unlabeled, max_train_samples: int | None, seed: int | None):
+    """--max_train_samples: a random subset of U of that size, drawn with the run's seed (S stays whole)."""
+    if max_train_samples is None or len(unlabeled) <= max_train_samples:
+        return unlabeled
+    kept = np.random.default_rng(derived_seed(seed or 0, 2)).permutation(len(unlabeled))[:max_train_samples]
+    logger.info("--max_train_samples %d: training on %d of U's %d images", max_train_samples, len(kept), len(unlabeled))
+    return unlabeled.select(np.sort(kept))
 
 
 # --------------------------------------------------------------------------- transforms
@@ -331,23 +343,44 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+#: --image_interpolation_mode: the Diffusers scripts' names (torchvision's) for PIL's resampling filters; PIL's
+#: nearest is what torchvision calls nearest_exact.
+INTERPOLATION_MODES = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+}
+
+
 class ImageTransform:
     """PIL image -> float tensor in [-1, 1] of shape (channels, resolution, resolution).
 
     Two stages: :meth:`prepare` is deterministic (convert to grayscale or RGB,
-    dropping any alpha channel; resize the shorter side to ``resolution``,
-    bilinear, enlarging smaller images) and can be cached; :meth:`augment`
-    crops the centre or a random window and flips at random, with the random
-    choices drawn from ``generator``.
+    dropping any alpha channel; resize the shorter side to ``resolution`` with
+    ``interpolation``, enlarging smaller images) and can be cached;
+    :meth:`augment` crops the centre or a random window and flips at random,
+    with the random choices drawn from ``generator``.
     """
 
-    def __init__(self, resolution: int, channels: int, center_crop: bool = False, random_flip: bool = False):
+    def __init__(
+        self,
+        resolution: int,
+        channels: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        interpolation: str = "bilinear",
+    ):
         if channels not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, the model expects {channels}")
         self.resolution = resolution
         self.mode = "L" if channels == 1 else "RGB"
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.resample = INTERPOLATION_MODES[interpolation]
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.augment(self.prepare(image), generator)
@@ -359,19 +392,30 @@ class ImageTransform:
         scale = self.resolution / min(width, height)
         if scale != 1.0:
             size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            image = image.resize(size, Image.BILINEAR)
+            image = image.resize(size, self.resample)
         pixels = np.asarray(image, dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     def augment(self, prepared: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        tensor = self._crop(prepared, generator).float()
-        if self.random_flip and torch.rand((), generator=generator) < 0.5:
+        cropped = self.crop(prepared, generator)
+        return self.to_pixels(cropped, self.draw_flip(generator))
+
+    def draw_flip(self, generator: torch.Generator | None) -> bool:
+        """Whether this access mirrors the image (drawn after the crop; cached latents draw it the same way)."""
+        return self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+
+    @staticmethod
+    def to_pixels(cropped: torch.Tensor, flip: bool) -> torch.Tensor:
+        """uint8 (channels, resolution, resolution) -> floats in [-1, 1], mirrored if ``flip``."""
+        tensor = cropped.float()
+        if flip:
             tensor = tensor.flip(-1)
         return tensor / 127.5 - 1.0
 
-    def _crop(self, tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def crop(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The centre (--center_crop; ``generator`` is not used) or a random window of ``resolution``."""
         height, width = tensor.shape[-2:]
         if self.center_crop:
             top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
@@ -414,9 +458,12 @@ class TransformedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> torch.Tensor:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        prepared = self.prepared[index] if self.prepared is not None else self._prepare(index)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
-        return self.transform.augment(prepared, generator)
+        return self.transform.augment(self.prepared_image(index), generator)
+
+    def prepared_image(self, index: int) -> torch.Tensor:
+        """Image ``index`` decoded and resized (:meth:`ImageTransform.prepare`), before any augmentation."""
+        return self.prepared[index] if self.prepared is not None else self._prepare(index)
 
     def _prepare(self, index: int) -> torch.Tensor:
         try:
@@ -457,11 +504,15 @@ class CaptionedImages(TransformedImages):
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        return {"pixel_values": super().__getitem__(key), "input_ids": self.caption_ids(index, epoch)}
+
+    def caption_ids(self, index: int, epoch: int) -> torch.Tensor:
+        """The tokenized caption of image ``index`` in ``epoch`` (one of several, drawn per epoch)."""
         caption = self.captions[index]
         if not isinstance(caption, str):
             generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
             caption = caption[int(torch.randint(0, len(caption), (), generator=generator))]
-        return {"pixel_values": super().__getitem__(key), "input_ids": self.tokenize(caption)}
+        return self.tokenize(caption)
 
 
 # --------------------------------------------------------------------------- batching

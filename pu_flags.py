@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import tempfile
@@ -10,8 +11,15 @@ from pathlib import Path
 
 import torch
 
-from pu_checkpoints import CHECKPOINT_CONFIG, DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, checkpoint_to_resume, saved_run_config
-from pu_data import InputError
+from pu_checkpoints import (
+    ADAPTER_FLAGS,
+    CHECKPOINT_CONFIG,
+    DATA_ORDER_FLAGS,
+    OBJECTIVE_FLAGS,
+    checkpoint_to_resume,
+    saved_run_config,
+)
+from pu_data import INTERPOLATION_MODES, InputError
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
 from pu_outputs import finished_model_file
 
@@ -140,6 +148,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = Fa
     )
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random window.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument(
+        "--image_interpolation_mode",
+        choices=sorted(INTERPOLATION_MODES),
+        default="bilinear",
+        help="The filter that resizes images to --resolution.",
+    )
+    group.add_argument(
+        "--max_train_samples",
+        type=POSITIVE_INT,
+        default=None,
+        help="Train on a random subset of U of this size (for quick runs); S is used whole.",
+    )
     group.add_argument(
         "--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0, help="Data-loading subprocesses; 0: main."
     )
@@ -293,11 +313,36 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
     )
     group.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=500)
+    group.add_argument(
+        "--optimizer",
+        choices=["adamw", "prodigy"],
+        default="adamw",
+        help="prodigy (pip install prodigyopt) adapts the step size itself: use --learning_rate 1.0.",
+    )
     group.add_argument("--adam_beta1", type=ADAM_BETA, default=0.95)
     group.add_argument("--adam_beta2", type=ADAM_BETA, default=0.999)
     group.add_argument("--adam_weight_decay", type=NON_NEGATIVE_FLOAT, default=1e-6)
     group.add_argument("--adam_epsilon", type=POSITIVE_FLOAT, default=1e-8)
+    group.add_argument(
+        "--prodigy_beta3",
+        type=ADAM_BETA,
+        default=None,
+        help="Prodigy's coefficient for its step-size estimate; default: sqrt(--adam_beta2).",
+    )
+    group.add_argument("--prodigy_decouple", type=true_or_false, default=True, help="AdamW-style weight decay.")
+    group.add_argument("--prodigy_use_bias_correction", type=true_or_false, default=True)
+    group.add_argument(
+        "--prodigy_safeguard_warmup",
+        type=true_or_false,
+        default=True,
+        help="Leave the learning rate out of the step-size estimate during warm-up.",
+    )
     group.add_argument("--max_grad_norm", type=POSITIVE_FLOAT, default=1.0)
+    group.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="TF32 matrix products on Ampere and newer GPUs: faster, slightly less precise.",
+    )
     group.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -332,6 +377,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--logging_steps", type=POSITIVE_INT, default=1, help="Log the loss components every N steps.")
     group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+
+
+def true_or_false(text: str) -> bool:
+    """A boolean flag's value as the Diffusers scripts take it (``--prodigy_decouple False``)."""
+    lowered = text.lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text}")
+    return lowered in ("true", "1")
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -416,9 +469,30 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         raise InputError("U is missing: give --dataset_name or --train_data_dir")
     check_sensitive_source(args)
     resolve_loss_options(args)
-    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise InputError("--hub_token with --report_to wandb would expose the token; use `hf auth login` instead")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise InputError(
+            "--report_to wandb with --hub_token: a security risk of exposing your token (wandb records the"
+            " command line); log in with `hf auth login` and drop --hub_token"
+        )
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise InputError("--report_to wandb needs wandb: pip install wandb")
+    check_optimizer(args)
     _check_output_dir(args)
+
+
+def check_optimizer(args: argparse.Namespace) -> None:
+    if args.optimizer != "prodigy":
+        return
+    if importlib.util.find_spec("prodigyopt") is None:
+        raise InputError("--optimizer prodigy needs prodigyopt: pip install prodigyopt")
+    if getattr(args, "use_8bit_adam", False):
+        raise InputError("--use_8bit_adam is an AdamW; drop it with --optimizer prodigy")
+    if args.learning_rate <= 0.1:
+        logger.warning(
+            "--optimizer prodigy with --learning_rate %g: Prodigy estimates the step size and scales it by the"
+            " learning rate, so a value near 1.0 is usual",
+            args.learning_rate,
+        )
 
 
 def check_sensitive_source(args: argparse.Namespace) -> None:
@@ -486,11 +560,11 @@ def _check_resumed_run(args: argparse.Namespace) -> None:
             "%s has no %s: cannot check that the resume continues the same run", checkpoint, CHECKPOINT_CONFIG
         )
         return
-    for key in OBJECTIVE_FLAGS:
-        if key in saved and saved[key] != getattr(args, key):
+    for key in OBJECTIVE_FLAGS + ADAPTER_FLAGS:
+        if key in saved and saved[key] != getattr(args, key, None):
             raise InputError(
-                f"--{key} {getattr(args, key)}: {checkpoint.name} was trained with --{key} {saved[key]}; a resume"
-                " continues the same objective (start a new --output_dir to train with another)"
+                f"--{key} {getattr(args, key, None)}: {checkpoint.name} was trained with --{key} {saved[key]}; a"
+                " resume continues the same objective and model (start a new --output_dir to train another)"
             )
     for key in DATA_ORDER_FLAGS:
         if saved.get(key) is not None and getattr(args, key) is not None and saved[key] != getattr(args, key):

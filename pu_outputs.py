@@ -157,19 +157,36 @@ def image_grid(images: np.ndarray, min_tile: int = 32, gap: int = 2, columns: in
 
 
 def save_validation_images(
-    accelerator, images: np.ndarray, output_dir: str, tag: str, step: int, columns: int | None = None
+    accelerator,
+    images: np.ndarray,
+    output_dir: str,
+    tag: str,
+    step: int,
+    columns: int | None = None,
+    captions: list[str] | None = None,
 ) -> Path:
-    """Save a grid to output_dir/validation/<tag>.png and output_dir/samples.png, and log it."""
+    """Save a grid to output_dir/validation/<tag>.png and output_dir/samples.png, and log the images."""
     grid = image_grid(images, columns=columns)
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}.png"
     grid.save(path)
     grid.save(Path(output_dir) / "samples.png")
-    for tracker in accelerator.trackers:
+    log_images(accelerator.trackers, images, step, captions)
+    return path
+
+
+def log_images(trackers, images: np.ndarray, step: int, captions: list[str] | None = None) -> None:
+    """The validation images (N, H, W, C in [0, 1]) to TensorBoard and to wandb, each image with its caption."""
+    for tracker in trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.asarray(images).transpose(0, 3, 1, 2), step)
-    return path
+        elif tracker.name == "wandb":
+            import wandb
+
+            names = captions or [f"image {index}" for index in range(len(images))]
+            logged = [wandb.Image(to_uint8(image), caption=name) for image, name in zip(images, names, strict=True)]
+            tracker.log({"validation": logged}, step=step)
 
 
 def prior_description(plan) -> str:

@@ -23,7 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 import pu_data
-from pu_checkpoints import DATA_ORDER_FLAGS, OBJECTIVE_FLAGS, resumed_prior_estimate, resumed_seed, save_checkpoint
+from pu_checkpoints import (
+    ADAPTER_FLAGS,
+    DATA_ORDER_FLAGS,
+    OBJECTIVE_FLAGS,
+    full_model,
+    resumed_prior_estimate,
+    resumed_seed,
+    save_checkpoint,
+)
 from pu_data import InputError
 from pu_flags import signal_to_noise
 from pu_loss import RiskOutput, compute_risk, per_sample_diffusion_loss
@@ -151,6 +159,8 @@ def make_accelerator(args: argparse.Namespace):
         project_config=project_config,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32:
+        allow_tf32()
     import datasets
     import diffusers
 
@@ -161,6 +171,13 @@ def make_accelerator(args: argparse.Namespace):
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     return accelerator
+
+
+def allow_tf32() -> None:
+    """--allow_tf32: TF32 for float32 matrix products and convolutions (Ampere and newer GPUs)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    logger.info("--allow_tf32: float32 matrix products and convolutions may use TF32")
 
 
 def settle_seed(accelerator, args: argparse.Namespace) -> int:
@@ -311,7 +328,21 @@ def seeded_loader(args, dataset, batch_size: int, seed: int, drop_last: bool):
 
 
 def make_optimizer(args: argparse.Namespace, parameters, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW (8-bit with --use_8bit_adam)."""
+    """AdamW (8-bit with --use_8bit_adam), or Prodigy with --optimizer prodigy."""
+    if args.optimizer == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(
+            parameters,
+            lr=learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+        )
     optimizer_cls = torch.optim.AdamW
     if getattr(args, "use_8bit_adam", False):
         import bitsandbytes
@@ -354,6 +385,21 @@ def ema_weights(run: TrainingRun):
         yield
     finally:
         run.ema_model.restore(run.trainable_parameters)
+
+
+@contextlib.contextmanager
+def model_to_save(accelerator, run: TrainingRun, state: dict | None = None):
+    """The trained model as validation and saving should see it, with its EMA weights when kept: the unwrapped
+    model with the EMA swapped in and back out, or, given a gathered ``state`` (DeepSpeed, FSDP:
+    :func:`pu_checkpoints.gathered_state_dict`), a copy that holds it."""
+    if state is None:
+        with ema_weights(run):
+            yield accelerator.unwrap_model(run.model)
+        return
+    model = full_model(accelerator, run.model, state)
+    if run.ema_model is not None:
+        run.ema_model.copy_to(model.parameters())
+    yield model
 
 
 def make_lr_scheduler(args: argparse.Namespace, optimizer, max_train_steps: int, num_processes: int):
@@ -623,7 +669,7 @@ def tracker_config(args: argparse.Namespace, plan: RunPlan) -> dict:
 
 def checkpoint_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     """What a checkpoint records so that a resume can check it continues the same run."""
-    config = {key: getattr(args, key, None) for key in OBJECTIVE_FLAGS}
+    config = {key: getattr(args, key, None) for key in OBJECTIVE_FLAGS + ADAPTER_FLAGS}
     # --prior auto is resolved once, at the start; a resume reuses this estimate.
     config.update(prior_value=plan.prior, prior_estimate=plan.prior_estimate)
     # The data order as run: the plan's value where it settled one (seed, S batch size), else the flag.

@@ -30,11 +30,12 @@ import torch
 import pu_checkpoints
 import pu_data
 import pu_flags
+import pu_latent_cache
 import pu_outputs
 import pu_prior
 import pu_training
 from pu_data import InputError
-from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pu_flags.add_pretrained_model_arguments(
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
-    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
-    model.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank (and alpha).")
+    add_lora_arguments(parser)
+    model.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode U and S with the VAE once, before training, instead of at every step (needs --center_crop).",
+    )
     model.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs a GPU).")
     model.add_argument(
         "--noise_offset", type=NON_NEGATIVE_FLOAT, default=0.0, help="Scale of the per-channel noise offset."
@@ -84,17 +89,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pu_flags.add_hub_arguments(parser)
     # The official text-to-image examples' defaults.
     parser.set_defaults(
-        resolution=512, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=0.9, adam_weight_decay=1e-2
+        resolution=512,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        adam_beta1=0.9,
+        adam_weight_decay=1e-2,
+        image_interpolation_mode="lanczos",
     )
     return pu_flags.parse_and_check(parser, argv, check_text_to_image_arguments)
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
+    group.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=POSITIVE_FLOAT, default=None, help="LoRA scale numerator; default: --rank.")
+    group.add_argument("--lora_dropout", type=UNIT_INTERVAL, default=0.0, help="Dropout in the LoRA layers.")
+    group.add_argument(
+        "--lora_layers",
+        type=module_names,
+        default=",".join(LORA_TARGET_MODULES),
+        help="Comma-separated names of the UNet modules that get adapters (default: the attention projections).",
+    )
+    group.add_argument("--use_dora", action="store_true", help="Weight-decomposed LoRA (DoRA, Liu et al., 2024).")
+    group.add_argument(
+        "--upcast_before_saving",
+        action="store_true",
+        help="Save the final LoRA weights in float32; by default they are saved in the mixed-precision dtype.",
+    )
+
+
+def module_names(text: str) -> list[str]:
+    """--lora_layers: "to_q,to_v" -> ["to_q", "to_v"]."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one module, e.g. to_q,to_v")
+    return names
 
 
 def check_text_to_image_arguments(args: argparse.Namespace) -> None:
     """What only this script needs; like the shared checks, before anything is loaded."""
     if args.use_ema and args.use_lora:
         raise InputError("--use_ema is for full fine-tuning; drop it with --use_lora")
+    lora_flags = ("lora_alpha", "use_dora", "upcast_before_saving")
+    given = [flag for flag in lora_flags if getattr(args, flag)] + (["lora_dropout"] if args.lora_dropout else [])
+    if given and not args.use_lora:
+        raise InputError(f"--{given[0]} is a LoRA setting: add --use_lora")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.cache_latents and not args.center_crop:
+        raise InputError(
+            "--cache_latents encodes each image once, so a random crop would be the same in every epoch: add"
+            " --center_crop (images already at --resolution are not cropped at all)"
+        )
     if args.sensitive_prompt is not None and args.sensitive_caption_column is not None:
         raise InputError("--sensitive_prompt and --sensitive_caption_column: give one")
     own_sensitive_source = args.sensitive_dataset_name or args.sensitive_data_dir
@@ -143,13 +190,25 @@ def load_models(args: argparse.Namespace):
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
-def add_lora(unet, rank: int) -> None:
-    """Freeze the UNet and add trainable LoRA adapters to its attention projections."""
+def add_lora(
+    unet, rank: int, *, alpha: float | None = None, dropout: float = 0.0, layers=LORA_TARGET_MODULES, use_dora=False
+) -> None:
+    """Freeze the UNet and add trainable LoRA (or DoRA) adapters to the modules named in ``layers``."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
-    unet.add_adapter(config)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        lora_dropout=dropout,
+        use_dora=use_dora,
+        init_lora_weights="gaussian",
+        target_modules=list(layers),
+    )
+    try:
+        unet.add_adapter(config)
+    except ValueError as error:  # peft: "Target modules ... not found in the base model"
+        raise InputError(f"--lora_layers {','.join(layers)}: {error}") from error
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
@@ -180,12 +239,27 @@ def place_models(unet, vae, text_encoder, device, mixed_precision: str, use_lora
     return weight_dtype
 
 
-def lora_state_dict(unet) -> dict:
-    """The UNet's LoRA weights under the names ``load_lora_weights`` expects."""
+def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> dict:
+    """The UNet's LoRA weights under the names ``load_lora_weights`` expects, optionally cast to ``dtype``.
+
+    ``state_dict`` is the whole UNet's, gathered by ``accelerator.get_state_dict``
+    where DeepSpeed or FSDP shard it; by default the unwrapped UNet's own.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+    return {name: tensor.to(dtype) if dtype else tensor for name, tensor in state.items()}
+
+
+def write_lora(folder, unet, state: dict) -> None:
+    """pytorch_lora_weights.safetensors with the adapter's config (alpha, dropout, DoRA, modules) as metadata,
+    so that ``load_lora_weights`` rebuilds the same adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
+    )
 
 
 def register_checkpoint_hooks(accelerator, unet, ema_model, use_lora: bool) -> None:
@@ -204,10 +278,11 @@ def register_lora_hooks(accelerator, unet) -> None:
     from peft.utils import set_peft_model_state_dict
 
     def save_model_hook(models, weights, output_dir):
+        states = [pu_checkpoints.gathered_state_dict(accelerator, model) for model in models]
         if accelerator.is_main_process:
-            for model in models:
-                state = lora_state_dict(accelerator.unwrap_model(model))
-                StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=state)
+            for model, state in zip(models, states, strict=True):
+                unwrapped = accelerator.unwrap_model(model)
+                write_lora(output_dir, unwrapped, lora_state_dict(unwrapped, state_dict=state))
         while weights:
             weights.pop()
 
@@ -235,7 +310,9 @@ def register_lora_hooks(accelerator, unet) -> None:
 
 def captioned_dataset(args, tokenizer):
     """``make_dataset`` for the shared loaders: images with their tokenized captions."""
-    transform = pu_data.ImageTransform(args.resolution, 3, args.center_crop, args.random_flip)
+    transform = pu_data.ImageTransform(
+        args.resolution, 3, args.center_crop, args.random_flip, args.image_interpolation_mode
+    )
 
     def tokenize(caption: str) -> torch.Tensor:
         return tokenizer(
@@ -256,17 +333,46 @@ def captioned_dataset(args, tokenizer):
     return make_dataset
 
 
+def with_cached_latents(make_dataset, accelerator, vae, weight_dtype, args):
+    """``make_dataset`` whose images are encoded once by the VAE (--cache_latents); see pu_latent_cache."""
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.parameters
+
+    def make_cached(dataset, seed: int, source: str):
+        return pu_latent_cache.CachedLatents(
+            make_dataset(dataset, seed, source),
+            encode,
+            batch_size=args.train_batch_size,
+            folder=args.output_dir,
+            show_progress=accelerator.is_local_main_process,
+        )
+
+    return make_cached
+
+
 # --------------------------------------------------------------------------- training
+
+
+def sample_latents(run: TextToImageRun, batches: list[dict], generator=None) -> torch.Tensor:
+    """A draw from each image's VAE latent distribution, encoded now or taken from --cache_latents."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_parameters" in batches[0]:
+        latent_dist = DiagonalGaussianDistribution(torch.cat([batch["latent_parameters"] for batch in batches]))
+    else:
+        pixel_values = torch.cat([batch["pixel_values"] for batch in batches])
+        latent_dist = run.vae.encode(pixel_values.to(run.weight_dtype)).latent_dist
+    return latent_dist.sample(generator=generator).float() * run.vae.config.scaling_factor
 
 
 def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
     """Eq. (20): one UNet forward over cat([U, S]) latents with their captions, then the PU risk."""
     batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
-    pixel_values = torch.cat([batch["pixel_values"] for batch in batches])
     input_ids = torch.cat([batch["input_ids"] for batch in batches])
     with torch.no_grad():
-        latent_dist = run.vae.encode(pixel_values.to(run.weight_dtype)).latent_dist
-        latents = latent_dist.sample(generator=generator).float() * run.vae.config.scaling_factor
+        latents = sample_latents(run, batches, generator)
         text_states = run.text_encoder(input_ids, return_dict=False)[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if args.noise_offset:
@@ -352,35 +458,45 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
             )
             rows.append(output.images)
     unet.train()
+    captions = [prompt for prompt in args.validation_prompt for _ in range(args.num_validation_images)]
     path = pu_outputs.save_validation_images(
-        accelerator, np.concatenate(rows), args.output_dir, tag, global_step, columns=args.num_validation_images
+        accelerator,
+        np.concatenate(rows),
+        args.output_dir,
+        tag,
+        global_step,
+        columns=args.num_validation_images,
+        captions=captions,
     )
     logger.info("validation grid (%s): %s", ", ".join(args.validation_prompt), path)
     return path
 
 
-def save_lora_atomically(unet, output_dir: str) -> None:
+def save_lora_atomically(unet, state: dict, output_dir: str) -> None:
     """Write pytorch_lora_weights.safetensors under a temporary name and rename it into place."""
-    from diffusers import StableDiffusionPipeline
-
     staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
     try:
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=lora_state_dict(unet))
+        write_lora(staging, unet, state)
         os.replace(staging / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_model_and_card(accelerator, run: TextToImageRun, args) -> None:
-    """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). Then the card."""
+def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | None = None) -> None:
+    """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). Then the card.
+
+    ``state`` is the UNet's gathered state dict under DeepSpeed or FSDP, else None.
+    """
     from diffusers import StableDiffusionPipeline
 
-    unet = accelerator.unwrap_model(run.model)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.use_lora:
-        save_lora_atomically(unet, args.output_dir)
+        unet = accelerator.unwrap_model(run.model)
+        # As in the Diffusers LoRA scripts: the final weights in the training dtype unless upcast.
+        dtype = torch.float32 if args.upcast_before_saving else run.weight_dtype
+        save_lora_atomically(unet, lora_state_dict(unet, state_dict=state, dtype=dtype), args.output_dir)
     else:
-        with pu_training.ema_weights(run):
+        with pu_training.model_to_save(accelerator, run, state) as unet:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
             )
@@ -415,21 +531,33 @@ def write_text_to_image_card(args, plan: pu_training.RunPlan) -> None:
         plan,
         base_model=args.pretrained_model_name_or_path,
         tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
-        title="PU diffusion: Stable Diffusion " + (f"LoRA (rank {args.rank})" if args.use_lora else "fine-tune"),
+        title="PU diffusion: Stable Diffusion "
+        + (f"LoRA ({lora_description(args)})" if args.use_lora else "fine-tune"),
         image="samples.png" if args.validation_prompt and (output_dir / "samples.png").exists() else None,
         body=body,
     )
+
+
+def lora_description(args) -> str:
+    """ "rank 4", with the alpha when it is not the rank, and DoRA when used."""
+    parts = [f"rank {args.rank}"]
+    if args.lora_alpha and args.lora_alpha != args.rank:
+        parts.append(f"alpha {args.lora_alpha:g}")
+    if args.use_dora:
+        parts.append("DoRA")
+    return ", ".join(parts)
 
 
 def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step: int) -> None:
     """A validation grid every --validation_epochs; after the last step, the grid, the model and the upload."""
     accelerator.wait_for_everyone()
     last = global_step >= run.plan.max_train_steps
+    state = pu_checkpoints.gathered_state_dict(accelerator, run.model) if last else None
     if accelerator.is_main_process:
         if args.validation_prompt and (last or (epoch + 1) % args.validation_epochs == 0):
             validate(accelerator, run, args, f"step-{global_step:06d}", global_step)
         if last:
-            save_model_and_card(accelerator, run, args)
+            save_model_and_card(accelerator, run, args, state)
             if run.hub_repo_id:
                 pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
@@ -445,7 +573,14 @@ def main(args: argparse.Namespace) -> None:
         tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
         pu_flags.check_noise_band(noise_scheduler, args)
         if args.use_lora:
-            add_lora(unet, args.rank)
+            add_lora(
+                unet,
+                args.rank,
+                alpha=args.lora_alpha,
+                dropout=args.lora_dropout,
+                layers=args.lora_layers,
+                use_dora=args.use_dora,
+            )
         pu_training.enable_memory_savers(unet, args)
         weight_dtype = place_models(
             unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, args.use_lora
@@ -461,6 +596,8 @@ def main(args: argparse.Namespace) -> None:
         plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
         make_dataset = captioned_dataset(args, tokenizer)
+        if args.cache_latents:
+            make_dataset = with_cached_latents(make_dataset, accelerator, vae, weight_dtype, args)
         hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_text_to_image")
         frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "weight_dtype": weight_dtype}
         run = TextToImageRun(

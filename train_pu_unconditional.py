@@ -76,7 +76,9 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
 def image_dataset(args, channels: int):
     """``make_dataset`` for the shared loaders: the images of one image column, transformed."""
-    transform = pu_data.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip)
+    transform = pu_data.ImageTransform(
+        args.resolution, channels, args.center_crop, args.random_flip, args.image_interpolation_mode
+    )
 
     def make_dataset(dataset, seed: int, source: str):
         return pu_data.TransformedImages(dataset, args.image_column, transform, seed=seed, source=source)
@@ -187,11 +189,11 @@ def check_resolution(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- validation and saving
 
 
-def make_pipeline(accelerator, run: pu_training.TrainingRun):
-    """A DDPMPipeline on the trained UNet; inside ``pu_training.ema_weights(run)`` it holds the EMA weights."""
+def make_pipeline(unet, run: pu_training.TrainingRun):
+    """A DDPMPipeline on the trained UNet (from ``pu_training.model_to_save``)."""
     from diffusers import DDPMPipeline
 
-    return DDPMPipeline(unet=accelerator.unwrap_model(run.model), scheduler=copy.deepcopy(run.noise_scheduler))
+    return DDPMPipeline(unet=unet, scheduler=copy.deepcopy(run.noise_scheduler))
 
 
 def generate_validation_grid(accelerator, pipeline, args, seed: int, epoch: int, global_step: int) -> None:
@@ -284,12 +286,13 @@ def end_of_epoch(
     """Validation grid and pipeline save on their epoch schedules, and always after the last step."""
     accelerator.wait_for_everyone()
     last = global_step >= run.plan.max_train_steps
+    images_due = last or (epoch + 1) % args.save_images_epochs == 0
+    model_due = last or (epoch + 1) % args.save_model_epochs == 0
+    state = pu_checkpoints.gathered_state_dict(accelerator, run.model) if images_due or model_due else None
     if accelerator.is_main_process:
-        images_due = last or (epoch + 1) % args.save_images_epochs == 0
-        model_due = last or (epoch + 1) % args.save_model_epochs == 0
         if images_due or model_due:
-            with pu_training.ema_weights(run):
-                pipeline = make_pipeline(accelerator, run)
+            with pu_training.model_to_save(accelerator, run, state) as unet:
+                pipeline = make_pipeline(unet, run)
                 if images_due:
                     generate_validation_grid(accelerator, pipeline, args, run.plan.seed, epoch, global_step)
                 if model_due:

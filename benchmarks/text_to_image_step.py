@@ -75,7 +75,7 @@ def build_models(model: str):
     return unet, vae, CLIPTextModel(text), scheduler, text.vocab_size, text.max_position_embeddings
 
 
-def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict:
+def one_configuration(options: argparse.Namespace, mixed_precision: str, latents: str) -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=options.device == "cpu")
@@ -107,6 +107,10 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
     def batch(size: int) -> dict:
         pixels = torch.rand(size, 3, options.resolution, options.resolution, device=accelerator.device) * 2 - 1
         input_ids = torch.randint(0, vocabulary, (size, text_length), device=accelerator.device)
+        if latents == "cached":  # what --cache_latents serves: the VAE ran once, before training
+            with torch.no_grad():
+                parameters = vae.encode(pixels.to(weight_dtype)).latent_dist.parameters
+            return {"latent_parameters": parameters, "input_ids": input_ids}
         return {"pixel_values": pixels, "input_ids": input_ids}
 
     unlabeled, sensitive = batch(options.batch_size), batch(options.sensitive_batch_size)
@@ -131,6 +135,7 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str) -> dict
     step_seconds = sorted(timings)[len(timings) // 2]
     return {
         "mixed_precision": mixed_precision,
+        "latents": latents,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "total_parameters": total,
         "images_per_step": options.batch_size + options.sensitive_batch_size,
@@ -149,13 +154,14 @@ def table(options: argparse.Namespace, results: list[dict]) -> str:
         f" {options.batch_size} U + {options.sensitive_batch_size} S images per step, device {results[0]['device']},"
         f" median of {options.steps} steps",
         "",
-        "| mixed precision | trainable / total params | ms/step | images/s | peak memory (MB) |",
-        "| --- | --- | --- | --- | --- |",
+        "| mixed precision | latents | trainable / total params | ms/step | images/s | peak memory (MB) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r['mixed_precision']} | {r['trainable_parameters']:,} / {r['total_parameters'] / 1e6:.1f}M"
-            f" | {r['step_ms']:.1f} | {r['images_per_second']:.2f} | {r['peak_memory_mb']:.0f} |"
+            f"| {r['mixed_precision']} | {r['latents']} | {r['trainable_parameters']:,}"
+            f" / {r['total_parameters'] / 1e6:.1f}M | {r['step_ms']:.1f} | {r['images_per_second']:.2f}"
+            f" | {r['peak_memory_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -173,9 +179,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--one", choices=("no", "fp16", "bf16"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--latents",
+        nargs="+",
+        choices=("encoded", "cached"),
+        default=["encoded", "cached"],
+        help="encoded: the VAE encodes every step's images; cached: they come from --cache_latents.",
+    )
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # one (mixed precision, latents) configuration
     args = parser.parse_args(argv)
-    if args.device == "cpu" and ("fp16" in args.mixed_precision or args.one == "fp16"):
+    if args.device == "cpu" and ("fp16" in args.mixed_precision or (args.one and args.one[0] == "fp16")):
         parser.error("--mixed_precision fp16 needs a GPU; on the CPU use no or bf16")
     return args
 
@@ -183,14 +196,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     options = parse_args(argv)
     if options.one:
-        print(json.dumps(one_configuration(options, options.one)))
+        print(json.dumps(one_configuration(options, *options.one)))
         return ""
     results = []
     passed_on = list(argv if argv is not None else sys.argv[1:])
     for mode in options.mixed_precision:
-        command = [sys.executable, __file__, *passed_on, "--one", mode]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+        for latents in options.latents:
+            command = [sys.executable, __file__, *passed_on, "--one", mode, latents]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(output.strip().splitlines()[-1]))
     report = table(options, results)
     print(report)
     return report

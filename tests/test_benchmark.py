@@ -156,8 +156,8 @@ def test_loss_by_noise_level_table_covers_every_group_of_the_label_split(digits_
     assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
 
 
-def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode():
-    """The table has one row per mode, counting exactly the LoRA parameters the script trains."""
+def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_latent_source():
+    """One row per (mode, latents), counting exactly the LoRA parameters the script trains."""
     import text_to_image_step
 
     import train_pu_text_to_image
@@ -165,12 +165,14 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode():
     argv = ["--model", "tiny", "--resolution", "32", "--mixed_precision", "no", "bf16", "--steps", "2"]
     report = text_to_image_step.main([*argv, "--warmup", "1", "--gradient_checkpointing"])
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith(("| no ", "| bf16 "))]
-    assert [row[0] for row in rows] == ["| no", "| bf16"]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("| no", "encoded"), ("| no", "cached"), ("| bf16", "encoded"), ("| bf16", "cached")
+    ]  # fmt: skip
     unet = text_to_image_step.build_models("tiny")[0]
     train_pu_text_to_image.add_lora(unet, rank=4)
     lora_parameters = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    assert all(row[1].startswith(f"{lora_parameters:,} / ") for row in rows)
-    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)  # ms/step, images/s
+    assert all(row[2].startswith(f"{lora_parameters:,} / ") for row in rows)
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # ms/step, images/s
     assert "gradient checkpointing on" in report
 
 

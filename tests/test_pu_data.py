@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from pu_data import (
+    INTERPOLATION_MODES,
     EpochShuffle,
     ImageTransform,
     InputError,
@@ -14,6 +15,7 @@ from pu_data import (
     default_sensitive_batch_size,
     drop_unlabeled_rows,
     endless,
+    limit_unlabeled,
     load_image_dataset,
     normal_reference_split,
     resolve_label_values,
@@ -195,3 +197,24 @@ def test_numeric_labels_match_by_number_and_the_error_lists_the_values():
     assert sensitive_mask(floats, "label", ["1", "2.0"]).tolist() == [False, True, True, True]
     with pytest.raises(InputError, match=r"label '7' does not occur in column 'label'; its values are 0.0, 1.0, 2.0"):
         resolve_label_values(floats, "label", ["7"])
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "lanczos", "nearest"])
+def test_interpolation_mode_is_the_pil_filter_that_resizes(mode):
+    """--image_interpolation_mode: the shorter side goes to the resolution through that PIL filter."""
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    resized = ImageTransform(8, channels=3, center_crop=True, interpolation=mode).prepare(image)
+    expected = np.array(image.resize((8, 8), INTERPOLATION_MODES[mode]))
+    assert torch.equal(resized, torch.from_numpy(expected).permute(2, 0, 1))
+    bilinear = ImageTransform(8, channels=3, center_crop=True).prepare(image)
+    assert not torch.equal(resized, bilinear)
+
+
+def test_max_train_samples_keeps_a_seeded_subset_of_u():
+    unlabeled = datasets.Dataset.from_dict({"index": list(range(50))})
+    first = limit_unlabeled(unlabeled, 10, seed=3)
+    assert len(first) == 10 and len(set(first["index"])) == 10
+    assert first["index"] == limit_unlabeled(unlabeled, 10, seed=3)["index"]
+    assert first["index"] != limit_unlabeled(unlabeled, 10, seed=4)["index"]
+    assert limit_unlabeled(unlabeled, 50, seed=3) is unlabeled and limit_unlabeled(unlabeled, None, 3) is unlabeled

@@ -130,3 +130,20 @@ def test_image_grid_enlarges_small_tiles_and_separates_them():
     assert (grid[:2] == 128).all() and (grid[:, 34:36] == 128).all()
     # uint8 pixels are taken as they are: the same grid as their [0, 1] floats.
     assert np.array_equal(np.asarray(pu_outputs.image_grid((images * 255).astype(np.uint8))), grid)
+
+
+def test_validation_images_go_to_wandb_with_their_captions(monkeypatch):
+    """--report_to wandb: each validation image is logged as a wandb.Image captioned with its prompt."""
+    import sys
+    import types
+
+    logged = []
+    fake_wandb = types.SimpleNamespace(Image=lambda pixels, caption: (pixels, caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    tracker = types.SimpleNamespace(name="wandb", log=lambda values, step: logged.append((values, step)))
+    images = np.stack([np.zeros((4, 4, 3)), np.ones((4, 4, 3))])
+    pu_outputs.log_images([tracker], images, step=7, captions=["a cat", "a dog"])
+    ((values, step),) = logged
+    assert step == 7
+    assert [caption for _, caption in values["validation"]] == ["a cat", "a dog"]
+    assert values["validation"][1][0].dtype == np.uint8 and values["validation"][1][0].max() == 255

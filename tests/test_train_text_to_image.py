@@ -136,8 +136,13 @@ def test_mixed_precision_comes_from_the_launcher(tiny_sd_pipeline, captioned_dat
     result = run_script(SCRIPT, *args, mixed_precision="bf16")
     assert_ok(result)
     assert "LoRA rank 4 trained in float32, frozen weights in torch.bfloat16" in result.stderr
+    # As in the Diffusers LoRA scripts, the final weights are saved in the training dtype (--upcast_before_saving
+    # keeps float32); checkpoints keep float32, so that a resume continues exactly.
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
-    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    checkpoint = load_file(output_dir / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert {tensor.dtype for tensor in checkpoint.values()} == {torch.float32}
+    assert all(torch.equal(weights[key], checkpoint[key].to(torch.bfloat16)) for key in weights)
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
     # LoRA's B matrices start at zero: non-zero ones were trained.
     up_weights = [tensor for key, tensor in weights.items() if "lora_B" in key or "lora.up" in key]
@@ -294,6 +299,13 @@ BAD_INPUT = {
     "S caption column absent": (["--sensitive_prompt"], ["--sensitive_caption_column", "text"], "--sensitive_caption"),
     "not a pipeline": ([], ["--pretrained_model_name_or_path", "."], "--pretrained_model_name_or_path"),
     "zero rank": ([], ["--use_lora", "--rank", "0"], "--rank"),
+    "LoRA setting without LoRA": ([], ["--lora_alpha", "8"], "--lora_alpha"),
+    "no LoRA layer named": ([], ["--use_lora", "--lora_layers", ","], "--lora_layers"),
+    "LoRA layer the UNet lacks": ([], ["--use_lora", "--lora_layers", "to_nothing"], "--lora_layers to_nothing"),
+    "cached latents with random crops": ([], ["--cache_latents"], "--center_crop"),
+    "wandb with a Hub token": ([], ["--report_to", "wandb", "--hub_token", "hf_x"], "--hub_token"),
+    "interpolation mode unknown": ([], ["--image_interpolation_mode", "cubic"], "--image_interpolation_mode"),
+    "prodigy flag not a boolean": ([], ["--prodigy_decouple", "maybe"], "--prodigy_decouple"),
 }
 
 
@@ -371,7 +383,8 @@ def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
 
     images = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "text": ["dog 0", "dog 1"]})
     args = argparse.Namespace(
-        resolution=8, center_crop=True, random_flip=False, image_column="image", caption_column="text",
+        resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="lanczos", image_column="image",
+        caption_column="text",
         label_column=label_column, sensitive_prompt=sensitive_prompt, sensitive_caption_column=None,
     )  # fmt: skip
     make_dataset = t2i.captioned_dataset(args, lambda caption, **kwargs: argparse.Namespace(input_ids=[caption]))
@@ -437,3 +450,109 @@ def test_lora_resume_inside_an_accumulation_epoch_replays_the_run(tiny_sd_pipeli
     final_reference = load_file(reference / "pytorch_lora_weights.safetensors")
     final_resumed = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(final_resumed[key], value) for key, value in final_reference.items())
+
+
+def test_lora_flags_shape_the_adapter_and_it_loads_back_the_same(tiny_sd_pipeline, captioned_data, tmp_path):
+    """--lora_alpha, --lora_dropout, --lora_layers and --use_dora reach the adapter, the saved file carries them
+    so that load_lora_weights rebuilds the same adapter; with --optimizer prodigy, --max_train_samples,
+    --allow_tf32 and --upcast_before_saving under bf16 in the same run."""
+    from diffusers import DiffusionPipeline
+
+    output_dir = tmp_path / "out"
+    flags = ["--lora_alpha", "8", "--lora_dropout", "0.1", "--lora_layers", "to_q,to_v", "--use_dora"]
+    flags += ["--optimizer", "prodigy", "--learning_rate", "1.0", "--max_train_samples", "6", "--allow_tf32"]
+    flags += ["--upcast_before_saving", "--max_train_steps", "2"]
+    result = run_script(
+        SCRIPT, *run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, *flags), mixed_precision="bf16"
+    )
+    assert_ok(result)
+    assert "training on 6 of U's 8 images" in result.stderr and "U: 6 images" in result.stderr
+    assert "--allow_tf32: float32 matrix products" in result.stderr
+
+    weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # --upcast_before_saving
+    projections = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in weights}
+    assert projections == {"to_q", "to_v"}
+    assert any(key.endswith("lora_magnitude_vector") for key in weights)  # DoRA's magnitudes
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    pipeline.load_lora_weights(output_dir)
+    (config,) = pipeline.unet.peft_config.values()
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_dora) == (4, 8, 0.1, True)
+    assert set(config.target_modules) == {"to_q", "to_v"}
+
+    optimizer_state = torch.load(output_dir / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    assert "d" in optimizer_state["param_groups"][0]  # Prodigy's step-size estimate
+    card = (output_dir / "README.md").read_text()
+    assert "LoRA (rank 4, alpha 8, DoRA)" in card
+
+    # A resume must build the same adapter.
+    other = run_args(
+        tiny_sd_pipeline, captioned_data, output_dir, *LORA, *flags[2:], "--resume_from_checkpoint", "latest"
+    )
+    refused = run_script(SCRIPT, *other, launcher="python", timeout=120)
+    assert (
+        refused.returncode != 0 and "--lora_alpha None: checkpoint-2 was trained with --lora_alpha 8" in refused.stderr
+    )
+
+
+def test_prodigy_without_prodigyopt_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "prodigyopt" else real_find_spec(name, *rest)
+    )
+    args = argparse.Namespace(optimizer="prodigy", use_8bit_adam=False, learning_rate=1.0)
+    with pytest.raises(pu_flags.InputError, match="pip install prodigyopt"):
+        pu_flags.check_optimizer(args)
+
+
+def test_cached_latents_follow_the_uncached_run_and_resume_exactly(tiny_sd_pipeline, captioned_data, tmp_path):
+    """With --random_flip and the centre crop, --cache_latents gives the loss trace of the run without it (to
+    float rounding: the VAE encodes other batches), and a run resumed from its checkpoint replays it."""
+
+    def cached_args(output_dir, *extra):
+        flags = ["--center_crop", "--random_flip", "--num_train_epochs", "3", "--checkpointing_steps", "3"]
+        return run_args(tiny_sd_pipeline, captioned_data, output_dir, "--use_lora", *flags, *extra)
+
+    plain = tmp_path / "plain"
+    assert_ok(run_script(SCRIPT, *cached_args(plain), launcher="python"))
+    reference, resumed = resume_from_a_copy(
+        SCRIPT,
+        lambda output_dir, *extra: cached_args(output_dir, "--cache_latents", *extra),
+        tmp_path / "cached",
+        tmp_path / "resumed",
+        "checkpoint-3",
+    )
+    uncached = dict(scalars(plain)["loss"])
+    assert sorted(uncached) == sorted(reference) == list(range(1, 7))
+    assert [reference[step] for step in uncached] == pytest.approx(list(uncached.values()), rel=1e-4)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[step] == reference[step] for step in resumed)
+    cached = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
+    replayed = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(cached[key], replayed[key]) for key in cached)
+
+
+def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd_pipeline, tmp_path):
+    """Under ZeRO-3 or FSDP the adapters the unwrapped UNet holds are shards: the checkpoint's LoRA file is
+    written from accelerator.get_state_dict."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.sharded import ShardedAccelerator
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
+    t2i.add_lora(unet, rank=4)
+    adapters = [parameter for name, parameter in unet.named_parameters() if "lora_" in name]
+    with torch.no_grad():
+        for parameter in adapters:
+            parameter.fill_(0.5)
+        gathered = {key: value.clone() for key, value in unet.state_dict().items()}
+        for parameter in adapters:
+            parameter.zero_()
+    accelerator = ShardedAccelerator(gathered)
+    t2i.register_lora_hooks(accelerator, unet)
+    accelerator.save_hook([unet], [], str(tmp_path))
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert accelerator.gather_calls == 1
+    assert len(saved) == len(adapters) and all(bool((tensor == 0.5).all()) for tensor in saved.values())

@@ -1,0 +1,108 @@
+"""--cache_latents: U and S go through the frozen VAE once, before training, instead of at every step.
+
+What is kept per image is the VAE's latent distribution (its mean and log
+variance, ``latent_dist.parameters``), not one sample of it: each step still
+draws its latent with the step's generator, so a run with the cache follows
+the run without it (to float rounding of the batched encoding). With
+--random_flip the mirror image is encoded too and each access draws the flip
+as :class:`pu_data.ImageTransform` does; random crops cannot be cached
+honestly, so the scripts require --center_crop with --cache_latents.
+
+S is drawn again at every step, so for PU training the cache saves more VAE
+passes than for plain fine-tuning: without it, each step encodes its S batch
+as well as its U batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from pu_data import CaptionedImages, derived_seed
+
+logger = logging.getLogger(__name__)
+
+#: The cache stays in memory while it takes at most this share of the memory available when it is made.
+MEMORY_SHARE = 0.5
+
+
+def available_memory_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, folder: str, name: str, memory_budget: int | None = None):
+    """An empty tensor for the cache: in memory if it fits ``memory_budget`` (default: half the available
+    memory), else a file in a new ``.tmp-latent-cache-*`` folder of ``folder`` that is deleted with it."""
+    numel = int(torch.Size(shape).numel())
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    budget = int(available_memory_bytes() * MEMORY_SHARE) if memory_budget is None else memory_budget
+    if size <= budget:
+        logger.info("--cache_latents: %s latents in memory (%.1f MB)", name, size / 2**20)
+        return torch.empty(shape, dtype=dtype)
+    cache_dir = tempfile.mkdtemp(prefix=".tmp-latent-cache-", dir=folder)
+    logger.info("--cache_latents: %s latents on disk in %s (%.1f MB)", name, cache_dir, size / 2**20)
+    storage = torch.from_file(os.path.join(cache_dir, f"{name}.bin"), shared=True, size=numel, dtype=dtype)
+    tensor = storage.view(shape)
+    weakref.finalize(tensor, shutil.rmtree, cache_dir, ignore_errors=True)
+    return tensor
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """A :class:`pu_data.CaptionedImages` whose images are replaced by their VAE latent distributions.
+
+    Items are ``{"latent_parameters", "input_ids"}``; keys are ``(index, epoch)``
+    as for the images. ``encode(pixels)`` maps a batch of pixel values in
+    [-1, 1] to ``latent_dist.parameters``.
+    """
+
+    def __init__(
+        self,
+        images: CaptionedImages,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        batch_size: int,
+        folder: str,
+        show_progress: bool = True,
+        memory_budget: int | None = None,
+    ):
+        transform = images.transform
+        if not transform.center_crop:
+            raise ValueError("cached latents need a deterministic crop (--center_crop)")
+        self.images = images
+        self.flips = (False, True) if transform.random_flip else (False,)
+        self.parameters = None
+        progress = tqdm(
+            total=len(images) * len(self.flips), desc=f"encoding {images.source or 'images'}", disable=not show_progress
+        )
+        for start in range(0, len(images), batch_size):
+            indices = range(start, min(start + batch_size, len(images)))
+            cropped = [transform.crop(images.prepared_image(index)) for index in indices]
+            for flip_index, flip in enumerate(self.flips):
+                pixels = torch.stack([transform.to_pixels(image, flip) for image in cropped])
+                encoded = encode(pixels).cpu()
+                if self.parameters is None:
+                    shape = (len(images), len(self.flips), *encoded.shape[1:])
+                    self.parameters = allocate(shape, encoded.dtype, folder, images.source or "images", memory_budget)
+                self.parameters[indices.start : indices.stop, flip_index] = encoded
+                progress.update(len(indices))
+        progress.close()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        # The same generator and draws as CaptionedImages: a centre crop draws nothing, then the flip.
+        generator = torch.Generator().manual_seed(derived_seed(self.images.seed, epoch, index))
+        flipped = self.images.transform.draw_flip(generator)
+        return {
+            "latent_parameters": self.parameters[index, int(flipped)],
+            "input_ids": self.images.caption_ids(index, epoch),
+        }
