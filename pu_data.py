@@ -399,8 +399,19 @@ class ImageTransform:
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     def augment(self, prepared: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        cropped = self.crop(prepared, generator)
-        return self.to_pixels(cropped, self.draw_flip(generator))
+        return self.augment_with_crop(prepared, generator)[0]
+
+    def augment_with_crop(self, prepared: torch.Tensor, generator: torch.Generator | None = None):
+        """(pixels, (top, left)): the augmented image and where its window starts in the prepared image, as seen
+        after the flip (SDXL's crop conditioning)."""
+        top, left = self.crop_offset(prepared.shape[-2:], generator)
+        flip = self.draw_flip(generator)
+        cropped = prepared[:, top : top + self.resolution, left : left + self.resolution]
+        return self.to_pixels(cropped, flip), (top, self.mirrored_left(prepared.shape[-1], left) if flip else left)
+
+    def mirrored_left(self, width: int, left: int) -> int:
+        """The left edge of a window once the image is mirrored."""
+        return width - left - self.resolution
 
     def draw_flip(self, generator: torch.Generator | None) -> bool:
         """Whether this access mirrors the image (drawn after the crop; cached latents draw it the same way)."""
@@ -414,14 +425,17 @@ class ImageTransform:
             tensor = tensor.flip(-1)
         return tensor / 127.5 - 1.0
 
-    def crop(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The centre (--center_crop; ``generator`` is not used) or a random window of ``resolution``."""
-        height, width = tensor.shape[-2:]
+    def crop_offset(self, size, generator: torch.Generator | None = None) -> tuple[int, int]:
+        """(top, left) of the centre (--center_crop; ``generator`` is not used) or of a random window."""
+        height, width = size
         if self.center_crop:
-            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
-        else:
-            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
-            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
+            return (height - self.resolution) // 2, (width - self.resolution) // 2
+        top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+        left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
+        return top, left
+
+    def crop(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        top, left = self.crop_offset(tensor.shape[-2:], generator)
         return tensor[:, top : top + self.resolution, left : left + self.resolution]
 
 
@@ -449,6 +463,7 @@ class TransformedImages(torch.utils.data.Dataset):
         self.seed = seed
         self.source = source
         channels = 1 if transform.mode == "L" else 3
+        self.original_sizes: dict[int, tuple[int, int]] = {}  # (height, width) before resizing, once decoded
         self.prepared = None
         if len(dataset) * channels * transform.resolution**2 <= PRELOAD_BUDGET_BYTES:
             self.prepared = [self._prepare(index) for index in range(len(dataset))]
@@ -458,8 +473,12 @@ class TransformedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> torch.Tensor:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        return self.augmented(index, epoch)[0]
+
+    def augmented(self, index: int, epoch: int):
+        """(pixels, crop top-left) of image ``index`` in ``epoch``: :meth:`ImageTransform.augment_with_crop`."""
         generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
-        return self.transform.augment(self.prepared_image(index), generator)
+        return self.transform.augment_with_crop(self.prepared_image(index), generator)
 
     def prepared_image(self, index: int) -> torch.Tensor:
         """Image ``index`` decoded and resized (:meth:`ImageTransform.prepare`), before any augmentation."""
@@ -473,6 +492,7 @@ class TransformedImages(torch.utils.data.Dataset):
 
             entry = self.dataset.cast_column(self.image_column, ImageFeature(decode=False))[index][self.image_column]
             raise InputError(f"{self.source}: {entry_name(entry, index)} cannot be decoded: {error}") from error
+        self.original_sizes[index] = (image.height, image.width)
         return self.transform.prepare(image)
 
 
@@ -491,28 +511,51 @@ def read_captions(dataset, column: str | None, prompt: str | None, flag: str) ->
 
 
 class CaptionedImages(TransformedImages):
-    """Images with their tokenized captions, as ``{"pixel_values", "input_ids"}``.
+    """Images with their tokenized captions, as ``{"pixel_values", "input_ids"}`` plus whatever else
+    ``tokenize`` returns as a dict (SDXL: ``input_ids_2``), and with ``micro_conditioning`` SDXL's
+    ``time_ids``: original size, crop top-left, target size.
 
     Where a caption cell holds several captions, one is picked per access,
     seeded by ``(seed, epoch, index)`` like the augmentation.
     """
 
-    def __init__(self, dataset, image_column: str, transform: ImageTransform, captions: list, tokenize, **kwargs):
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        transform: ImageTransform,
+        captions: list,
+        tokenize,
+        micro_conditioning: bool = False,
+        **kwargs,
+    ):
         super().__init__(dataset, image_column, transform, **kwargs)
         self.captions = captions
         self.tokenize = tokenize
+        self.micro_conditioning = micro_conditioning
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        return {"pixel_values": super().__getitem__(key), "input_ids": self.caption_ids(index, epoch)}
+        pixels, crop_top_left = self.augmented(index, epoch)
+        return {"pixel_values": pixels, **self.conditioning(index, epoch, crop_top_left)}
 
-    def caption_ids(self, index: int, epoch: int) -> torch.Tensor:
+    def conditioning(self, index: int, epoch: int, crop_top_left: tuple[int, int]) -> dict:
+        """The caption's tokens, and SDXL's time ids when asked for."""
+        tokens = self.caption_tokens(index, epoch)
+        if self.micro_conditioning:
+            resolution = self.transform.resolution
+            size = self.original_sizes[index]
+            tokens["time_ids"] = torch.tensor([*size, *crop_top_left, resolution, resolution], dtype=torch.float32)
+        return tokens
+
+    def caption_tokens(self, index: int, epoch: int) -> dict:
         """The tokenized caption of image ``index`` in ``epoch`` (one of several, drawn per epoch)."""
         caption = self.captions[index]
         if not isinstance(caption, str):
             generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
             caption = caption[int(torch.randint(0, len(caption), (), generator=generator))]
-        return self.tokenize(caption)
+        tokens = self.tokenize(caption)
+        return dict(tokens) if isinstance(tokens, dict) else {"input_ids": tokens}
 
 
 # --------------------------------------------------------------------------- batching

@@ -78,12 +78,18 @@ class CachedLatents(torch.utils.data.Dataset):
         self.images = images
         self.flips = (False, True) if transform.random_flip else (False,)
         self.parameters = None
+        self.crop_top_left: list[tuple] = []  # per image: the window's (top, left) for each entry of flips
         progress = tqdm(
             total=len(images) * len(self.flips), desc=f"encoding {images.source or 'images'}", disable=not show_progress
         )
         for start in range(0, len(images), batch_size):
             indices = range(start, min(start + batch_size, len(images)))
-            cropped = [transform.crop(images.prepared_image(index)) for index in indices]
+            prepared = [images.prepared_image(index) for index in indices]
+            cropped = [transform.crop(image) for image in prepared]
+            for image in prepared:
+                top, left = transform.crop_offset(image.shape[-2:])
+                mirrored = (top, transform.mirrored_left(image.shape[-1], left))
+                self.crop_top_left.append(((top, left), mirrored))
             for flip_index, flip in enumerate(self.flips):
                 pixels = torch.stack([transform.to_pixels(image, flip) for image in cropped])
                 encoded = encode(pixels).cpu()
@@ -102,7 +108,5 @@ class CachedLatents(torch.utils.data.Dataset):
         # The same generator and draws as CaptionedImages: a centre crop draws nothing, then the flip.
         generator = torch.Generator().manual_seed(derived_seed(self.images.seed, epoch, index))
         flipped = self.images.transform.draw_flip(generator)
-        return {
-            "latent_parameters": self.parameters[index, int(flipped)],
-            "input_ids": self.images.caption_ids(index, epoch),
-        }
+        conditioning = self.images.conditioning(index, epoch, self.crop_top_left[index][int(flipped)])
+        return {"latent_parameters": self.parameters[index, int(flipped)], **conditioning}

@@ -1,4 +1,4 @@
-"""Fine-tune Stable Diffusion with the positive-unlabeled (PU) loss, with LoRA adapters or in full.
+"""Fine-tune Stable Diffusion (SD 1.x/2.x or SDXL) with the positive-unlabeled (PU) loss, LoRA or full.
 
     accelerate launch --mixed_precision fp16 train_pu_text_to_image.py \
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
     add_lora_arguments(parser)
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16); default: the pipeline's.",
+    )
     model.add_argument(
         "--cache_latents",
         action="store_true",
@@ -157,37 +163,104 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
 
 
 @dataclass(kw_only=True)
-class TextToImageRun(pu_training.TrainingRun):
-    """The shared loop's parts plus the frozen models that turn a batch into latents and text states."""
+class FrozenModels:
+    """What turns a batch into latents and text states: the VAE, the text encoder(s) and their tokenizer(s).
+    SDXL has a second tokenizer and text encoder (with projection), which SD lacks."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    weight_dtype: torch.dtype
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    weight_dtype: torch.dtype = torch.float32
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+
+    def components(self) -> dict:
+        """The frozen parts as pipeline components (``from_pretrained`` keyword arguments)."""
+        parts = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        if self.is_sdxl:
+            return {**parts, "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
+        return {**parts, "safety_checker": None}
 
 
-def load_models(args: argparse.Namespace):
-    """(tokenizer, text encoder, VAE, UNet, DDPM noise scheduler) of the pretrained pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+@dataclass(kw_only=True)
+class TextToImageRun(pu_training.TrainingRun, FrozenModels):
+    """The shared loop's parts plus the frozen models."""
 
-    source = args.pretrained_model_name_or_path
-    hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+
+def is_sdxl_pipeline(args: argparse.Namespace) -> bool:
+    """Whether --pretrained_model_name_or_path is an SDXL pipeline (it has a second text encoder)."""
+    from diffusers import DiffusionPipeline
+
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", variant=args.variant, **hub_kwargs
+        config = DiffusionPipeline.load_config(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
         )
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **hub_kwargs)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **hub_kwargs)
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
     except (OSError, ValueError) as error:
         raise InputError(
-            f"--pretrained_model_name_or_path {source}: not a Stable Diffusion pipeline with tokenizer/,"
-            f" text_encoder/, vae/, unet/ and scheduler/: {error}"
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no model_index.json: {error}"
+        ) from error
+    return "text_encoder_2" in config
+
+
+def load_models(args: argparse.Namespace) -> tuple[FrozenModels, torch.nn.Module, object]:
+    """(frozen models, UNet, DDPM noise scheduler) of the pretrained SD or SDXL pipeline; the VAE from
+    --pretrained_vae_model_name_or_path when given."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    source = args.pretrained_model_name_or_path
+    sdxl = is_sdxl_pipeline(args)
+    hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    weights = {**hub_kwargs, "variant": args.variant}
+    try:
+        frozen = FrozenModels(
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+            vae=load_vae(args),
+        )
+        if sdxl:
+            frozen.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub_kwargs)
+            frozen.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", **weights
+            )
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
+    except (OSError, ValueError) as error:
+        parts = "tokenizer(_2)/, text_encoder(_2)/" if sdxl else "tokenizer/, text_encoder/"
+        raise InputError(
+            f"--pretrained_model_name_or_path {source}: not a Stable Diffusion{' XL' if sdxl else ''} pipeline"
+            f" with {parts}, vae/, unet/ and scheduler/: {error}"
         ) from error
     pu_flags.set_prediction_type(noise_scheduler, args)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+    return frozen, unet, noise_scheduler
+
+
+def load_vae(args: argparse.Namespace):
+    """The pipeline's VAE, or --pretrained_vae_model_name_or_path (e.g. SDXL's fp16-safe VAE)."""
+    from diffusers import AutoencoderKL
+
+    if args.pretrained_vae_model_name_or_path is None:
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="vae",
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+    try:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--pretrained_vae_model_name_or_path: not an AutoencoderKL: {error}") from error
 
 
 def add_lora(
@@ -215,28 +288,33 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def place_models(unet, vae, text_encoder, device, mixed_precision: str, use_lora: bool) -> torch.dtype:
-    """Frozen weights in the mixed-precision dtype, trainable ones in float32; returns the frozen dtype.
+def place_models(unet, frozen: FrozenModels, device, mixed_precision: str, args) -> None:
+    """Frozen weights in the mixed-precision dtype, trainable ones in float32 (sets ``frozen.weight_dtype``).
 
     The mode comes from the accelerator (``accelerate launch --mixed_precision``
     or ``--mixed_precision``), so either way of asking works. Trainable
     parameters stay float32 because the optimizer cannot update float16
     weights under a gradient scaler, and bfloat16 ones lose small updates.
+    SDXL's own VAE stays float32, as in the official SDXL script (it
+    overflows in float16); a --pretrained_vae_model_name_or_path one is cast.
     """
     from diffusers.training_utils import cast_training_params
 
     weight_dtype = weight_dtype_for(mixed_precision)
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False)
-        frozen.to(device, dtype=weight_dtype)
-    if use_lora:
+    frozen.weight_dtype = weight_dtype
+    for model in (frozen.vae, frozen.text_encoder, frozen.text_encoder_2):
+        if model is not None:
+            model.requires_grad_(False)
+            model.to(device, dtype=weight_dtype)
+    if frozen.is_sdxl and args.pretrained_vae_model_name_or_path is None:
+        frozen.vae.to(dtype=torch.float32)
+    if args.use_lora:
         unet.to(device, dtype=weight_dtype)
         cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(device)
-    trained = f"LoRA rank {unet.peft_config['default'].r}" if use_lora else "the full UNet"
-    logger.info("%s trained in float32, frozen weights in %s", trained, weight_dtype)
-    return weight_dtype
+    trained = f"LoRA rank {unet.peft_config['default'].r}" if args.use_lora else "the full UNet"
+    logger.info("%s trained in float32, frozen weights in %s (VAE %s)", trained, weight_dtype, frozen.vae.dtype)
 
 
 def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> dict:
@@ -308,16 +386,25 @@ def register_lora_hooks(accelerator, unet) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def captioned_dataset(args, tokenizer):
-    """``make_dataset`` for the shared loaders: images with their tokenized captions."""
+def captioned_dataset(args, frozen: FrozenModels):
+    """``make_dataset`` for the shared loaders: images with their tokenized captions (for both tokenizers and
+    with SDXL's size and crop conditioning when the base is SDXL)."""
     transform = pu_data.ImageTransform(
         args.resolution, 3, args.center_crop, args.random_flip, args.image_interpolation_mode
     )
 
-    def tokenize(caption: str) -> torch.Tensor:
+    def token_ids(tokenizer, caption: str) -> torch.Tensor:
         return tokenizer(
             caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
         ).input_ids[0]
+
+    def tokenize(caption: str):
+        if not frozen.is_sdxl:
+            return token_ids(frozen.tokenizer, caption)
+        return {
+            "input_ids": token_ids(frozen.tokenizer, caption),
+            "input_ids_2": token_ids(frozen.tokenizer_2, caption),
+        }
 
     def make_dataset(dataset, seed: int, source: str):
         # S drawn from U's labeled dataset (--label_column) has U's caption column.
@@ -327,18 +414,25 @@ def captioned_dataset(args, tokenizer):
         prompt = args.sensitive_prompt if source == "S" else None
         captions = pu_data.read_captions(dataset, column, prompt, flag)
         return pu_data.CaptionedImages(
-            dataset, args.image_column, transform, captions, tokenize, seed=seed, source=source
+            dataset,
+            args.image_column,
+            transform,
+            captions,
+            tokenize,
+            micro_conditioning=frozen.is_sdxl,
+            seed=seed,
+            source=source,
         )
 
     return make_dataset
 
 
-def with_cached_latents(make_dataset, accelerator, vae, weight_dtype, args):
+def with_cached_latents(make_dataset, accelerator, vae, args):
     """``make_dataset`` whose images are encoded once by the VAE (--cache_latents); see pu_latent_cache."""
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.parameters
+        return vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.parameters
 
     def make_cached(dataset, seed: int, source: str):
         return pu_latent_cache.CachedLatents(
@@ -363,17 +457,16 @@ def sample_latents(run: TextToImageRun, batches: list[dict], generator=None) -> 
         latent_dist = DiagonalGaussianDistribution(torch.cat([batch["latent_parameters"] for batch in batches]))
     else:
         pixel_values = torch.cat([batch["pixel_values"] for batch in batches])
-        latent_dist = run.vae.encode(pixel_values.to(run.weight_dtype)).latent_dist
+        latent_dist = run.vae.encode(pixel_values.to(run.vae.dtype)).latent_dist
     return latent_dist.sample(generator=generator).float() * run.vae.config.scaling_factor
 
 
 def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
     """Eq. (20): one UNet forward over cat([U, S]) latents with their captions, then the PU risk."""
     batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
-    input_ids = torch.cat([batch["input_ids"] for batch in batches])
     with torch.no_grad():
         latents = sample_latents(run, batches, generator)
-        text_states = run.text_encoder(input_ids, return_dict=False)[0]
+        text_states, added_conditions = encode_prompts(run, batches)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if args.noise_offset:
         offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
@@ -381,11 +474,25 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     num_timesteps = run.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-    model_pred = run.model(noisy, timesteps, text_states, return_dict=False)[0]
+    model_pred = run.model(noisy, timesteps, text_states, added_cond_kwargs=added_conditions, return_dict=False)[0]
     target = pu_training.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
     num_unlabeled = len(unlabeled_batch["input_ids"])
     return pu_training.pu_objective(run, model_pred.float(), target, timesteps, num_unlabeled, args, weights)
+
+
+def encode_prompts(run: TextToImageRun, batches: list[dict]) -> tuple[torch.Tensor, dict | None]:
+    """(text states, SDXL's added conditions). SD: the text encoder's last hidden states. SDXL, as its pipeline
+    does: both encoders' penultimate hidden states side by side, the second's pooled projection, and the
+    batch's time ids (original size, crop top-left, target size)."""
+    input_ids = torch.cat([batch["input_ids"] for batch in batches])
+    if not run.is_sdxl:
+        return run.text_encoder(input_ids, return_dict=False)[0], None
+    first = run.text_encoder(input_ids, output_hidden_states=True)
+    second = run.text_encoder_2(torch.cat([batch["input_ids_2"] for batch in batches]), output_hidden_states=True)
+    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    time_ids = torch.cat([batch["time_ids"] for batch in batches]).to(states.device)
+    return states, {"text_embeds": second.text_embeds, "time_ids": time_ids}
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -415,14 +522,7 @@ def validation_pipeline(args, run: TextToImageRun, unet):
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        unet=unet,
-        text_encoder=run.text_encoder,
-        vae=run.vae,
-        tokenizer=run.tokenizer,
-        safety_checker=None,
-        revision=args.revision,
-        variant=args.variant,
+        args.pretrained_model_name_or_path, unet=unet, **run.components(), revision=args.revision, variant=args.variant
     )
     match_training_scheduler(pipeline, run.noise_scheduler)
     pipeline.set_progress_bar_config(disable=True)
@@ -487,8 +587,6 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
 
     ``state`` is the UNet's gathered state dict under DeepSpeed or FSDP, else None.
     """
-    from diffusers import StableDiffusionPipeline
-
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.use_lora:
         unet = accelerator.unwrap_model(run.model)
@@ -496,16 +594,18 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
         dtype = torch.float32 if args.upcast_before_saving else run.weight_dtype
         save_lora_atomically(unet, lora_state_dict(unet, state_dict=state, dtype=dtype), args.output_dir)
     else:
+        # A VAE of its own goes into the saved pipeline, loaded again in its saved precision.
+        vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
         with pu_training.model_to_save(accelerator, run, state) as unet:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
+            pipeline = run.pipeline_class.from_pretrained(
+                args.pretrained_model_name_or_path, unet=unet, **vae, revision=args.revision, variant=args.variant
             )
             match_training_scheduler(pipeline, run.noise_scheduler)
             pu_outputs.save_pipeline_atomically(pipeline, args.output_dir)
-    write_text_to_image_card(args, run.plan)
+    write_text_to_image_card(args, run.plan, run.is_sdxl)
 
 
-def write_text_to_image_card(args, plan: pu_training.RunPlan) -> None:
+def write_text_to_image_card(args, plan: pu_training.RunPlan, sdxl: bool = False) -> None:
     output_dir = Path(args.output_dir)
     repo = args.hub_model_id or args.output_dir
     if args.use_lora:
@@ -530,8 +630,12 @@ def write_text_to_image_card(args, plan: pu_training.RunPlan) -> None:
         args,
         plan,
         base_model=args.pretrained_model_name_or_path,
-        tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
-        title="PU diffusion: Stable Diffusion "
+        tags=[
+            "stable-diffusion-xl" if sdxl else "stable-diffusion",
+            "text-to-image",
+            *(["lora"] if args.use_lora else []),
+        ],
+        title=f"PU diffusion: Stable Diffusion{' XL' if sdxl else ''} "
         + (f"LoRA ({lora_description(args)})" if args.use_lora else "fine-tune"),
         image="samples.png" if args.validation_prompt and (output_dir / "samples.png").exists() else None,
         body=body,
@@ -570,7 +674,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = pu_training.make_accelerator(args)
     with pu_outputs.output_dir_lock(args.output_dir, accelerator.is_main_process):
         seed = pu_training.settle_seed(accelerator, args)
-        tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+        frozen, unet, noise_scheduler = load_models(args)
         pu_flags.check_noise_band(noise_scheduler, args)
         if args.use_lora:
             add_lora(
@@ -582,29 +686,26 @@ def main(args: argparse.Namespace) -> None:
                 use_dora=args.use_dora,
             )
         pu_training.enable_memory_savers(unet, args)
-        weight_dtype = place_models(
-            unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, args.use_lora
-        )
+        place_models(unet, frozen, accelerator.device, accelerator.mixed_precision, args)
         ema_model = pu_training.make_ema(unet, args) if args.use_ema else None
         register_checkpoint_hooks(accelerator, unet, ema_model, args.use_lora)
 
         with accelerator.main_process_first():
             unlabeled, sensitive = pu_data.load_training_sets(args, seed)
         prior_estimate = pu_training.settle_prior(
-            accelerator, args, lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, vae)
+            accelerator, args, lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, frozen.vae)
         )
         plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-        make_dataset = captioned_dataset(args, tokenizer)
+        make_dataset = captioned_dataset(args, frozen)
         if args.cache_latents:
-            make_dataset = with_cached_latents(make_dataset, accelerator, vae, weight_dtype, args)
+            make_dataset = with_cached_latents(make_dataset, accelerator, frozen.vae, args)
         hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_text_to_image")
-        frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "weight_dtype": weight_dtype}
         run = TextToImageRun(
             **pu_training.prepare_for_training(
                 accelerator, args, plan, unet, trainable, unlabeled, sensitive, make_dataset, ema_model
             ),
-            **frozen,
+            **{field.name: getattr(frozen, field.name) for field in fields(FrozenModels)},
             noise_scheduler=noise_scheduler,
             base_model=args.pretrained_model_name_or_path,
             hub_repo_id=hub_repo_id,

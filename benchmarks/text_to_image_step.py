@@ -88,20 +88,14 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str, latents
         t2i.add_lora(unet, options.rank)
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    weight_dtype = t2i.place_models(
-        unet, vae, text_encoder, accelerator.device, accelerator.mixed_precision, use_lora=not options.full
-    )
+    run = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    flags = argparse.Namespace(use_lora=not options.full, pretrained_vae_model_name_or_path=None)
+    t2i.place_models(unet, run, accelerator.device, accelerator.mixed_precision, flags)
+    weight_dtype = run.weight_dtype
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    run = argparse.Namespace(
-        model=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        noise_scheduler=scheduler,
-        weight_dtype=weight_dtype,
-        plan=argparse.Namespace(prior=0.1),
-    )
+    run.model, run.noise_scheduler, run.plan = unet, scheduler, argparse.Namespace(prior=0.1)
     loss_args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None)
 
     def batch(size: int) -> dict:

@@ -75,3 +75,37 @@ def tiny_clip_model(tmp_path_factory) -> Path:
     tokenizer = write_tiny_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer_files"))
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory) -> Path:
+    """A Stable Diffusion XL pipeline folder for 32 px images, built from configs: two tiny CLIP text encoders
+    (the second with projection), a UNet with SDXL's text-and-time conditioning."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = tmp_path_factory.mktemp("tiny_sdxl")
+    torch.manual_seed(0)
+    text_config = text_to_image_step.tiny_text_config()  # hidden size 32, projection 32
+    _, vae, _, _, _, _ = text_to_image_step.build_models("tiny")
+    unet = UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    )  # fmt: skip
+    tokenizer = write_tiny_clip_tokenizer(tmp_path_factory.mktemp("sdxl_tokenizer_files"))
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+        ),
+    )
+    pipeline.save_pretrained(path)
+    return path

@@ -159,8 +159,10 @@ def test_place_models_keeps_trainable_weights_in_float32_under_fp16(tiny_sd_pipe
     vae = AutoencoderKL.from_pretrained(tiny_sd_pipeline, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
     t2i.add_lora(unet, rank=2)
-    dtype = t2i.place_models(unet, vae, text_encoder, torch.device("cpu"), "fp16", use_lora=True)
-    assert dtype == torch.float16
+    frozen = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    flags = argparse.Namespace(use_lora=True, pretrained_vae_model_name_or_path=None)
+    t2i.place_models(unet, frozen, torch.device("cpu"), "fp16", flags)
+    assert frozen.weight_dtype == torch.float16
     trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all("lora" in name for name in trainable)
     assert {p.dtype for p in trainable.values()} == {torch.float32}
@@ -210,9 +212,8 @@ def test_validation_samples_with_the_trained_prediction_type(tiny_sd_pipeline):
     assert base.scheduler.config.prediction_type == "epsilon"
     noise_scheduler = DDPMScheduler.from_pretrained(tiny_sd_pipeline, subfolder="scheduler")
     noise_scheduler.register_to_config(prediction_type="v_prediction")
-    run = argparse.Namespace(
-        text_encoder=base.text_encoder, vae=base.vae, tokenizer=base.tokenizer, noise_scheduler=noise_scheduler
-    )
+    run = t2i.FrozenModels(text_encoder=base.text_encoder, vae=base.vae, tokenizer=base.tokenizer)
+    run.noise_scheduler = noise_scheduler
     args = argparse.Namespace(pretrained_model_name_or_path=str(tiny_sd_pipeline), revision=None, variant=None)
     pipeline = t2i.validation_pipeline(args, run, base.unet)
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
@@ -227,8 +228,8 @@ class RecordingUNet(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, noisy, timesteps, text_states, return_dict=False):
-        self.calls.append((noisy.shape[0], text_states))
+    def forward(self, noisy, timesteps, text_states, added_cond_kwargs=None, return_dict=False):
+        self.calls.append((noisy.shape[0], text_states, added_cond_kwargs))
         return (torch.zeros_like(noisy),)
 
 
@@ -243,8 +244,8 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
     unet = RecordingUNet()
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    run = argparse.Namespace(model=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=scheduler)
-    run.weight_dtype, run.plan = torch.float32, argparse.Namespace(prior=0.1)
+    run = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    run.model, run.noise_scheduler, run.plan = unet, scheduler, argparse.Namespace(prior=0.1)
     unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
     sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
     args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None, paper_loss=True)
@@ -306,6 +307,7 @@ BAD_INPUT = {
     "wandb with a Hub token": ([], ["--report_to", "wandb", "--hub_token", "hf_x"], "--hub_token"),
     "interpolation mode unknown": ([], ["--image_interpolation_mode", "cubic"], "--image_interpolation_mode"),
     "prodigy flag not a boolean": ([], ["--prodigy_decouple", "maybe"], "--prodigy_decouple"),
+    "VAE folder missing": ([], ["--pretrained_vae_model_name_or_path", "no-such-vae"], "--pretrained_vae_model"),
 }
 
 
@@ -556,3 +558,136 @@ def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd
     saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert accelerator.gather_calls == 1
     assert len(saved) == len(adapters) and all(bool((tensor == 0.5).all()) for tensor in saved.values())
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+def test_sdxl_lora_trains_resumes_exactly_and_loads_into_the_sdxl_pipeline(
+    tiny_sdxl_pipeline, captioned_data, tmp_path
+):
+    """The same script on an SDXL base: both text encoders, the pooled embedding and the time ids; LoRA weights
+    that StableDiffusionXLPipeline.load_lora_weights takes; a resume from checkpoint-2 replays the run."""
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    def sdxl_args(output_dir, *extra):
+        flags = [*LORA, "--max_train_steps", "4", "--random_flip", *VALIDATION]
+        return run_args(tiny_sdxl_pipeline, captioned_data, output_dir, *flags, *extra)
+
+    reference, resumed = resume_from_a_copy(SCRIPT, sdxl_args, tmp_path / "full", tmp_path / "resumed", "checkpoint-2")
+    assert sorted(reference) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    assert all(resumed[step] == reference[step] for step in resumed)
+    trained = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    replayed = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(trained[key], replayed[key]) for key in trained)
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline)
+    assert isinstance(pipeline, StableDiffusionXLPipeline)
+    before = generate(pipeline)
+    pipeline.load_lora_weights(tmp_path / "full")
+    after = generate(pipeline)
+    assert after.shape == (1, 32, 32, 3) and np.abs(after - before).max() > 1e-3
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "Stable Diffusion XL LoRA (rank 4)" in card and "stable-diffusion-xl" in card
+    assert (tmp_path / "full" / "validation" / "before-training.png").is_file()
+
+
+def test_sdxl_full_fine_tune_saves_a_complete_sdxl_pipeline_with_its_own_vae(
+    tiny_sdxl_pipeline, captioned_data, tmp_path
+):
+    """Full fine-tuning under bf16 with --pretrained_vae_model_name_or_path, EMA and cached latents: a complete
+    StableDiffusionXLPipeline folder whose VAE is that one, in float32 as it was saved."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
+
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL.from_pretrained(tiny_sdxl_pipeline, subfolder="vae").save_pretrained(vae_dir)
+    output_dir = tmp_path / "out"
+    flags = ["--pretrained_vae_model_name_or_path", vae_dir, "--use_ema", "--cache_latents", "--center_crop"]
+    args = run_args(tiny_sdxl_pipeline, captioned_data, output_dir, *flags, "--max_train_steps", "2")
+    result = run_script(SCRIPT, *args, mixed_precision="bf16")
+    assert_ok(result)
+    assert "frozen weights in torch.bfloat16 (VAE torch.bfloat16)" in result.stderr
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert isinstance(pipeline, StableDiffusionXLPipeline)
+    assert pipeline.vae.dtype == torch.float32
+    saved_vae, own_vae = pipeline.vae.state_dict(), AutoencoderKL.from_pretrained(vae_dir).state_dict()
+    assert all(torch.equal(saved_vae[key], own_vae[key]) for key in own_vae)
+    base = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline).unet.state_dict()
+    assert any(not torch.equal(pipeline.unet.state_dict()[key], base[key]) for key in base)
+    assert generate(pipeline).shape == (1, 32, 32, 3)
+    assert "Stable Diffusion XL fine-tune" in (output_dir / "README.md").read_text()
+
+
+def test_sdxl_vae_stays_float32_without_a_vae_of_its_own(tiny_sdxl_pipeline):
+    """As in the official SDXL script: SDXL's own VAE overflows in float16, so it is not cast."""
+    from diffusers import UNet2DConditionModel
+
+    args = argparse.Namespace(
+        pretrained_model_name_or_path=str(tiny_sdxl_pipeline), pretrained_vae_model_name_or_path=None,
+        revision=None, variant=None, cache_dir=None, prediction_type=None, use_lora=True,
+    )  # fmt: skip
+    frozen, unet, _ = t2i.load_models(args)
+    assert frozen.is_sdxl and isinstance(unet, UNet2DConditionModel)
+    t2i.add_lora(unet, rank=2)
+    t2i.place_models(unet, frozen, torch.device("cpu"), "fp16", args)
+    assert frozen.vae.dtype == torch.float32
+    assert frozen.text_encoder.dtype == frozen.text_encoder_2.dtype == torch.float16
+
+
+def test_sdxl_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(tiny_sdxl_pipeline):
+    """Penultimate hidden states of both encoders side by side and the second's pooled projection, as
+    StableDiffusionXLPipeline.encode_prompt gives them; the batch's time ids passed through."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline)
+    run = t2i.FrozenModels(
+        vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder,
+        tokenizer=pipeline.tokenizer,
+        text_encoder_2=pipeline.text_encoder_2,
+        tokenizer_2=pipeline.tokenizer_2,
+    )
+    make_dataset = t2i.captioned_dataset(
+        argparse.Namespace(
+            resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="lanczos",
+            image_column="image", caption_column="text", label_column=None, sensitive_prompt=None,
+        ),
+        run,
+    )  # fmt: skip
+    import datasets
+
+    images = datasets.Dataset.from_dict({"image": [Image.new("RGB", (16, 12))], "text": ["a photo of a dog"]})
+    item = make_dataset(images, 0, "U")[0]
+    # Original (height, width), the centre crop's top-left in the 11 x 8 resized image, the target size.
+    assert item["time_ids"].tolist() == [12, 16, 0, 1, 8, 8]
+    batch = {key: value[None] for key, value in item.items() if key != "pixel_values"}
+    states, added = t2i.encode_prompts(run, [batch])
+    expected_states, _, expected_pooled, _ = pipeline.encode_prompt(
+        "a photo of a dog", do_classifier_free_guidance=False
+    )
+    assert torch.allclose(states, expected_states, atol=1e-6)
+    assert torch.allclose(added["text_embeds"], expected_pooled, atol=1e-6)
+    assert torch.equal(added["time_ids"], item["time_ids"][None])
+
+
+def test_evaluation_scores_an_sdxl_lora(tiny_sdxl_pipeline, tiny_clip_model, captioned_data, tmp_path):
+    """evaluate.py text-to-image takes an SDXL base and its LoRA; the LoRA changes what the judge sees."""
+    import csv
+    import json
+
+    output_dir = tmp_path / "lora"
+    assert_ok(
+        run_script(SCRIPT, *run_args(tiny_sdxl_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "2"))
+    )
+    common = ["--prompt", "a photo of a dog", "--images_per_prompt", "2", "--num_inference_steps", "2"]
+    common += ["--clip_model", tiny_clip_model, "--normal_text", "a cat", "--sensitive_text", "a dog", "--clip_score"]
+    probabilities = {}
+    for name, lora in (("base", []), ("lora", ["--lora", output_dir])):
+        evaluation = tmp_path / f"evaluation-{name}"
+        args = ["text-to-image", "--pipeline", tiny_sdxl_pipeline, *lora, *common, "--output_dir", evaluation]
+        assert_ok(run_script("evaluate.py", *args, launcher="python"))
+        assert json.loads((evaluation / "metrics.json").read_text())["num_images"] == 2
+        with open(evaluation / "per_image.csv", newline="") as stream:
+            probabilities[name] = [float(row["sensitive_probability"]) for row in csv.DictReader(stream)]
+    assert len(probabilities["lora"]) == 2 and probabilities["lora"] != probabilities["base"]
