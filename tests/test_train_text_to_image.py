@@ -463,7 +463,7 @@ def test_lora_flags_shape_the_adapter_and_it_loads_back_the_same(tiny_sd_pipelin
     output_dir = tmp_path / "out"
     flags = ["--lora_alpha", "8", "--lora_dropout", "0.1", "--lora_layers", "to_q,to_v", "--use_dora"]
     flags += ["--optimizer", "prodigy", "--learning_rate", "1.0", "--max_train_samples", "6", "--allow_tf32"]
-    flags += ["--upcast_before_saving", "--max_train_steps", "2"]
+    flags += ["--upcast_before_saving", "--image_interpolation_mode", "bicubic", "--max_train_steps", "2"]
     result = run_script(
         SCRIPT, *run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, *flags), mixed_precision="bf16"
     )
@@ -617,6 +617,20 @@ def test_sdxl_full_fine_tune_saves_a_complete_sdxl_pipeline_with_its_own_vae(
     assert any(not torch.equal(pipeline.unet.state_dict()[key], base[key]) for key in base)
     assert generate(pipeline).shape == (1, 32, 32, 3)
     assert "Stable Diffusion XL fine-tune" in (output_dir / "README.md").read_text()
+
+
+def test_sdxl_full_fine_tune_resumes_exactly(tiny_sdxl_pipeline, captioned_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    def full_args(output_dir, *extra):
+        flags = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "1e-3", *extra]
+        return run_args(tiny_sdxl_pipeline, captioned_data, output_dir, *flags)
+
+    reference, resumed = resume_from_a_copy(SCRIPT, full_args, tmp_path / "full", tmp_path / "resumed", "checkpoint-2")
+    assert sorted(resumed) == [3] and resumed[3] == reference[3]
+    trained = UNet2DConditionModel.from_pretrained(tmp_path / "full", subfolder="unet").state_dict()
+    replayed = UNet2DConditionModel.from_pretrained(tmp_path / "resumed", subfolder="unet").state_dict()
+    assert all(torch.equal(trained[key], replayed[key]) for key in trained)
 
 
 def test_sdxl_vae_stays_float32_without_a_vae_of_its_own(tiny_sdxl_pipeline):
