@@ -389,7 +389,8 @@ def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
         caption_column="text",
         label_column=label_column, sensitive_prompt=sensitive_prompt, sensitive_caption_column=None,
     )  # fmt: skip
-    make_dataset = t2i.captioned_dataset(args, lambda caption, **kwargs: argparse.Namespace(input_ids=[caption]))
+    tokenizer = lambda caption, **kwargs: argparse.Namespace(input_ids=[caption])  # noqa: E731
+    make_dataset = t2i.captioned_dataset(args, t2i.FrozenModels(vae=None, text_encoder=None, tokenizer=tokenizer))
     assert make_dataset(images, 0, "U").captions == ["dog 0", "dog 1"]
     assert make_dataset(images, 0, "S").captions[0] == expected_s_caption
 
