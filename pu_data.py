@@ -406,8 +406,8 @@ class ImageTransform:
         after the flip (SDXL's crop conditioning)."""
         top, left = self.crop_offset(prepared.shape[-2:], generator)
         flip = self.draw_flip(generator)
-        cropped = prepared[:, top : top + self.resolution, left : left + self.resolution]
-        return self.to_pixels(cropped, flip), (top, self.mirrored_left(prepared.shape[-1], left) if flip else left)
+        seen_left = self.mirrored_left(prepared.shape[-1], left) if flip else left
+        return self.to_pixels(self.window(prepared, top, left), flip), (top, seen_left)
 
     def mirrored_left(self, width: int, left: int) -> int:
         """The left edge of a window once the image is mirrored."""
@@ -435,7 +435,10 @@ class ImageTransform:
         return top, left
 
     def crop(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        top, left = self.crop_offset(tensor.shape[-2:], generator)
+        return self.window(tensor, *self.crop_offset(tensor.shape[-2:], generator))
+
+    def window(self, tensor: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        """The ``resolution``-square window of ``tensor`` whose top-left corner is (top, left)."""
         return tensor[:, top : top + self.resolution, left : left + self.resolution]
 
 

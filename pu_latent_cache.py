@@ -57,9 +57,10 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, folder: str, name: str,
 class CachedLatents(torch.utils.data.Dataset):
     """A :class:`pu_data.CaptionedImages` whose images are replaced by their VAE latent distributions.
 
-    Items are ``{"latent_parameters", "input_ids"}``; keys are ``(index, epoch)``
-    as for the images. ``encode(pixels)`` maps a batch of pixel values in
-    [-1, 1] to ``latent_dist.parameters``.
+    Items are ``{"latent_parameters"}`` plus what the images' item holds besides
+    its pixels (``input_ids``, and for SDXL ``input_ids_2`` and ``time_ids``);
+    keys are ``(index, epoch)`` as for the images. ``encode(pixels)`` maps a
+    batch of pixel values in [-1, 1] to ``latent_dist.parameters``.
     """
 
     def __init__(
@@ -84,10 +85,11 @@ class CachedLatents(torch.utils.data.Dataset):
         )
         for start in range(0, len(images), batch_size):
             indices = range(start, min(start + batch_size, len(images)))
-            prepared = [images.prepared_image(index) for index in indices]
-            cropped = [transform.crop(image) for image in prepared]
-            for image in prepared:
+            cropped = []
+            for index in indices:
+                image = images.prepared_image(index)
                 top, left = transform.crop_offset(image.shape[-2:])
+                cropped.append(transform.window(image, top, left))
                 mirrored = (top, transform.mirrored_left(image.shape[-1], left))
                 self.crop_top_left.append(((top, left), mirrored))
             for flip_index, flip in enumerate(self.flips):
