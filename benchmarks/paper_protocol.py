@@ -27,19 +27,24 @@ Written to ``--output_dir``: ``results.md`` (the table and the t-tests),
 ``results.json``, ``chart.png`` (means with standard deviations), ``grids.png``
 (seed 0 of each method side by side, same sampling noise) and, with
 ``--priors``, ``prior_sweep.png``. Finished runs are reused, so an interrupted
-benchmark picks up where it stopped; ``--fresh`` starts over.
+benchmark picks up where it stopped; ``--fresh`` starts over. ``--jobs N``
+trains N runs at once, each with 1/N of the cores: on a CPU, these small
+models gain little from more than one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="Delete earlier results in --output_dir first.")
     parser.add_argument("--data_dir", default=None, help="A built-in dataset's folder; written if missing.")
     parser.add_argument("--classifier_epochs", type=int, default=30)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="Runs trained at once, each with its share of the CPU threads."
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be 1 or more")
     builtin = DATASETS.get(args.dataset)
     if builtin is None and (args.sensitive_labels is None or args.resolution is None):
         parser.error(f"--dataset {args.dataset}: a dataset of yours needs --sensitive_labels and --resolution")
@@ -127,11 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_command(command: list[str], log: Path) -> None:
+def run_command(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     """Run one step, its output into ``log``; on failure show the end of the log and stop."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as stream:
-        completed = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
+        completed = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=env)
     if completed.returncode != 0:
         tail = log.read_text().splitlines()[-20:]
         sys.exit(f"failed ({completed.returncode}): {' '.join(command)}\n" + "\n".join(tail))
@@ -183,6 +193,46 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
+def thread_environment(jobs: int) -> dict[str, str]:
+    """The environment of a run when ``jobs`` runs share the machine: each gets its share of the cores, since
+    torch's threads of two runs otherwise spin on each other (an OMP_NUM_THREADS of the user's is kept)."""
+    environment = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in environment:
+        environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return environment
+
+
+def waves(runs: list[Run]) -> list[list[Run]]:
+    """The runs in the order they can go: every fine-tuning run starts from its seed's pretrained model."""
+    pretrained = [run for run in runs if run.name == "pretrained"]
+    return [wave for wave in (pretrained, [run for run in runs if run.name != "pretrained"]) if wave]
+
+
+def run_all(runs: list[Run], jobs: int, train_and_score: Callable[[Run], dict]) -> None:
+    """Fill each run's metrics, ``jobs`` runs at a time, printing each result as it comes."""
+    finished = 0
+    for wave in waves(runs):
+        print(f"{len(wave)} runs, {min(jobs, len(wave))} at a time ...", flush=True)
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        started = {pool.submit(timed, train_and_score, run): run for run in wave}
+        try:
+            for future in as_completed(started):
+                run = started[future]
+                run.metrics, seconds = future.result()
+                finished += 1
+                rate = run.metrics["non_sensitive_rate"]
+                line = f"[{finished}/{len(runs)}] {run.name}, seed {run.seed}: rate {rate:.3f} ({seconds:.0f} s)"
+                print(line, flush=True)
+        finally:
+            # After a failed run, the queued runs are dropped; the ones already training finish first.
+            pool.shutdown(cancel_futures=True)
+
+
+def timed(function: Callable[[Run], dict], run: Run) -> tuple[dict, float]:
+    start = time.perf_counter()
+    return function(run), time.perf_counter() - start
+
+
 def run_folder(output_dir: Path, run: Run) -> Path:
     return output_dir / "runs" / f"{run.name.replace(' ', '-')}-seed{run.seed}"
 
@@ -220,14 +270,15 @@ def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier
     metrics_file = folder / "evaluation" / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
+    environment = thread_environment(args.jobs)
     if not (folder / "model_index.json").is_file():
-        run_command(command, folder / "train.log")
+        run_command(command, folder / "train.log", environment)
         record.write_text(json.dumps({"command": command[1:]}, indent=2))  # without the interpreter's path
     evaluate = [sys.executable, "evaluate.py", "unconditional", "--pipeline", str(folder)]
     evaluate += ["--classifier", str(classifier), "--sensitive_labels", *args.sensitive_labels]
     evaluate += ["--reference_dataset_name", data, "--reference_label_column", args.label_column]
     evaluate += ["--fid_features", args.fid_features, "--num_samples", str(args.num_samples), "--seed", "0"]
-    run_command(evaluate + ["--output_dir", str(folder / "evaluation")], folder / "evaluate.log")
+    run_command(evaluate + ["--output_dir", str(folder / "evaluation")], folder / "evaluate.log", environment)
     return json.loads(metrics_file.read_text())
 
 
@@ -397,11 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = json.loads((classifier / "classifier_metrics.json").read_text())["test_accuracy"]
 
     runs = planned_runs(args)
-    for number, run in enumerate(runs, start=1):
-        start = time.perf_counter()
-        print(f"[{number}/{len(runs)}] {run.name}, seed {run.seed} ...", end=" ", flush=True)
-        run.metrics = train_and_evaluate(run, args, data, classifier)
-        print(f"rate {run.metrics['non_sensitive_rate']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    run_all(runs, args.jobs, lambda run: train_and_evaluate(run, args, data, classifier))
 
     summary = summarize(runs)
     fid_name = fid_key(runs[0].metrics)

@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import sys
+import threading
+import time
 
 import loss_by_noise  # benchmarks/ is on pytest's pythonpath
 import paper_protocol
@@ -46,9 +49,12 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
         "16",
         "--output_dir",
         output_dir,
+        "--jobs",
+        "2",
         launcher="python",
     )
     assert_ok(result)
+    assert "2 runs, 2 at a time" in result.stdout
     report = (output_dir / "results.md").read_text()
     assert "| unsupervised | 0 |" in report and "| pu | 0 |" in report
     assert report in result.stdout  # the table is printed
@@ -89,6 +95,58 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     assert metrics_file.stat().st_mtime_ns != written
     recorded = json.loads((output_dir / "runs" / "pu-seed0" / "benchmark_run.json").read_text())["command"]
     assert recorded[recorded.index("--max_train_steps") + 1] == "4"
+
+
+def test_runs_go_jobs_at_a_time_and_fine_tuning_waits_for_its_pretrained_models():
+    args = paper_protocol.parse_args(["--protocol", "finetune", "--methods", "unsupervised", "pu", "--seeds", "0", "1"])
+    runs = paper_protocol.planned_runs(args)
+    lock, running, events = threading.Lock(), [0], []
+
+    def train_and_score(run):
+        with lock:
+            running[0] += 1
+            events.append(("start", run.name, running[0]))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+            events.append(("end", run.name, running[0]))
+        return {"non_sensitive_rate": 0.5 + run.seed}
+
+    paper_protocol.run_all(runs, 2, train_and_score)
+    assert [run.metrics["non_sensitive_rate"] for run in runs] == [0.5] * 4 + [1.5] * 4
+    starts = [event for event in events if event[0] == "start"]
+    assert max(count for _, _, count in starts) == 2  # two at a time, never more
+    last_pretrained_end = max(i for i, event in enumerate(events) if event[:2] == ("end", "pretrained"))
+    first_other_start = min(i for i, event in enumerate(events) if event[0] == "start" and event[1] != "pretrained")
+    assert last_pretrained_end < first_other_start
+
+
+def test_a_failed_run_stops_the_runs_still_queued():
+    runs = [paper_protocol.Run(f"run {number}", 0, "pu") for number in range(5)]
+    started = []
+
+    def train_and_score(run):
+        started.append(run.name)
+        if run.name == "run 0":
+            sys.exit("failed")
+        time.sleep(0.2)
+        return {"non_sensitive_rate": 1.0}
+
+    with pytest.raises(SystemExit, match="failed"):
+        paper_protocol.run_all(runs, 2, train_and_score)
+    assert len(started) <= 3  # run 0, run 1 beside it, perhaps run 2 taking run 0's place; never the rest
+
+
+def test_parallel_runs_share_the_cores_unless_the_user_set_the_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(paper_protocol.os, "cpu_count", lambda: 8)
+    assert paper_protocol.thread_environment(2)["OMP_NUM_THREADS"] == "4"
+    assert paper_protocol.thread_environment(16)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in paper_protocol.thread_environment(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert paper_protocol.thread_environment(2)["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(SystemExit):
+        paper_protocol.parse_args(["--jobs", "0"])
 
 
 class ZeroPrediction(torch.nn.Module):
