@@ -18,9 +18,6 @@ import argparse
 import functools
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -31,17 +28,14 @@ import pu_checkpoints
 import pu_data
 import pu_flags
 import pu_latent_cache
+import pu_lora
 import pu_outputs
 import pu_prior
 import pu_training
 from pu_data import InputError
-from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL
+from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 
 logger = logging.getLogger(__name__)
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-#: The attention projections that get LoRA adapters, as in the official LoRA example.
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pu_flags.add_pretrained_model_arguments(
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
-    add_lora_arguments(parser)
+    pu_lora.add_lora_arguments(parser)
     model.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
@@ -103,34 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         image_interpolation_mode="lanczos",
     )
     return pu_flags.parse_and_check(parser, argv, check_text_to_image_arguments)
-
-
-def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
-    group.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank.")
-    group.add_argument("--lora_alpha", type=POSITIVE_FLOAT, default=None, help="LoRA scale numerator; default: --rank.")
-    group.add_argument("--lora_dropout", type=UNIT_INTERVAL, default=0.0, help="Dropout in the LoRA layers.")
-    group.add_argument(
-        "--lora_layers",
-        type=module_names,
-        default=",".join(LORA_TARGET_MODULES),
-        help="Comma-separated names of the UNet modules that get adapters (default: the attention projections).",
-    )
-    group.add_argument("--use_dora", action="store_true", help="Weight-decomposed LoRA (DoRA, Liu et al., 2024).")
-    group.add_argument(
-        "--upcast_before_saving",
-        action="store_true",
-        help="Save the final LoRA weights in float32; by default they are saved in the mixed-precision dtype.",
-    )
-
-
-def module_names(text: str) -> list[str]:
-    """--lora_layers: "to_q,to_v" -> ["to_q", "to_v"]."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("name at least one module, e.g. to_q,to_v")
-    return names
 
 
 def check_text_to_image_arguments(args: argparse.Namespace) -> None:
@@ -263,27 +229,6 @@ def load_vae(args: argparse.Namespace):
         raise InputError(f"--pretrained_vae_model_name_or_path: not an AutoencoderKL: {error}") from error
 
 
-def add_lora(
-    unet, rank: int, *, alpha: float | None = None, dropout: float = 0.0, layers=LORA_TARGET_MODULES, use_dora=False
-) -> None:
-    """Freeze the UNet and add trainable LoRA (or DoRA) adapters to the modules named in ``layers``."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha or rank,
-        lora_dropout=dropout,
-        use_dora=use_dora,
-        init_lora_weights="gaussian",
-        target_modules=list(layers),
-    )
-    try:
-        unet.add_adapter(config)
-    except ValueError as error:  # peft: "Target modules ... not found in the base model"
-        raise InputError(f"--lora_layers {','.join(layers)}: {error}") from error
-
-
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
@@ -317,70 +262,12 @@ def place_models(unet, frozen: FrozenModels, device, mixed_precision: str, args)
     logger.info("%s trained in float32, frozen weights in %s (VAE %s)", trained, weight_dtype, frozen.vae.dtype)
 
 
-def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> dict:
-    """The UNet's LoRA weights under the names ``load_lora_weights`` expects, optionally cast to ``dtype``.
-
-    ``state_dict`` is the whole UNet's, gathered by ``accelerator.get_state_dict``
-    where DeepSpeed or FSDP shard it; by default the unwrapped UNet's own.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
-    return {name: tensor.to(dtype) if dtype else tensor for name, tensor in state.items()}
-
-
-def write_lora(folder, unet, state: dict) -> None:
-    """pytorch_lora_weights.safetensors with the adapter's config (alpha, dropout, DoRA, modules) as metadata,
-    so that ``load_lora_weights`` rebuilds the same adapter."""
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
-    )
-
-
 def register_checkpoint_hooks(accelerator, unet, ema_model, use_lora: bool) -> None:
     """checkpoint-N holds the LoRA adapters, or the UNet (and its EMA) in Diffusers format."""
     if use_lora:
-        register_lora_hooks(accelerator, unet)
+        pu_lora.register_lora_hooks(accelerator, unet)
     else:
         pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
-
-
-def register_lora_hooks(accelerator, unet) -> None:
-    """checkpoint-N holds the adapters as pytorch_lora_weights.safetensors; a resume loads them back exactly."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import cast_training_params
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    def save_model_hook(models, weights, output_dir):
-        states = [pu_checkpoints.gathered_state_dict(accelerator, model) for model in models]
-        if accelerator.is_main_process:
-            for model, state in zip(models, states, strict=True):
-                unwrapped = accelerator.unwrap_model(model)
-                write_lora(output_dir, unwrapped, lora_state_dict(unwrapped, state_dict=state))
-        while weights:
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
-            unet_state = {
-                key.removeprefix("unet."): value for key, value in state_dict.items() if key.startswith("unet.")
-            }
-            result = set_peft_model_state_dict(
-                model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
-            )
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise InputError(f"{input_dir}: LoRA weights that fit no adapter of this UNet: {unexpected[:5]}")
-            cast_training_params(model, dtype=torch.float32)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
 
 
 # --------------------------------------------------------------------------- data
@@ -572,16 +459,6 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
     return path
 
 
-def save_lora_atomically(unet, state: dict, output_dir: str) -> None:
-    """Write pytorch_lora_weights.safetensors under a temporary name and rename it into place."""
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
-    try:
-        write_lora(staging, unet, state)
-        os.replace(staging / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | None = None) -> None:
     """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). Then the card.
 
@@ -592,7 +469,8 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
         unet = accelerator.unwrap_model(run.model)
         # As in the Diffusers LoRA scripts: the final weights in the training dtype unless upcast.
         dtype = torch.float32 if args.upcast_before_saving else run.weight_dtype
-        save_lora_atomically(unet, lora_state_dict(unet, state_dict=state, dtype=dtype), args.output_dir)
+        state = pu_lora.lora_state_dict(unet, state_dict=state, dtype=dtype)
+        pu_lora.save_lora_atomically(unet, state, args.output_dir)
     else:
         # A VAE of its own goes into the saved pipeline, loaded again in its saved precision.
         vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
@@ -636,20 +514,10 @@ def write_text_to_image_card(args, plan: pu_training.RunPlan, sdxl: bool = False
             *(["lora"] if args.use_lora else []),
         ],
         title=f"PU diffusion: Stable Diffusion{' XL' if sdxl else ''} "
-        + (f"LoRA ({lora_description(args)})" if args.use_lora else "fine-tune"),
+        + (f"LoRA ({pu_lora.lora_description(args)})" if args.use_lora else "fine-tune"),
         image="samples.png" if args.validation_prompt and (output_dir / "samples.png").exists() else None,
         body=body,
     )
-
-
-def lora_description(args) -> str:
-    """ "rank 4", with the alpha when it is not the rank, and DoRA when used."""
-    parts = [f"rank {args.rank}"]
-    if args.lora_alpha and args.lora_alpha != args.rank:
-        parts.append(f"alpha {args.lora_alpha:g}")
-    if args.use_dora:
-        parts.append("DoRA")
-    return ", ".join(parts)
 
 
 def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step: int) -> None:
@@ -677,7 +545,7 @@ def main(args: argparse.Namespace) -> None:
         frozen, unet, noise_scheduler = load_models(args)
         pu_flags.check_noise_band(noise_scheduler, args)
         if args.use_lora:
-            add_lora(
+            pu_lora.add_lora(
                 unet,
                 args.rank,
                 alpha=args.lora_alpha,

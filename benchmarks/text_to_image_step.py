@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from throughput import peak_memory_mb, synchronize  # noqa: E402
 
 import pu_flags  # noqa: E402
+import pu_lora  # noqa: E402
 import train_pu_text_to_image as t2i  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str, latents
     if options.full:
         unet.requires_grad_(True)
     else:
-        t2i.add_lora(unet, options.rank)
+        pu_lora.add_lora(unet, options.rank)
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     run = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)

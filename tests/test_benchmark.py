@@ -218,7 +218,7 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
     """One row per (mode, latents), counting exactly the LoRA parameters the script trains."""
     import text_to_image_step
 
-    import train_pu_text_to_image
+    import pu_lora
 
     argv = ["--model", "tiny", "--resolution", "32", "--mixed_precision", "no", "bf16", "--steps", "2"]
     report = text_to_image_step.main([*argv, "--warmup", "1", "--gradient_checkpointing"])
@@ -227,7 +227,7 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
         ("| no", "encoded"), ("| no", "cached"), ("| bf16", "encoded"), ("| bf16", "cached")
     ]  # fmt: skip
     unet = text_to_image_step.build_models("tiny")[0]
-    train_pu_text_to_image.add_lora(unet, rank=4)
+    pu_lora.add_lora(unet, rank=4)
     lora_parameters = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     assert all(row[2].startswith(f"{lora_parameters:,} / ") for row in rows)
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # ms/step, images/s

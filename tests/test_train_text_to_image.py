@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pu_flags
+import pu_lora
 import train_pu_text_to_image as t2i
 from tests.helpers import (
     assert_ok,
@@ -158,7 +159,7 @@ def test_place_models_keeps_trainable_weights_in_float32_under_fp16(tiny_sd_pipe
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(tiny_sd_pipeline, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
-    t2i.add_lora(unet, rank=2)
+    pu_lora.add_lora(unet, rank=2)
     frozen = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
     flags = argparse.Namespace(use_lora=True, pretrained_vae_model_name_or_path=None)
     t2i.place_models(unet, frozen, torch.device("cpu"), "fp16", flags)
@@ -545,7 +546,7 @@ def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd
     from tests.sharded import ShardedAccelerator
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
-    t2i.add_lora(unet, rank=4)
+    pu_lora.add_lora(unet, rank=4)
     adapters = [parameter for name, parameter in unet.named_parameters() if "lora_" in name]
     with torch.no_grad():
         for parameter in adapters:
@@ -554,7 +555,7 @@ def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd
         for parameter in adapters:
             parameter.zero_()
     accelerator = ShardedAccelerator(gathered)
-    t2i.register_lora_hooks(accelerator, unet)
+    pu_lora.register_lora_hooks(accelerator, unet)
     accelerator.save_hook([unet], [], str(tmp_path))
     saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert accelerator.gather_calls == 1
@@ -644,7 +645,7 @@ def test_sdxl_vae_stays_float32_without_a_vae_of_its_own(tiny_sdxl_pipeline):
     )  # fmt: skip
     frozen, unet, _ = t2i.load_models(args)
     assert frozen.is_sdxl and isinstance(unet, UNet2DConditionModel)
-    t2i.add_lora(unet, rank=2)
+    pu_lora.add_lora(unet, rank=2)
     t2i.place_models(unet, frozen, torch.device("cpu"), "fp16", args)
     assert frozen.vae.dtype == torch.float32
     assert frozen.text_encoder.dtype == frozen.text_encoder_2.dtype == torch.float16

@@ -1,0 +1,151 @@
+"""LoRA for the text-to-image script: its flags, the adapters, and their files in the Diffusers LoRA format.
+
+The output is what the Diffusers LoRA scripts write: ``pytorch_lora_weights.safetensors``
+with the adapter's config as metadata, so ``pipeline.load_lora_weights(folder)``
+rebuilds the same adapter (rank, alpha, dropout, DoRA, target modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import pu_checkpoints
+from pu_data import InputError
+from pu_flags import POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: The attention projections that get LoRA adapters, as in the official LoRA example.
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the whole UNet.")
+    group.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=POSITIVE_FLOAT, default=None, help="LoRA scale numerator; default: --rank.")
+    group.add_argument("--lora_dropout", type=UNIT_INTERVAL, default=0.0, help="Dropout in the LoRA layers.")
+    group.add_argument(
+        "--lora_layers",
+        type=module_names,
+        default=",".join(LORA_TARGET_MODULES),
+        help="Comma-separated names of the UNet modules that get adapters (default: the attention projections).",
+    )
+    group.add_argument("--use_dora", action="store_true", help="Weight-decomposed LoRA (DoRA, Liu et al., 2024).")
+    group.add_argument(
+        "--upcast_before_saving",
+        action="store_true",
+        help="Save the final LoRA weights in float32; by default they are saved in the mixed-precision dtype.",
+    )
+
+
+def module_names(text: str) -> list[str]:
+    """--lora_layers: "to_q,to_v" -> ["to_q", "to_v"]."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one module, e.g. to_q,to_v")
+    return names
+
+
+def add_lora(
+    unet, rank: int, *, alpha: float | None = None, dropout: float = 0.0, layers=LORA_TARGET_MODULES, use_dora=False
+) -> None:
+    """Freeze the UNet and add trainable LoRA (or DoRA) adapters to the modules named in ``layers``."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        lora_dropout=dropout,
+        use_dora=use_dora,
+        init_lora_weights="gaussian",
+        target_modules=list(layers),
+    )
+    try:
+        unet.add_adapter(config)
+    except ValueError as error:  # peft: "Target modules ... not found in the base model"
+        raise InputError(f"--lora_layers {','.join(layers)}: {error}") from error
+
+
+def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> dict:
+    """The UNet's LoRA weights under the names ``load_lora_weights`` expects, optionally cast to ``dtype``.
+
+    ``state_dict`` is the whole UNet's, gathered by ``accelerator.get_state_dict``
+    where DeepSpeed or FSDP shard it; by default the unwrapped UNet's own.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+    return {name: tensor.to(dtype) if dtype else tensor for name, tensor in state.items()}
+
+
+def write_lora(folder, unet, state: dict) -> None:
+    """pytorch_lora_weights.safetensors with the adapter's config (alpha, dropout, DoRA, modules) as metadata,
+    so that ``load_lora_weights`` rebuilds the same adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
+    )
+
+
+def register_lora_hooks(accelerator, unet) -> None:
+    """checkpoint-N holds the adapters as pytorch_lora_weights.safetensors; a resume loads them back exactly."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    def save_model_hook(models, weights, output_dir):
+        states = [pu_checkpoints.gathered_state_dict(accelerator, model) for model in models]
+        if accelerator.is_main_process:
+            for model, state in zip(models, states, strict=True):
+                unwrapped = accelerator.unwrap_model(model)
+                write_lora(output_dir, unwrapped, lora_state_dict(unwrapped, state_dict=state))
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+            unet_state = {
+                key.removeprefix("unet."): value for key, value in state_dict.items() if key.startswith("unet.")
+            }
+            result = set_peft_model_state_dict(
+                model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+            )
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise InputError(f"{input_dir}: LoRA weights that fit no adapter of this UNet: {unexpected[:5]}")
+            cast_training_params(model, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def save_lora_atomically(unet, state: dict, output_dir: str) -> None:
+    """Write pytorch_lora_weights.safetensors under a temporary name and rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
+    try:
+        write_lora(staging, unet, state)
+        os.replace(staging / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def lora_description(args) -> str:
+    """ "rank 4", with the alpha when it is not the rank, and DoRA when used."""
+    parts = [f"rank {args.rank}"]
+    if args.lora_alpha and args.lora_alpha != args.rank:
+        parts.append(f"alpha {args.lora_alpha:g}")
+    if args.use_dora:
+        parts.append("DoRA")
+    return ", ".join(parts)
