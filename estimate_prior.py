@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import pu_flags
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.dataset_name is None and args.train_data_dir is None:
             raise InputError("U is missing: give --dataset_name or --train_data_dir")
         pu_flags.check_sensitive_source(args)
+        pu_flags.check_writable(Path(args.output_dir))
         if args.features == "vae" and args.pretrained_model_name_or_path is None:
             raise InputError("--features vae needs --pretrained_model_name_or_path (a pipeline with a vae/ folder)")
     except InputError as error:
@@ -70,14 +72,19 @@ def main(args: argparse.Namespace) -> None:
     unlabeled, sensitive = load_training_sets(args, args.seed)
     vae = load_vae(args) if args.features == "vae" else None
     estimate = pu_prior.estimate_for_data(unlabeled, sensitive, args, args.seed, vae)
+    problems = pu_prior.estimate_problems(estimate, args.prior_max_interval_width)
     output = Path(args.output_dir) / "prior.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output, estimate.to_dict())
+    write_json_atomically(output, {**estimate.to_dict(), "problems": problems})
     print(
         f"prior (share of sensitive images in U): {estimate.estimate:.4f}"
         f" [{estimate.low:.4f}, {estimate.high:.4f}] ({round(100 * estimate.confidence)}% bootstrap interval)"
     )
     print(f"U: {estimate.num_unlabeled} images, S: {estimate.num_sensitive}; written to {output}")
+    for problem in problems:
+        print(f"WARNING: do not train with this estimate: {problem}", file=sys.stderr)
+    if problems:
+        print("WARNING: --prior auto would refuse it; give --prior yourself.", file=sys.stderr)
 
 
 if __name__ == "__main__":

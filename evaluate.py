@@ -61,7 +61,8 @@ from pu_data import (
     require_column,
     resolve_label_values,
 )
-from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, show_ranges
+from pu_errors import read_json, read_text
+from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, check_writable, show_ranges
 from pu_outputs import image_grid, to_uint8, write_json_atomically
 
 logger = logging.getLogger("evaluate")
@@ -92,6 +93,15 @@ def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sensitive_labels", nargs="+", required=True, help="Which of the classifier's labels are sensitive."
+    )
+    add_weak_classifier_flag(parser)
+
+
+def add_weak_classifier_flag(parser) -> None:
+    parser.add_argument(
+        "--allow_weak_classifier",
+        action="store_true",
+        help="Score with a classifier whose recorded test results are near chance (refused by default).",
     )
 
 
@@ -173,6 +183,7 @@ def add_text_to_image_parser(commands) -> None:
     judge.add_argument("--sensitive_text", nargs="+", default=None, help="Texts describing sensitive images.")
     judge.add_argument("--classifier", default=None, help="... or an image-classification model.")
     judge.add_argument("--sensitive_labels", nargs="+", default=None, help="With --classifier: its sensitive labels.")
+    add_weak_classifier_flag(judge)
     judge.add_argument("--clip_score", action="store_true", help="Also the CLIP score of each image and its prompt.")
     parser.add_argument(
         "--grid_images_per_prompt", type=POSITIVE_INT, default=4, help="Images per prompt in samples.png."
@@ -186,7 +197,8 @@ def check_prompt_and_judge_arguments(args: argparse.Namespace) -> None:
     if args.prompt_file is not None:
         if not Path(args.prompt_file).is_file():
             raise InputError(f"--prompt_file {args.prompt_file}: no such file")
-        args.prompt = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        prompts = read_text(args.prompt_file, "--prompt_file")
+        args.prompt = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not args.prompt:
             raise InputError(f"--prompt_file {args.prompt_file} holds no prompt")
     uses_clip, uses_classifier = args.clip_model is not None, args.classifier is not None
@@ -201,6 +213,9 @@ def check_prompt_and_judge_arguments(args: argparse.Namespace) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    check_writable(Path(args.output_dir))
+    if getattr(args, "classifier", None) is not None:
+        check_classifier_quality(args.classifier, args.allow_weak_classifier)
     if args.command == "text-to-image":
         check_prompt_and_judge_arguments(args)
         return
@@ -216,8 +231,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
     if args.num_samples is None and not has_reference:
         raise InputError("--num_samples is needed when there is no reference dataset to take the count from")
-    if Path(args.output_dir).is_file():
-        raise InputError(f"--output_dir {args.output_dir} is a file")
 
 
 # --------------------------------------------------------------------------- images
@@ -270,7 +283,7 @@ def check_pipeline_folder(name_or_path: str) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
         return  # a Hub id, or not a pipeline at all: from_pretrained says so
-    listed = json.loads(index.read_text())
+    listed = read_json(index, f"--pipeline {name_or_path}")
     missing = [
         name
         for name, value in listed.items()
@@ -472,12 +485,38 @@ def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: to
     if not hasattr(pipeline, "tokenizer"):
         raise InputError(f"--pipeline {args.pipeline}: {type(pipeline).__name__} takes no prompts")
     if args.lora is not None:
-        try:
-            pipeline.load_lora_weights(args.lora)
-        except (OSError, ValueError) as error:
-            raise InputError(f"--lora {args.lora}: no LoRA weights this pipeline can load: {error}") from error
+        load_lora_in_full(pipeline, args.lora)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # LoRA layers arrive in training mode: their dropout would differ on every call
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device=device, dtype=dtype)
+
+
+def load_lora_in_full(pipeline, lora: str) -> None:
+    """``load_lora_weights``, refused unless every LoRA weight of the file found its layer: Diffusers only warns
+    about the others, and a LoRA loaded in part would be scored as if it were the trained model."""
+    from peft.utils import get_peft_model_state_dict
+
+    try:
+        state_dict, _ = pipeline.lora_state_dict(lora)
+        pipeline.load_lora_weights(lora)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise InputError(
+            f"--lora {lora}: no LoRA weights this pipeline can load (a LoRA for another base?): {error}"
+        ) from error
+    in_file = sum(1 for key in state_dict if "lora" in key and not key.endswith(".alpha"))
+    loaded = sum(
+        len(get_peft_model_state_dict(component, adapter_name=adapter))
+        for component in pipeline.components.values()
+        if isinstance(component, torch.nn.Module)
+        for adapter in getattr(component, "peft_config", {})
+    )
+    if loaded < in_file:
+        raise InputError(
+            f"--lora {lora}: only {loaded} of its {in_file} LoRA weights fit {type(pipeline).__name__}'s layers;"
+            " it was trained for another base model or another --lora_layers"
+        )
 
 
 def default_device(device: str | None) -> str:
@@ -659,10 +698,52 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def _classifier_info(name_or_path: str, sensitive_ids: list[int], id2label: dict) -> dict:
     info = {"name_or_path": name_or_path, "sensitive_labels": [id2label[i] for i in sensitive_ids]}
-    saved_metrics = Path(name_or_path) / CLASSIFIER_METRICS_FILE
-    if saved_metrics.is_file():
-        info["test_accuracy"] = json.loads(saved_metrics.read_text())["test_accuracy"]
+    record = classifier_record(name_or_path)
+    if record is not None:
+        info["test_accuracy"] = record["test_accuracy"]
     return info
+
+
+def classifier_record(name_or_path: str) -> dict | None:
+    """What ``train-classifier`` recorded about a classifier it trained (None for other classifiers)."""
+    saved_metrics = Path(name_or_path) / CLASSIFIER_METRICS_FILE
+    return read_json(saved_metrics, f"--classifier {name_or_path}") if saved_metrics.is_file() else None
+
+
+def check_classifier_quality(name_or_path: str, allow_weak: bool) -> None:
+    """Refuse (or, with --allow_weak_classifier, warn about) a classifier whose recorded test results say its
+    verdicts mean little: an accuracy nearer chance than perfect, or a class it almost never predicts. A
+    classifier that calls everything "normal" gives every model a rate of 1."""
+    record = classifier_record(name_or_path)
+    if record is None:
+        logger.info("--classifier %s: no %s, so its accuracy is not checked", name_or_path, CLASSIFIER_METRICS_FILE)
+        return
+    problems = classifier_problems(record)
+    if not problems:
+        return
+    message = f"--classifier {name_or_path}: its verdicts mean little: {'; '.join(problems)}"
+    if not allow_weak:
+        raise InputError(f"{message}. Train it longer, or pass --allow_weak_classifier to score with it anyway")
+    logger.warning("%s (scoring anyway: --allow_weak_classifier)", message)
+
+
+def classifier_problems(record: dict) -> list[str]:
+    """Why a recorded classifier cannot be trusted: accuracy below halfway from chance to 1, or a class whose
+    test images it predicts less than a quarter as often as they occur."""
+    labels = record["labels"]
+    chance = 1 / len(labels)
+    problems = []
+    if record["test_accuracy"] < (1 + chance) / 2:
+        problems.append(
+            f"test accuracy {record['test_accuracy']:.3f} over {len(labels)} classes (chance {chance:.3f},"
+            f" at least {(1 + chance) / 2:.3f} needed)"
+        )
+    predicted, true = record.get("test_predicted_counts"), record.get("test_true_counts")
+    if predicted and true:
+        rare = [label for label in labels if predicted[label] < 0.25 * true[label]]
+        if rare:
+            problems.append(f"it almost never predicts {', '.join(rare)} on its test images")
+    return problems
 
 
 def _settings(args: argparse.Namespace, steps: int, device: str) -> dict:

@@ -23,7 +23,7 @@ from PIL import Image
 
 import evaluate
 from pu_data import InputError
-from pu_flags import NON_NEGATIVE_INT, POSITIVE_INT, show_ranges
+from pu_flags import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, check_writable, show_ranges
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix_in_dir", default=None, help="A folder of images of the concept to mix into U.")
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=8)
     parser.add_argument("--num_inference_steps", type=POSITIVE_INT, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_scale", type=NON_NEGATIVE_FLOAT, default=7.5)
     parser.add_argument("--resolution", type=POSITIVE_INT, default=None, help="Default: the pipeline's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -47,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--mix_in_dir {args.mix_in_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
     if Path(args.output_dir).exists() and any(Path(args.output_dir).iterdir()):
         parser.error(f"--output_dir {args.output_dir} is not empty")
+    try:
+        check_writable(Path(args.output_dir))
+    except InputError as error:
+        parser.error(str(error))
     return args
 
 

@@ -4,23 +4,46 @@
 
 The folder loads with ``datasets.load_dataset("data/digits")`` (train and test
 splits, ``image`` and ``label`` columns), so the training scripts take it as
-``--dataset_name data/digits``.
+``--dataset_name data/digits``. A folder that already holds the same dataset is
+kept; one with another is refused unless ``--overwrite``.
 """
 
 import argparse
+import sys
 
-from pu_data import write_digits_dataset
+from pu_data import InputError, write_builtin_dataset, write_digits_dataset
+from pu_flags import OPEN_UNIT_INTERVAL, show_ranges
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/digits", help="Where to write the dataset.")
-    parser.add_argument("--test_fraction", type=float, default=0.2, help="Share of images in the test split.")
+    parser.add_argument(
+        "--test_fraction", type=OPEN_UNIT_INTERVAL, default=0.2, help="Share of images in the test split."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the stratified train/test split.")
-    args = parser.parse_args()
-    counts = write_digits_dataset(args.output_dir, args.test_fraction, args.seed)
-    print(f"wrote {args.output_dir}: {counts}")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a dataset written with other settings.")
+    show_ranges(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = {"dataset": "digits", "test_fraction": args.test_fraction, "seed": args.seed}
+    counts = write_builtin_dataset(
+        args.output_dir,
+        settings,
+        lambda folder: write_digits_dataset(folder, args.test_fraction, args.seed),
+        args.overwrite,
+    )
+    if counts is None:
+        print(f"kept {args.output_dir}: it already holds this dataset ({settings})")
+    else:
+        print(f"wrote {args.output_dir}: {counts} ({settings})")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:
+        sys.exit(f"error: {error}")

@@ -8,15 +8,19 @@ sizes, positions and rotations on textured backgrounds; deterministic from
 ``--seed``. The folder loads with ``datasets.load_dataset`` (train and test
 splits, ``image`` and ``label`` columns), so the training scripts take it as
 ``--dataset_name data/shapes --label_column label --sensitive_labels triangle star ring``.
+A folder that already holds the same dataset is kept; one with another is
+refused unless ``--overwrite``.
 """
 
 import argparse
+import sys
 
-from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT
+from pu_data import InputError, write_builtin_dataset
+from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, show_ranges
 from pu_shapes import write_shapes_dataset
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/shapes", help="Where to write the dataset.")
     parser.add_argument("--resolution", type=POSITIVE_INT, default=16, help="Image size in pixels.")
@@ -25,12 +29,33 @@ def main() -> None:
         "--test_fraction", type=OPEN_UNIT_INTERVAL, default=0.2, help="Share of each shape's images in the test split."
     )
     parser.add_argument("--seed", type=int, default=0, help="Every image is a function of the seed, shape and index.")
-    args = parser.parse_args()
-    counts = write_shapes_dataset(
-        args.output_dir, args.resolution, args.images_per_class, args.test_fraction, args.seed
+    parser.add_argument("--overwrite", action="store_true", help="Replace a dataset written with other settings.")
+    show_ranges(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = {
+        "dataset": "shapes",
+        **{key: value for key, value in vars(args).items() if key not in ("output_dir", "overwrite")},
+    }
+    counts = write_builtin_dataset(
+        args.output_dir,
+        settings,
+        lambda folder: write_shapes_dataset(
+            folder, args.resolution, args.images_per_class, args.test_fraction, args.seed
+        ),
+        args.overwrite,
     )
-    print(f"wrote {args.output_dir}: {counts}")
+    if counts is None:
+        print(f"kept {args.output_dir}: it already holds this dataset ({settings})")
+    else:
+        print(f"wrote {args.output_dir}: {counts} ({settings})")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:
+        sys.exit(f"error: {error}")

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from pu_data import InputError
+from pu_errors import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int, run
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    with reporting_full_disk(output_dir, f"checkpoint-{global_step}"):
+        accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # What a complete checkpoint holds, so a resume can tell one that lost a file.
@@ -80,7 +82,8 @@ def save_checkpoint(accelerator, args: argparse.Namespace, global_step: int, run
             for path in sorted(staging.rglob("*"))
             if path.is_file()
         }
-        (staging / CHECKPOINT_CONFIG).write_text(json.dumps({**run_config, "files": files}, indent=2))
+        with reporting_full_disk(output_dir, f"checkpoint-{global_step}"):
+            (staging / CHECKPOINT_CONFIG).write_text(json.dumps({**run_config, "files": files}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)

@@ -234,8 +234,13 @@ def train_classifier(args: argparse.Namespace) -> dict:
     model = ResNetForImageClassification(digits_classifier_config(channels, labels, args.image_size))
     classifier = ClassifierFeatures(model, (args.image_size,) * 2, [0.5] * channels, [0.5] * channels, channels)
     _fit(classifier, train_images, train_targets, args)
+    test_predictions = classify_all(classifier.eval(), test_images, 500)
     metrics = {
         "test_accuracy": accuracy(classifier, test_images, test_targets),
+        # Per class, how often the test images are predicted as it and how often they are it: a class it
+        # almost never predicts makes its verdicts mean little (evaluate.py refuses such a classifier).
+        "test_predicted_counts": class_counts(test_predictions, labels),
+        "test_true_counts": class_counts(test_targets, labels),
         "train_accuracy": accuracy(classifier, train_images, train_targets),
         "num_train_images": len(train_images),
         "num_test_images": len(test_images),
@@ -247,6 +252,11 @@ def train_classifier(args: argparse.Namespace) -> dict:
     }
     _save_classifier(model, channels, metrics, args)
     return metrics
+
+
+def class_counts(class_ids: torch.Tensor, labels: list[str]) -> dict:
+    counts = torch.bincount(class_ids, minlength=len(labels)).tolist()
+    return dict(zip(labels, counts, strict=True))
 
 
 def _fit(classifier: ClassifierFeatures, images: torch.Tensor, targets: torch.Tensor, args) -> None:

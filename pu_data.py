@@ -325,6 +325,35 @@ def load_training_sets(args, seed: int | None = None):
     return unlabeled, sensitive
 
 
+def data_fingerprint(unlabeled, sensitive, image_column: str) -> dict:
+    """What U and S hold, for a resume to compare: each one's image count and a hash of its images' file names
+    and sizes (of their bytes where a dataset stores them). Images added, removed or replaced between a
+    checkpoint and its resume change it; the order of the rows does too, since it is the data order."""
+    return {
+        name: {"images": len(dataset), "hash": _images_hash(dataset, image_column)}
+        for name, dataset in (("U", unlabeled), ("S", sensitive))
+        if dataset is not None
+    }
+
+
+def _images_hash(dataset, image_column: str) -> str:
+    import hashlib
+
+    import datasets
+
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        return dataset._fingerprint  # not an image feature: datasets' own hash of the data's origin
+    digest = hashlib.blake2b(digest_size=16)
+    files = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    for batch in files.iter(batch_size=1024):
+        for image in batch[image_column]:
+            if image["bytes"] is not None:
+                digest.update(hashlib.blake2b(image["bytes"], digest_size=16).digest())
+            else:
+                digest.update(f"{os.path.basename(image['path'])}:{os.path.getsize(image['path'])}".encode())
+    return digest.hexdigest()
+
+
 def limit_unlabeled(unlabeled, max_train_samples: int | None, seed: int | None):
     """--max_train_samples: a random subset of U of that size, drawn with the run's seed (S stays whole)."""
     if max_train_samples is None or len(unlabeled) <= max_train_samples:
@@ -617,6 +646,53 @@ def endless(dataloader, sampler: EpochShuffle, start_batch: int = 0, skip_first_
 
 
 # --------------------------------------------------------------------------- demo data
+
+
+#: What a built-in dataset folder records about how it was written, so that a second write can tell.
+DATASET_SETTINGS = "dataset_settings.json"
+_DATASET_FILES = {"data", "README.md", DATASET_SETTINGS}
+
+
+def write_builtin_dataset(output_dir, settings: dict, write, overwrite: bool = False) -> dict | None:
+    """Write a built-in dataset with ``write(folder)`` into ``output_dir`` and return what ``write`` returns (the
+    rows per split); None when the folder already holds the same dataset (nothing is written).
+
+    A folder that holds another dataset is refused unless ``overwrite``, so that runs keyed on its path never
+    mix two datasets; a folder with anything else in it is never replaced. The dataset is written into a
+    staging folder beside it and renamed into place, so an interrupted write leaves nothing that looks whole.
+    """
+    import shutil
+    import tempfile
+
+    from pu_errors import read_json
+
+    target = Path(output_dir)
+    if target.exists():
+        if not target.is_dir():
+            raise InputError(f"--output_dir {output_dir} is a file")
+        held = {entry.name for entry in target.iterdir()}
+        if held:
+            recorded = target / DATASET_SETTINGS
+            if recorded.is_file() and read_json(recorded, f"--output_dir {output_dir}") == settings:
+                return None
+            if not held <= _DATASET_FILES:
+                raise InputError(f"--output_dir {output_dir} holds other files ({', '.join(sorted(held))[:200]})")
+            if not overwrite:
+                raise InputError(
+                    f"--output_dir {output_dir} already holds a dataset written with other settings; pass"
+                    " --overwrite to replace it (runs trained on the old one then no longer match its data)"
+                )
+    target.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.absolute().parent))
+    try:
+        counts = write(staging)
+        (staging / DATASET_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
 
 
 def write_digits_dataset(output_dir: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import pu_prior
 from pu_checkpoints import (
     ADAPTER_FLAGS,
     CHECKPOINT_CONFIG,
@@ -230,7 +231,9 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
     group.add_argument(
         "--paper_loss",
         action="store_true",
-        help="The paper's Eq. (19) exactly: positive risk weight 1, S terms at every noise level.",
+        help="The paper's loss: positive risk weight 1 and the S terms at every noise level (our two options off),"
+        " with the summed per-sample loss of Eq. (8). With --nonnegative nnpu it is Eq. (19) and Algorithm 1;"
+        " with abs (the text-to-image default) the paper's Stable Diffusion variant.",
     )
     add_prior_estimation_arguments(parser)
 
@@ -245,6 +248,12 @@ def add_prior_estimation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--prior_confidence", type=OPEN_UNIT_INTERVAL, default=0.9, help="Coverage of the bootstrap interval."
+    )
+    group.add_argument(
+        "--prior_max_interval_width",
+        type=UNIT_INTERVAL,
+        default=pu_prior.MAX_INTERVAL_WIDTH,
+        help="--prior auto refuses an estimate whose interval is wider than this (too uncertain to train with).",
     )
 
 
@@ -264,8 +273,12 @@ def resolve_loss_options(args: argparse.Namespace) -> None:
     band_flags = [flag for flag in ("sensitive_max_snr", "sensitive_min_timestep") if getattr(args, flag) is not None]
     if args.paper_loss:
         given = band_flags + (["positive_risk_weight"] if args.positive_risk_weight is not None else [])
+        if getattr(args, "loss_reduction", "sum") != "sum":
+            given.append(f"loss_reduction {args.loss_reduction}")
+        if getattr(args, "snr_gamma", None):
+            given.append("snr_gamma")
         if given:
-            raise InputError(f"--paper_loss is Eq. (19) as written; drop --{given[0]}")
+            raise InputError(f"--paper_loss is the paper's loss as written (summed, unweighted); drop --{given[0]}")
     if len(band_flags) == 2:
         raise InputError("--sensitive_max_snr and --sensitive_min_timestep set the same band: give one")
     if args.positive_risk_weight is None:
@@ -393,6 +406,11 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_token", type=str, default=None)
     group.add_argument("--hub_model_id", type=str, default=None, help="Default: the name of --output_dir.")
     group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository private.")
+    group.add_argument(
+        "--push_logs_to_hub",
+        action="store_true",
+        help="Also upload --logging_dir (TensorBoard logs; local paths in them are cut to folder names).",
+    )
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -476,6 +494,8 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         )
     if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise InputError("--report_to wandb needs wandb: pip install wandb")
+    if args.prior == "auto" and args.loss_type == "pu":
+        pu_prior.check_sizes_from_flags(args)
     check_optimizer(args)
     _check_output_dir(args)
 
@@ -518,7 +538,7 @@ def check_sensitive_source(args: argparse.Namespace) -> None:
 
 def _check_output_dir(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
-    _check_writable(output_dir)
+    check_writable(output_dir)
     finished = finished_model_file(output_dir)
     if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise InputError(
@@ -528,23 +548,23 @@ def _check_output_dir(args: argparse.Namespace) -> None:
     _check_resumed_run(args)
 
 
-def _check_writable(output_dir: Path) -> None:
+def check_writable(output_dir: Path, flag: str = "--output_dir") -> None:
     """--output_dir must be a folder we can write in (or be creatable), known before any work starts.
 
     Nothing is created: a probe folder is made in the nearest existing
     ancestor and removed at once.
     """
     if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output_dir {output_dir}: exists and is not a folder")
+        raise InputError(f"{flag} {output_dir}: exists and is not a folder")
     ancestor = output_dir.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise InputError(f"--output_dir {output_dir}: {ancestor} is a file, so the folder cannot be made")
+        raise InputError(f"{flag} {output_dir}: {ancestor} is a file, so the folder cannot be made")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".tmp-write-check-", dir=ancestor))
     except OSError as error:
-        raise InputError(f"--output_dir {output_dir}: cannot write in {ancestor} ({error.strerror})") from error
+        raise InputError(f"{flag} {output_dir}: cannot write in {ancestor} ({error.strerror})") from error
 
 
 def _check_resumed_run(args: argparse.Namespace) -> None:

@@ -8,10 +8,6 @@ rebuilds the same adapter (rank, alpha, dropout, DoRA, target modules).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -67,10 +63,23 @@ def add_lora(
         init_lora_weights="gaussian",
         target_modules=list(layers),
     )
+    check_layer_names(unet, layers)
     try:
         unet.add_adapter(config)
     except ValueError as error:  # peft: "Target modules ... not found in the base model"
         raise InputError(f"--lora_layers {','.join(layers)}: {error}") from error
+
+
+def check_layer_names(model, layers) -> None:
+    """Every --lora_layers name must name modules of the model (peft's own check passes when any one does, and
+    drops the rest, a typo among them, without a word). A name matches a module whose dotted path ends with it."""
+    paths = [name for name, _ in model.named_modules()]
+    unmatched = [layer for layer in layers if not any(path == layer or path.endswith("." + layer) for path in paths)]
+    if unmatched:
+        raise InputError(
+            f"--lora_layers {','.join(layers)}: {', '.join(unmatched)} names no module of the {type(model).__name__}"
+            f" (its attention projections are {','.join(LORA_TARGET_MODULES)})"
+        )
 
 
 def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> dict:
@@ -87,13 +96,16 @@ def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | N
 
 
 def write_lora(folder, unet, state: dict) -> None:
-    """pytorch_lora_weights.safetensors with the adapter's config (alpha, dropout, DoRA, modules) as metadata,
-    so that ``load_lora_weights`` rebuilds the same adapter."""
+    """pytorch_lora_weights.safetensors with the adapter's config (rank, alpha, DoRA, modules) as metadata,
+    so that ``load_lora_weights`` rebuilds the same adapter.
+
+    The metadata's dropout is 0: it is a training setting, and ``load_lora_weights`` would build dropout
+    layers that a pipeline never switches to eval mode, so the same seed would give other images each time.
+    """
     from diffusers import StableDiffusionPipeline
 
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
-    )
+    metadata = {**unet.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
 
 
 def register_lora_hooks(accelerator, unet) -> None:
@@ -129,16 +141,6 @@ def register_lora_hooks(accelerator, unet) -> None:
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-
-
-def save_lora_atomically(unet, state: dict, output_dir: str) -> None:
-    """Write pytorch_lora_weights.safetensors under a temporary name and rename it into place."""
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
-    try:
-        write_lora(staging, unet, state)
-        os.replace(staging / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def lora_description(args) -> str:

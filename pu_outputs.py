@@ -12,11 +12,13 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pu_data import InputError
+from pu_errors import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ LOCK_FILE = ".pu-diffusion.lock"
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "step_*", "epoch_*", ".tmp-*", LOCK_FILE]
 #: Files whose presence marks a finished model in an output folder.
 FINISHED_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
+#: The saved model's samples, shown in its model card.
+SAMPLES_FILE = "samples.png"
 
 
 def finished_model_file(output_dir: str) -> str | None:
@@ -37,25 +41,32 @@ def finished_model_file(output_dir: str) -> str | None:
 # --------------------------------------------------------------------------- outputs
 
 
-def save_pipeline_atomically(pipeline, output_dir: str) -> None:
-    """Write a pipeline so that the folder never holds a half-written one that loads, and a pipeline
-    saved before stays loadable until the new one is in place.
+def save_outputs_atomically(output_dir: str, write: Callable[[Path], None], what: str = "the model") -> None:
+    """Write every output of one save (model, samples.png, model card) with ``write(folder)`` into a staging
+    folder, then move them in together: the folder never holds a half-written model that loads, nor samples or
+    a card of a model that was not saved, and what was saved before stays loadable until the new one is in.
 
-    The pipeline is written to a staging folder beside its target (the slow
-    part). Its pieces are then moved in by renames, ``model_index.json`` last:
-    a file replaces the old one at once, a folder (``unet/``) first moves the
-    old one into the staging folder's ``replaced/``. A process killed between
-    those two renames leaves the old folder there, and
-    :func:`clean_staging_folders` puts it back at the next start.
+    The writing is the slow part. The pieces then move in by renames, the
+    model's marker file (``model_index.json`` or the LoRA file) last: a file
+    replaces the old one at once, a folder (``unet/``) first moves the old one
+    into the staging folder's ``replaced/``. A process killed between those two
+    renames leaves the old folder there, and :func:`clean_staging_folders` puts
+    it back at the next start. A ``samples.png`` left from an earlier save goes
+    when this save writes none: it would show another model. A full disk ends in
+    :class:`pu_errors.OutputError` naming the folder, with the old outputs intact.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=output))
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=output))
     try:
         written, replaced = staging / "new", staging / "replaced"
-        pipeline.save_pretrained(written)
+        written.mkdir()
+        with reporting_full_disk(output, what):
+            write(written)
         replaced.mkdir()
-        for item in sorted(written.iterdir(), key=lambda p: p.name == "model_index.json"):
+        if not (written / SAMPLES_FILE).exists() and (output / SAMPLES_FILE).exists():
+            os.replace(output / SAMPLES_FILE, replaced / SAMPLES_FILE)
+        for item in sorted(written.iterdir(), key=lambda p: p.name in FINISHED_MODEL_FILES):
             target = output / item.name
             if target.is_dir():
                 os.replace(target, replaced / item.name)
@@ -164,16 +175,18 @@ def save_validation_images(
     step: int,
     columns: int | None = None,
     captions: list[str] | None = None,
-) -> Path:
-    """Save a grid to output_dir/validation/<tag>.png and output_dir/samples.png, and log the images."""
+):
+    """Save a grid to output_dir/validation/<tag>.png, log the images, and return the grid. The grid becomes
+    samples.png only with a model save (:func:`save_outputs_atomically`), so that it shows the saved model."""
     grid = image_grid(images, columns=columns)
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}.png"
-    grid.save(path)
-    grid.save(Path(output_dir) / "samples.png")
+    with reporting_full_disk(folder, f"the validation grid {path.name}"):
+        grid.save(path)
     log_images(accelerator.trackers, images, step, captions)
-    return path
+    logger.info("validation grid: %s", path)
+    return grid
 
 
 def log_images(trackers, images: np.ndarray, step: int, captions: list[str] | None = None) -> None:
@@ -222,17 +235,17 @@ def write_model_card(
     ``pu_training.RunPlan`` (data sizes, steps, S batch size, learning rate)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    datasets = [d for d in (args.dataset_name, args.sensitive_dataset_name) if d and not os.path.isdir(d)]
+    datasets = [d for d in (args.dataset_name, args.sensitive_dataset_name) if d and not is_local(d)]
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if base_model and not is_local(base_model) else None,
         datasets=datasets or None,
         library_name="diffusers",
         license="apache-2.0",
         tags=["diffusers", "pu-diffusion", "positive-unlabeled", *tags],
     )
-    sensitive = args.sensitive_dataset_name or args.sensitive_data_dir
+    sensitive = public_name(args.sensitive_dataset_name or args.sensitive_data_dir)
     if args.label_column:
-        sensitive = f"labels {args.sensitive_labels} of `{args.label_column}` in {args.dataset_name}"
+        sensitive = f"labels {args.sensitive_labels} of `{args.label_column}` in {public_name(args.dataset_name)}"
     lines = [
         "---",
         card_data.to_yaml(),
@@ -246,8 +259,8 @@ def write_model_card(
         "",
         "| setting | value |",
         "| --- | --- |",
-        f"| base model | {base_model or 'trained from scratch'} |",
-        f"| unlabeled data U | {args.dataset_name or args.train_data_dir} |",
+        f"| base model | {public_name(base_model) or 'trained from scratch'} |",
+        f"| unlabeled data U | {public_name(args.dataset_name or args.train_data_dir)} |",
         f"| sensitive data S | {sensitive or 'none (unsupervised)'} |",
         f"| images in U, S | {plan.num_unlabeled_images}, {plan.num_sensitive_images} |",
         f"| loss type | {args.loss_type} |",
@@ -269,6 +282,31 @@ def write_model_card(
     return path
 
 
+def is_local(name_or_path: str) -> bool:
+    """A path on this machine rather than a Hub id (a Hub id may look like a relative path: check the disk)."""
+    return os.path.isabs(name_or_path) or os.path.exists(name_or_path)
+
+
+def public_name(name_or_path: str | None) -> str | None:
+    """How a card or an upload names a model or data: a Hub id as it is, a local path by its folder's name
+    only. Local paths say who ran it and where (the sensitive set's folder among them) and help no reader."""
+    if name_or_path is None or not is_local(name_or_path):
+        return name_or_path
+    return f"{public_reference(name_or_path)} (a local folder)"
+
+
+def public_reference(name_or_path: str) -> str:
+    """What a card's code loads: a Hub id, or a local folder by its name alone."""
+    return Path(name_or_path).resolve().name if is_local(name_or_path) else name_or_path
+
+
+def model_reference(args: argparse.Namespace, hub_repo_id: str | None) -> str:
+    """What a card's snippet loads: the Hub repository that was created, else the output folder as given."""
+    if hub_repo_id:
+        return hub_repo_id
+    return args.output_dir if not os.path.isabs(args.output_dir) else Path(args.output_dir).name
+
+
 def create_hub_repo(args: argparse.Namespace) -> str:
     from huggingface_hub import create_repo
 
@@ -279,11 +317,14 @@ def create_hub_repo(args: argparse.Namespace) -> str:
 def upload_to_hub(args: argparse.Namespace, repo_id: str, commit_message: str) -> None:
     from huggingface_hub import upload_folder
 
+    # The logs' hparams hold every flag; they go up only when asked for (and then without local paths:
+    # pu_training.tracker_config).
+    logs = [] if args.push_logs_to_hub else [f"{args.logging_dir.strip('/')}/**", args.logging_dir.strip("/")]
     upload_folder(
         repo_id=repo_id,
         folder_path=args.output_dir,
         commit_message=commit_message,
-        ignore_patterns=HUB_IGNORE_PATTERNS,
+        ignore_patterns=HUB_IGNORE_PATTERNS + logs,
         token=args.hub_token,
     )
 

@@ -165,7 +165,7 @@ class SmallConvNet(torch.nn.Module):
 
 
 def fit_scorer(
-    sensitive: torch.Tensor, unlabeled: torch.Tensor, epochs: int, batch_size: int, seed: int
+    sensitive: torch.Tensor, unlabeled: torch.Tensor, epochs: int, batch_size: int, seed: int, device="cpu"
 ) -> SmallConvNet:
     """Train S (1) against U (0), both classes weighted equally whatever their sizes.
 
@@ -180,7 +180,7 @@ def fit_scorer(
     u_val = fold_ids(len(unlabeled), 5, generator) == 0
     train_inputs, train_targets, train_weights = _weighted_classes(sensitive[~s_val], unlabeled[~u_val])
     val_inputs, val_targets, val_weights = _weighted_classes(sensitive[s_val], unlabeled[u_val])
-    model = SmallConvNet(sensitive.shape[1])
+    model = SmallConvNet(sensitive.shape[1]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
     for _ in range(epochs):
@@ -188,9 +188,9 @@ def fit_scorer(
         order = torch.randperm(len(train_inputs), generator=generator)
         for start in range(0, len(train_inputs), batch_size):
             batch = order[start : start + batch_size]
-            inputs = augment(train_inputs[batch], generator)
+            inputs = augment(train_inputs[batch], generator).to(device)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                model(inputs), train_targets[batch], weight=train_weights[batch]
+                model(inputs), train_targets[batch].to(device), weight=train_weights[batch].to(device)
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,7 +230,9 @@ def _weighted_classes(sensitive: torch.Tensor, unlabeled: torch.Tensor):
 
 @torch.no_grad()
 def score(model: SmallConvNet, inputs: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]).numpy()
+    device = next(model.parameters()).device
+    batches = [model(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)]
+    return torch.cat(batches).numpy()
 
 
 def fold_ids(count: int, folds: int, generator: torch.Generator) -> torch.Tensor:
@@ -245,6 +247,7 @@ def cross_fitted_scores(
     epochs: int = 40,
     batch_size: int = 128,
     seed: int = 0,
+    device="cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Held-out scores of every S and U input: fold k is scored by a model trained on the other folds."""
     generator = torch.Generator().manual_seed(seed)
@@ -255,7 +258,12 @@ def cross_fitted_scores(
     sensitive_scores, unlabeled_scores = np.zeros(len(sensitive)), np.zeros(len(unlabeled))
     for fold in range(folds):
         model = fit_scorer(
-            sensitive[sensitive_fold != fold], unlabeled[unlabeled_fold != fold], epochs, batch_size, seed + fold
+            sensitive[sensitive_fold != fold],
+            unlabeled[unlabeled_fold != fold],
+            epochs,
+            batch_size,
+            seed + fold,
+            device,
         )
         sensitive_scores[(sensitive_fold == fold).numpy()] = score(model, sensitive[sensitive_fold == fold])
         unlabeled_scores[(unlabeled_fold == fold).numpy()] = score(model, unlabeled[unlabeled_fold == fold])
@@ -270,11 +278,15 @@ def estimate_prior(
     epochs: int = 40,
     confidence: float = 0.9,
     seed: int = 0,
+    device="cpu",
 ) -> PriorEstimate:
-    """BBE on cross-fitted scores of S and U (tensors of images or latents, N x C x H x W, roughly unit scale)."""
+    """BBE on cross-fitted scores of S and U (tensors of images or latents, N x C x H x W, roughly unit scale);
+    the classifiers train on ``device``."""
     if len(sensitive) < folds or len(unlabeled) < folds:
         raise ValueError(f"S ({len(sensitive)}) and U ({len(unlabeled)}) need at least {folds} images each")
-    sensitive_scores, unlabeled_scores = cross_fitted_scores(sensitive, unlabeled, folds, epochs, seed=seed)
+    sensitive_scores, unlabeled_scores = cross_fitted_scores(
+        sensitive, unlabeled, folds, epochs, seed=seed, device=device
+    )
     low, high = bootstrap_interval(sensitive_scores, unlabeled_scores, confidence, seed=seed)
     return PriorEstimate(
         estimate=best_bin_estimate(sensitive_scores, unlabeled_scores),
@@ -287,6 +299,48 @@ def estimate_prior(
         num_sensitive=len(sensitive),
         folds=folds,
     )
+
+
+# --------------------------------------------------------------------------- when not to use the estimate
+
+#: Below this many S images the estimator is refused: with 10 S images and a true share of 0.091 it gave
+#: 0.503 [0.18, 0.84] on the digits (docs/benchmark.md, "The estimator with a small S").
+MIN_SENSITIVE_IMAGES = 50
+
+#: An interval wider than this is too wide to train with: a prior off by half of it changes what PU removes.
+MAX_INTERVAL_WIDTH = 0.3
+
+
+def estimate_problems(estimate: PriorEstimate, max_width: float = MAX_INTERVAL_WIDTH) -> list[str]:
+    """Why ``estimate`` should not be trained with; empty when it can be.
+
+    An estimate of 0 means the classifier found nothing in U that looks like S
+    (S too easy to tell apart); 1 means it could not tell S from U at all. Both
+    are outside the open interval (0, 1) that the PU risk needs.
+    """
+    problems = []
+    if estimate.estimate <= 0.0:
+        problems.append("the estimate is 0: nothing in U scored like S (S may not be the kind of image U holds)")
+    elif estimate.estimate >= 1.0:
+        problems.append("the estimate is 1: the classifier could not tell S from U (S and U look alike)")
+    width = estimate.high - estimate.low
+    if width > max_width:
+        problems.append(
+            f"its {round(100 * estimate.confidence)}% interval [{estimate.low:.3f}, {estimate.high:.3f}] is"
+            f" {width:.2f} wide (more than --prior_max_interval_width {max_width:g}): too uncertain to act on;"
+            " more S images narrow it"
+        )
+    return problems
+
+
+def check_usable(estimate: PriorEstimate, max_width: float = MAX_INTERVAL_WIDTH) -> None:
+    """--prior auto: refuse, before training, an estimate that the PU risk cannot use or should not trust."""
+    problems = estimate_problems(estimate, max_width)
+    if problems:
+        raise InputError(
+            f"--prior auto: {estimate.estimate:.4f} cannot be trained with: {'; '.join(problems)}."
+            " Give the share yourself with --prior (the paper's default is 0.1)."
+        )
 
 
 # --------------------------------------------------------------------------- what the classifier sees
@@ -319,9 +373,31 @@ def vae_inputs(dataset, image_column: str, resolution: int, vae, batch_size: int
     return torch.cat(latents)
 
 
-def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None) -> PriorEstimate:
+def check_sizes(num_unlabeled: int, num_sensitive: int, folds: int) -> None:
+    """Refuse, before any image is read, an S or U too small to estimate the prior from."""
+    needed = max(MIN_SENSITIVE_IMAGES, 2 * folds)
+    if min(num_sensitive, num_unlabeled) < needed:
+        raise InputError(
+            f"estimating the prior: S has {num_sensitive} images and U {num_unlabeled}; the estimate needs at least"
+            f" {needed} in each (below that it is too far off to use). Give the share yourself with --prior."
+        )
+
+
+def check_sizes_from_flags(args) -> None:
+    """The same check at parse time, where --num_labeled_sensitive already says how large S will be."""
+    if getattr(args, "num_labeled_sensitive", None) is not None:
+        needed = max(MIN_SENSITIVE_IMAGES, 2 * args.prior_folds)
+        if args.num_labeled_sensitive < needed:
+            raise InputError(
+                f"--num_labeled_sensitive {args.num_labeled_sensitive}: estimating the prior needs at least"
+                f" {needed} images in S (below that it is too far off to use). Give the share with --prior."
+            )
+
+
+def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="cpu") -> PriorEstimate:
     """The estimate for U and S as the scripts load them (``datasets.Dataset`` objects), with the
-    --prior_folds, --prior_epochs and --prior_confidence of ``args``; ``vae`` switches to latent features."""
+    --prior_folds, --prior_epochs and --prior_confidence of ``args``; ``vae`` switches to latent features.
+    The S-vs-U classifiers train on ``device`` (the accelerator's, in the training scripts)."""
     if vae is not None:
         inputs = [vae_inputs(data, args.image_column, args.resolution, vae) for data in (sensitive, unlabeled)]
         features = "vae latents"
@@ -329,11 +405,7 @@ def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None) -> PriorE
         channels = image_channels([(unlabeled, "U"), (sensitive, "S")], args.image_column)
         inputs = [pixel_inputs(data, args.image_column, args.resolution, channels) for data in (sensitive, unlabeled)]
         features = f"pixels at {min(args.resolution, PIXEL_FEATURE_SIZE)} px"
-    if min(len(sensitive), len(unlabeled)) < 2 * args.prior_folds:
-        raise InputError(
-            f"--prior auto: S has {len(sensitive)} images and U {len(unlabeled)}; estimating the prior with"
-            f" --prior_folds {args.prior_folds} needs at least {2 * args.prior_folds} in each (or give --prior)"
-        )
+    check_sizes(len(unlabeled), len(sensitive), args.prior_folds)
     estimate = estimate_prior(
         *inputs,
         features=features,
@@ -341,6 +413,7 @@ def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None) -> PriorE
         epochs=args.prior_epochs,
         confidence=args.prior_confidence,
         seed=seed,
+        device=device,
     )
     logger.info(
         "estimated prior (share of sensitive images in U): %.4f, %d%% interval [%.4f, %.4f] (%s)",

@@ -23,19 +23,22 @@ import torch
 from tqdm.auto import tqdm
 
 import pu_data
+import pu_prior
 from pu_checkpoints import (
     ADAPTER_FLAGS,
     DATA_ORDER_FLAGS,
     OBJECTIVE_FLAGS,
     full_model,
+    resumed_config_value,
     resumed_prior_estimate,
     resumed_seed,
     save_checkpoint,
 )
 from pu_data import InputError
+from pu_errors import OutputError
 from pu_flags import signal_to_noise
 from pu_loss import RiskOutput, compute_risk, per_sample_diffusion_loss
-from pu_outputs import create_hub_repo, finished_model_file, write_json_atomically
+from pu_outputs import create_hub_repo, finished_model_file, public_name, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +115,17 @@ class RunPlan:
     num_train_epochs: int
     prior: float  # --prior, or its estimate for --prior auto
     prior_estimate: dict | None = None  # what --prior auto found (pu_prior.PriorEstimate.to_dict())
+    data_fingerprint: dict | None = None  # pu_data.data_fingerprint of U and S
 
 
 def plan_run(
-    args: argparse.Namespace, seed: int, unlabeled, sensitive, num_processes: int, prior_estimate: dict | None = None
+    args: argparse.Namespace,
+    seed: int,
+    unlabeled,
+    sensitive,
+    num_processes: int,
+    prior_estimate: dict | None = None,
+    data_fingerprint: dict | None = None,
 ) -> RunPlan:
     """The default --sensitive_batch_size, the learning rate after --scale_lr, and the step counts: an epoch
     of U gives ceil(batches per process / --gradient_accumulation_steps) steps; --max_train_steps, when
@@ -142,7 +152,40 @@ def plan_run(
         num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
         prior=prior_estimate["estimate"] if prior_estimate is not None else args.prior,
         prior_estimate=prior_estimate,
+        data_fingerprint=data_fingerprint,
     )
+
+
+def check_plan(accelerator, args: argparse.Namespace, plan: RunPlan) -> None:
+    """Before training: a resume continues on the data its checkpoint was trained on, and every process has
+    the same plan. Without the second check, ranks with other data or flags would wait for each other at
+    the first step that one of them does not take, with no message."""
+    from accelerate.utils import gather_object
+
+    saved = resumed_config_value(args, "data_fingerprint")
+    if saved is not None and plan.data_fingerprint is not None and saved != plan.data_fingerprint:
+        changed = [
+            f"{name}: {saved.get(name, {}).get('images')} images then, {now['images']} now"
+            + ("" if saved.get(name, {}).get("images") != now["images"] else " (files changed)")
+            for name, now in plan.data_fingerprint.items()
+            if saved.get(name) != now
+        ]
+        raise InputError(
+            f"--resume_from_checkpoint: the data is not what the checkpoint was trained on ({'; '.join(changed)});"
+            " the resumed run would not replay it. Restore the data, or start a new --output_dir"
+        )
+    if accelerator.num_processes == 1:
+        return
+    plans = gather_object([asdict(plan)])
+    differing = sorted(key for key in plans[0] if any(other[key] != plans[0][key] for other in plans[1:]))
+    if differing:
+        values = "; ".join(
+            f"{key}: {[other[key] for other in plans]}" for key in differing if key != "data_fingerprint"
+        )
+        raise InputError(
+            f"the {len(plans)} processes disagree on {', '.join(differing)} ({values or 'the data differs'}):"
+            " every process must see the same data and flags"
+        )
 
 
 def make_accelerator(args: argparse.Namespace):
@@ -198,8 +241,13 @@ def settle_seed(accelerator, args: argparse.Namespace) -> int:
 
 def settle_prior(accelerator, args: argparse.Namespace, estimate: Callable) -> dict | None:
     """For --prior auto with the PU loss: the estimate of the checkpoint being resumed, else ``estimate()``
-    (a :class:`pu_prior.PriorEstimate`) run on the main process and shared; it goes to prior.json in
-    --output_dir. None for a numeric --prior."""
+    (a :class:`pu_prior.PriorEstimate`), refused when it cannot be trained with; it goes to prior.json in
+    --output_dir. None for a numeric --prior.
+
+    Every process runs the estimate, so that none waits in a collective for as long as it takes (on real
+    data that can outlast the process group's timeout); the main process's result is then shared, so that
+    all train with the same prior, and so is its refusal.
+    """
     from accelerate.utils import broadcast_object_list
 
     if args.prior != "auto" or args.loss_type != "pu":
@@ -208,12 +256,19 @@ def settle_prior(accelerator, args: argparse.Namespace, estimate: Callable) -> d
     if saved is not None:
         logger.info("--prior auto: %.4f, as estimated when the resumed run started", saved["estimate"])
         return saved
-    result = [estimate().to_dict() if accelerator.is_main_process else None]
+    try:
+        found = estimate()
+        pu_prior.check_usable(found, args.prior_max_interval_width)
+        outcome = [found.to_dict(), None]
+    except InputError as error:
+        outcome = [None, str(error)]
     if accelerator.num_processes > 1:
-        broadcast_object_list(result)
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise InputError(outcome[1])
     if accelerator.is_main_process:
-        write_json_atomically(Path(args.output_dir) / "prior.json", result[0])
-    return result[0]
+        write_json_atomically(Path(args.output_dir) / "prior.json", outcome[0])
+    return outcome[0]
 
 
 class TrainingInterrupted(Exception):
@@ -477,7 +532,7 @@ def exit_on_error(main: Callable, args: argparse.Namespace) -> None:
     """Run a script's main: bad input and NaN stop with "error: ...", a signal with its exit code."""
     try:
         main(args)
-    except (InputError, FloatingPointError) as error:
+    except (InputError, OutputError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     except TrainingInterrupted as interruption:
         print(f"stopped: {interruption}", file=sys.stderr)
@@ -660,18 +715,21 @@ def interrupt(accelerator, args, plan: RunPlan, global_step: int, signal_number:
 def tracker_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     """The run's flags and plan for TensorBoard's hparams (scalars and strings only), without the Hub token."""
     values = {**vars(args), **{f"plan_{key}": value for key, value in asdict(plan).items()}}
-    return {
-        key: value if isinstance(value, (int, float, str, bool)) else str(value)
-        for key, value in values.items()
-        if key != "hub_token"
-    }
+    return {key: _hparam(value) for key, value in values.items() if key != "hub_token"}
+
+
+def _hparam(value):
+    """A value as TensorBoard's hparams take it; a local path by its folder's name, as the model card has it."""
+    if isinstance(value, str):
+        return public_name(value)
+    return value if isinstance(value, (int, float, bool)) else str(value)
 
 
 def checkpoint_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     """What a checkpoint records so that a resume can check it continues the same run."""
     config = {key: getattr(args, key, None) for key in OBJECTIVE_FLAGS + ADAPTER_FLAGS}
     # --prior auto is resolved once, at the start; a resume reuses this estimate.
-    config.update(prior_value=plan.prior, prior_estimate=plan.prior_estimate)
+    config.update(prior_value=plan.prior, prior_estimate=plan.prior_estimate, data_fingerprint=plan.data_fingerprint)
     # The data order as run: the plan's value where it settled one (seed, S batch size), else the flag.
     config.update({key: getattr(plan, key) if hasattr(plan, key) else getattr(args, key) for key in DATA_ORDER_FLAGS})
     return config

@@ -425,8 +425,9 @@ def match_training_scheduler(pipeline, noise_scheduler) -> None:
     pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
 
 
-def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int) -> Path:
-    """One grid: a row of --num_validation_images per --validation_prompt, the same noise every time."""
+def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int):
+    """One grid (returned, and written to validation/): a row of --num_validation_images per
+    --validation_prompt, the same noise every time."""
     unet = accelerator.unwrap_model(run.model)
     pipeline = validation_pipeline(args, run, unet)
     rows = []
@@ -446,7 +447,7 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
             rows.append(output.images)
     unet.train()
     captions = [prompt for prompt in args.validation_prompt for _ in range(args.num_validation_images)]
-    path = pu_outputs.save_validation_images(
+    return pu_outputs.save_validation_images(
         accelerator,
         np.concatenate(rows),
         args.output_dir,
@@ -455,22 +456,30 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
         columns=args.num_validation_images,
         captions=captions,
     )
-    logger.info("validation grid (%s): %s", ", ".join(args.validation_prompt), path)
-    return path
 
 
-def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | None = None) -> None:
-    """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). Then the card.
+def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | None = None, samples=None) -> None:
+    """LoRA: the adapter weights; full: a StableDiffusionPipeline folder (EMA weights if kept). With them, the
+    samples (the last validation grid) and the card, all saved together.
 
     ``state`` is the UNet's gathered state dict under DeepSpeed or FSDP, else None.
     """
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    def save(write_model) -> None:
+        def write(folder: Path) -> None:
+            write_model(folder)
+            if samples is not None:
+                samples.save(folder / pu_outputs.SAMPLES_FILE)
+            write_text_to_image_card(folder, args, run, has_samples=samples is not None)
+
+        pu_outputs.save_outputs_atomically(args.output_dir, write)
+
     if args.use_lora:
         unet = accelerator.unwrap_model(run.model)
         # As in the Diffusers LoRA scripts: the final weights in the training dtype unless upcast.
         dtype = torch.float32 if args.upcast_before_saving else run.weight_dtype
         state = pu_lora.lora_state_dict(unet, state_dict=state, dtype=dtype)
-        pu_lora.save_lora_atomically(unet, state, args.output_dir)
+        save(functools.partial(pu_lora.write_lora, unet=unet, state=state))
     else:
         # A VAE of its own goes into the saved pipeline, loaded again in its saved precision.
         vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
@@ -479,18 +488,15 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
                 args.pretrained_model_name_or_path, unet=unet, **vae, revision=args.revision, variant=args.variant
             )
             match_training_scheduler(pipeline, run.noise_scheduler)
-            pu_outputs.save_pipeline_atomically(pipeline, args.output_dir)
-    write_text_to_image_card(args, run.plan, run.is_sdxl)
+            save(pipeline.save_pretrained)
 
 
-def write_text_to_image_card(args, plan: pu_training.RunPlan, sdxl: bool = False) -> None:
-    output_dir = Path(args.output_dir)
-    repo = args.hub_model_id or args.output_dir
+def write_text_to_image_card(folder: Path, args, run: TextToImageRun, has_samples: bool) -> None:
+    """The model card, written into ``folder`` (the save's staging folder)."""
+    repo = pu_outputs.model_reference(args, run.hub_repo_id)
+    base = pu_outputs.public_reference(args.pretrained_model_name_or_path)
     if args.use_lora:
-        load = (
-            f'pipeline = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
-            f'pipeline.load_lora_weights("{repo}")\n'
-        )
+        load = f'pipeline = DiffusionPipeline.from_pretrained("{base}")\npipeline.load_lora_weights("{repo}")\n'
         if args.prediction_type:  # a LoRA file cannot carry the scheduler's setting
             load += f'pipeline.scheduler.register_to_config(prediction_type="{args.prediction_type}")\n'
     else:
@@ -501,21 +507,21 @@ def write_text_to_image_card(args, plan: pu_training.RunPlan, sdxl: bool = False
     if args.validation_prompt:
         body += "\n## Validation grid\n\nOne row per prompt, the same noise in every grid:\n\n"
         body += "".join(f"{row + 1}. {prompt}\n" for row, prompt in enumerate(args.validation_prompt))
-        if (output_dir / "validation" / "before-training.png").exists():
+        if (Path(args.output_dir) / "validation" / "before-training.png").exists():
             body += "\nBefore training (the base model):\n\n![before](validation/before-training.png)\n"
     pu_outputs.write_model_card(
-        args.output_dir,
+        folder,
         args,
-        plan,
+        run.plan,
         base_model=args.pretrained_model_name_or_path,
         tags=[
-            "stable-diffusion-xl" if sdxl else "stable-diffusion",
+            "stable-diffusion-xl" if run.is_sdxl else "stable-diffusion",
             "text-to-image",
             *(["lora"] if args.use_lora else []),
         ],
-        title=f"PU diffusion: Stable Diffusion{' XL' if sdxl else ''} "
+        title=f"PU diffusion: Stable Diffusion{' XL' if run.is_sdxl else ''} "
         + (f"LoRA ({pu_lora.lora_description(args)})" if args.use_lora else "fine-tune"),
-        image="samples.png" if args.validation_prompt and (output_dir / "samples.png").exists() else None,
+        image=pu_outputs.SAMPLES_FILE if has_samples else None,
         body=body,
     )
 
@@ -526,10 +532,11 @@ def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step
     last = global_step >= run.plan.max_train_steps
     state = pu_checkpoints.gathered_state_dict(accelerator, run.model) if last else None
     if accelerator.is_main_process:
+        grid = None
         if args.validation_prompt and (last or (epoch + 1) % args.validation_epochs == 0):
-            validate(accelerator, run, args, f"step-{global_step:06d}", global_step)
+            grid = validate(accelerator, run, args, f"step-{global_step:06d}", global_step)
         if last:
-            save_model_and_card(accelerator, run, args, state)
+            save_model_and_card(accelerator, run, args, state, grid)
             if run.hub_repo_id:
                 pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
@@ -561,9 +568,15 @@ def main(args: argparse.Namespace) -> None:
         with accelerator.main_process_first():
             unlabeled, sensitive = pu_data.load_training_sets(args, seed)
         prior_estimate = pu_training.settle_prior(
-            accelerator, args, lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, frozen.vae)
+            accelerator,
+            args,
+            lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, frozen.vae, accelerator.device),
         )
-        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate)
+        fingerprint = pu_data.data_fingerprint(unlabeled, sensitive, args.image_column)
+        plan = pu_training.plan_run(
+            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint
+        )
+        pu_training.check_plan(accelerator, args, plan)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
         make_dataset = captioned_dataset(args, frozen)
         if args.cache_latents:

@@ -43,7 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="UNet2DModel config (folder or Hub id) to train from scratch. Default: a UNet sized by --resolution.",
     )
     model.add_argument("--ddpm_num_steps", type=POSITIVE_INT, default=1000, help="Diffusion steps T (from scratch).")
-    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (from scratch).")
+    model.add_argument(
+        "--ddpm_beta_schedule",
+        choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
+        default="linear",
+        help="Beta schedule (from scratch).",
+    )
     model.add_argument(
         "--ddpm_num_inference_steps",
         type=POSITIVE_INT,
@@ -196,7 +201,8 @@ def make_pipeline(unet, run: pu_training.TrainingRun):
     return DDPMPipeline(unet=unet, scheduler=copy.deepcopy(run.noise_scheduler))
 
 
-def generate_validation_grid(accelerator, pipeline, args, seed: int, epoch: int, global_step: int) -> None:
+def generate_validation_grid(accelerator, pipeline, args, seed: int, epoch: int, global_step: int):
+    """The validation grid of this epoch (also written to validation/), as a PIL image."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = pipeline(
         generator=generator,
@@ -204,27 +210,32 @@ def generate_validation_grid(accelerator, pipeline, args, seed: int, epoch: int,
         num_inference_steps=args.ddpm_num_inference_steps,
         output_type="np",
     ).images
-    path = pu_outputs.save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
-    logger.info("validation grid: %s", path)
+    return pu_outputs.save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
 
 
-def save_pipeline_and_card(pipeline, args, plan: pu_training.RunPlan, base_model: str | None) -> None:
-    pu_outputs.save_pipeline_atomically(pipeline, args.output_dir)
-    has_samples = (Path(args.output_dir) / "samples.png").exists()
-    pu_outputs.write_model_card(
-        args.output_dir,
-        args,
-        plan,
-        base_model=base_model,
-        tags=["unconditional-image-generation", "ddpm"],
-        title="PU diffusion: unconditional DDPM",
-        image="samples.png" if has_samples else None,
-        body=(
-            "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f'pipeline = DiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")\n'
-            "images = pipeline(batch_size=16).images\n```\n"
-        ),
-    )
+def save_pipeline_and_card(pipeline, args, run: pu_training.TrainingRun, samples=None) -> None:
+    """The pipeline, its samples (a grid of this model, if one was made) and the model card, saved together."""
+
+    def write(folder: Path) -> None:
+        pipeline.save_pretrained(folder)
+        if samples is not None:
+            samples.save(folder / pu_outputs.SAMPLES_FILE)
+        pu_outputs.write_model_card(
+            folder,
+            args,
+            run.plan,
+            base_model=run.base_model,
+            tags=["unconditional-image-generation", "ddpm"],
+            title="PU diffusion: unconditional DDPM",
+            image=pu_outputs.SAMPLES_FILE if samples is not None else None,
+            body=(
+                "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+                f'pipeline = DiffusionPipeline.from_pretrained("{pu_outputs.model_reference(args, run.hub_repo_id)}")\n'
+                "images = pipeline(batch_size=16).images\n```\n"
+            ),
+        )
+
+    pu_outputs.save_outputs_atomically(args.output_dir, write)
 
 
 # --------------------------------------------------------------------------- training
@@ -237,9 +248,15 @@ def main(args: argparse.Namespace) -> None:
         with accelerator.main_process_first():
             unlabeled, sensitive = pu_data.load_training_sets(args, seed)
         prior_estimate = pu_training.settle_prior(
-            accelerator, args, lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed)
+            accelerator,
+            args,
+            lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, device=accelerator.device),
         )
-        plan = pu_training.plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate)
+        fingerprint = pu_data.data_fingerprint(unlabeled, sensitive, args.image_column)
+        plan = pu_training.plan_run(
+            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint
+        )
+        pu_training.check_plan(accelerator, args, plan)
 
         sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])
         unet, noise_scheduler, base_model = load_model(args, pu_images.image_channels(sources, args.image_column))
@@ -293,10 +310,11 @@ def end_of_epoch(
         if images_due or model_due:
             with pu_training.model_to_save(accelerator, run, state) as unet:
                 pipeline = make_pipeline(unet, run)
+                grid = None
                 if images_due:
-                    generate_validation_grid(accelerator, pipeline, args, run.plan.seed, epoch, global_step)
+                    grid = generate_validation_grid(accelerator, pipeline, args, run.plan.seed, epoch, global_step)
                 if model_due:
-                    save_pipeline_and_card(pipeline, args, run.plan, run.base_model)
+                    save_pipeline_and_card(pipeline, args, run, grid)
         if model_due and run.hub_repo_id:
             pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()

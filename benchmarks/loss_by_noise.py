@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pu_data  # noqa: E402
+import pu_flags  # noqa: E402
 
 SENSITIVE_LABELS = ["1", "3", "5", "7", "9"]
 BANDS = ((0, 100), (100, 400), (400, 1000))
@@ -35,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("pipelines", nargs="+", help="NAME=FOLDER of a trained DDPM pipeline, one or more.")
     parser.add_argument("--data_dir", default=str(ROOT / "data" / "digits"), help="The digits dataset folder.")
     parser.add_argument("--seed", type=int, default=0, help="The --seed the models were trained with (the split).")
-    parser.add_argument("--draws", type=int, default=8, help="(t, noise) draws per image and band.")
+    parser.add_argument("--draws", type=pu_flags.POSITIVE_INT, default=8, help="(t, noise) draws per image and band.")
+    pu_flags.show_ranges(parser)
     args = parser.parse_args(argv)
     for item in args.pipelines:
         if "=" not in item:

@@ -39,9 +39,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -49,6 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, prior_value, show_ranges  # noqa: E402
+
 METHODS = ("unsupervised", "supervised", "pu", "pu-paper")
 
 
@@ -91,17 +97,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="digits", help="digits, shapes, or a labeled dataset (folder or Hub id).")
     parser.add_argument("--label_column", default="label", help="With a dataset of yours: its label column.")
     parser.add_argument("--sensitive_labels", nargs="+", default=None, help="Default: the built-in dataset's.")
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the built-in dataset's (8 or 16).")
+    parser.add_argument(
+        "--resolution", type=POSITIVE_INT, default=None, help="Default: the built-in dataset's (8 or 16)."
+    )
     parser.add_argument("--output_dir", default=None, help="Default: outputs/benchmark-DATASET[-finetune].")
     parser.add_argument("--protocol", choices=("scratch", "finetune"), default="scratch")
     parser.add_argument("--quick", action="store_true", help="unsupervised and pu, seed 0, no reference rows.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no_oracle", action="store_true", help="Skip the oracle row.")
-    parser.add_argument("--max_train_steps", type=int, default=2000, help="Steps of each method (of fine-tuning).")
-    parser.add_argument("--pretrain_steps", type=int, default=2000, help="With --protocol finetune.")
-    parser.add_argument("--prior", default=None, help="PU prior for pu; default: the training script's.")
-    parser.add_argument("--priors", nargs="+", type=float, default=[], help="Also run pu at each prior (Figure 4).")
+    parser.add_argument(
+        "--max_train_steps", type=POSITIVE_INT, default=2000, help="Steps of each method (of fine-tuning)."
+    )
+    parser.add_argument("--pretrain_steps", type=POSITIVE_INT, default=2000, help="With --protocol finetune.")
+    parser.add_argument(
+        "--prior", type=prior_value, default=None, help="PU prior for pu; default: the training script's."
+    )
+    parser.add_argument(
+        "--priors", nargs="+", type=OPEN_UNIT_INTERVAL, default=[], help="Also run pu at each prior (Figure 4)."
+    )
     parser.add_argument(
         "--pu_args",
         type=shlex.split,
@@ -111,17 +125,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train_args", nargs=argparse.REMAINDER, default=[], help="Further flags for every training run (last)."
     )
-    parser.add_argument("--num_samples", type=int, default=1000, help="Samples per evaluation.")
+    parser.add_argument("--num_samples", type=POSITIVE_INT, default=1000, help="Samples per evaluation.")
     parser.add_argument("--fid_features", choices=("classifier", "inception"), default="classifier")
     parser.add_argument("--fresh", action="store_true", help="Delete earlier results in --output_dir first.")
     parser.add_argument("--data_dir", default=None, help="A built-in dataset's folder; written if missing.")
-    parser.add_argument("--classifier_epochs", type=int, default=30)
+    parser.add_argument("--classifier_epochs", type=POSITIVE_INT, default=30)
     parser.add_argument(
-        "--jobs", type=int, default=1, help="Runs trained at once, each with its share of the CPU threads."
+        "--jobs", type=POSITIVE_INT, default=1, help="Runs trained at once, each with its share of the CPU threads."
     )
+    show_ranges(parser)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs {args.jobs}: must be 1 or more")
     builtin = DATASETS.get(args.dataset)
     if builtin is None and (args.sensitive_labels is None or args.resolution is None):
         parser.error(f"--dataset {args.dataset}: a dataset of yours needs --sensitive_labels and --resolution")
@@ -137,14 +150,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Stopped(Exception):
+    """Ctrl-C (or SIGTERM) reached the benchmark or one of its runs: nothing more is started."""
+
+
+#: Set once the benchmark is stopping; the runs in flight are told, and no queued one starts.
+STOPPING = threading.Event()
+RUNNING: set[subprocess.Popen] = set()
+RUNNING_LOCK = threading.Lock()
+#: Exit codes of a run stopped by SIGINT or SIGTERM (the scripts' own, and a child killed by the signal).
+INTERRUPTED_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+
+
 def run_command(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-    """Run one step, its output into ``log``; on failure show the end of the log and stop."""
+    """Run one step, its output into ``log``; on failure show the end of the log and stop. An interrupted step
+    stops the whole benchmark (:class:`Stopped`), so that no queued run starts after a Ctrl-C."""
+    if STOPPING.is_set():
+        raise Stopped(f"not started: {' '.join(command[1:3])}")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as stream:
-        completed = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=env)
-    if completed.returncode != 0:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=env)
+        with RUNNING_LOCK:
+            RUNNING.add(process)
+        try:
+            returncode = process.wait()
+        finally:
+            with RUNNING_LOCK:
+                RUNNING.discard(process)
+    if returncode in INTERRUPTED_CODES or STOPPING.is_set():
+        STOPPING.set()
+        raise Stopped(f"interrupted: {' '.join(command)}")
+    if returncode != 0:
         tail = log.read_text().splitlines()[-20:]
-        sys.exit(f"failed ({completed.returncode}): {' '.join(command)}\n" + "\n".join(tail))
+        sys.exit(f"failed ({returncode}): {' '.join(command)}\n" + "\n".join(tail))
+
+
+def stop_running_steps() -> None:
+    """Ctrl-C in the benchmark: no queued run starts, and each step in flight gets SIGINT (which a terminal's
+    Ctrl-C has already sent it; a SIGINT or SIGTERM sent to the benchmark alone reaches it only so)."""
+    STOPPING.set()
+    with RUNNING_LOCK:
+        for process in RUNNING:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
 
 
 def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
@@ -157,12 +205,24 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
             command = [sys.executable, builtin.writer, "--output_dir", data]
             run_command(command, output_dir / "logs" / "data.log")
     classifier = output_dir / "classifier"
+    command = [sys.executable, "evaluate.py", "train-classifier", "--dataset_name", data]
+    command += ["--label_column", args.label_column, "--num_epochs", str(args.classifier_epochs)]
+    command += ["--output_dir", str(classifier)]
+    record = classifier / "benchmark_run.json"
+    if classifier.exists() and not made_by(record, command):
+        print("(classifier made with other flags: training it again)", flush=True)
+        shutil.rmtree(classifier)
     if not (classifier / "classifier_metrics.json").is_file():
         print("training the classifier ...", flush=True)
-        command = [sys.executable, "evaluate.py", "train-classifier", "--dataset_name", data]
-        command += ["--label_column", args.label_column, "--num_epochs", str(args.classifier_epochs)]
-        run_command(command + ["--output_dir", str(classifier)], output_dir / "logs" / "classifier.log")
+        run_command(command, output_dir / "logs" / "classifier.log")
+        record.write_text(json.dumps({"command": command[1:]}, indent=2))
     return data, classifier
+
+
+def made_by(record: Path, command: list[str], **more) -> bool:
+    """Whether ``record`` says its folder was made by ``command`` (and ``more``), the interpreter aside: a
+    result is reused only if everything that made it is the same."""
+    return record.is_file() and json.loads(record.read_text()) == {"command": command[1:], **more}
 
 
 def prior_flag(prior) -> list[str]:
@@ -216,16 +276,24 @@ def run_all(runs: list[Run], jobs: int, train_and_score: Callable[[Run], dict]) 
         pool = ThreadPoolExecutor(max_workers=jobs)
         started = {pool.submit(timed, train_and_score, run): run for run in wave}
         try:
-            for future in as_completed(started):
-                run = started[future]
-                run.metrics, seconds = future.result()
-                finished += 1
-                rate = run.metrics["non_sensitive_rate"]
-                line = f"[{finished}/{len(runs)}] {run.name}, seed {run.seed}: rate {rate:.3f} ({seconds:.0f} s)"
-                print(line, flush=True)
+            wait_for(started, runs, finished)
+            finished += len(wave)
+        except KeyboardInterrupt:
+            stop_running_steps()
+            raise
         finally:
-            # After a failed run, the queued runs are dropped; the ones already training finish first.
+            # After a failed or interrupted run, the queued runs are dropped; the ones in flight end first.
             pool.shutdown(cancel_futures=True)
+
+
+def wait_for(started: dict, runs: list[Run], finished: int) -> None:
+    """Collect the runs of one wave as they finish, printing each result."""
+    for future in as_completed(started):
+        run = started[future]
+        run.metrics, seconds = future.result()
+        finished += 1
+        rate = run.metrics["non_sensitive_rate"]
+        print(f"[{finished}/{len(runs)}] {run.name}, seed {run.seed}: rate {rate:.3f} ({seconds:.0f} s)", flush=True)
 
 
 def timed(function: Callable[[Run], dict], run: Run) -> tuple[dict, float]:
@@ -264,21 +332,28 @@ def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier
     folder = run_folder(Path(args.output_dir), run)
     command = training_command(run, args, data, folder)
     record = folder / "benchmark_run.json"
-    if folder.exists() and (not record.is_file() or json.loads(record.read_text())["command"] != command[1:]):
+    if folder.exists() and not made_by(record, command):
         print("(made with other flags: training again)", end=" ", flush=True)
         shutil.rmtree(folder)
-    metrics_file = folder / "evaluation" / "metrics.json"
-    if metrics_file.is_file():
+    evaluation = folder / "evaluation"
+    evaluate = [sys.executable, "evaluate.py", "unconditional", "--pipeline", str(folder)]
+    evaluate += ["--classifier", str(classifier), "--sensitive_labels", *args.sensitive_labels]
+    evaluate += ["--reference_dataset_name", data, "--reference_label_column", args.label_column]
+    evaluate += ["--fid_features", args.fid_features, "--num_samples", str(args.num_samples), "--seed", "0"]
+    evaluate += ["--output_dir", str(evaluation)]
+    # The classifier's record (epochs, seed, accuracy) is part of what made the numbers.
+    classifier_record = json.loads((classifier / "classifier_metrics.json").read_text())
+    evaluation_record = evaluation / "benchmark_evaluation.json"
+    metrics_file = evaluation / "metrics.json"
+    if metrics_file.is_file() and made_by(evaluation_record, evaluate, classifier=classifier_record):
         return json.loads(metrics_file.read_text())
     environment = thread_environment(args.jobs)
     if not (folder / "model_index.json").is_file():
         run_command(command, folder / "train.log", environment)
         record.write_text(json.dumps({"command": command[1:]}, indent=2))  # without the interpreter's path
-    evaluate = [sys.executable, "evaluate.py", "unconditional", "--pipeline", str(folder)]
-    evaluate += ["--classifier", str(classifier), "--sensitive_labels", *args.sensitive_labels]
-    evaluate += ["--reference_dataset_name", data, "--reference_label_column", args.label_column]
-    evaluate += ["--fid_features", args.fid_features, "--num_samples", str(args.num_samples), "--seed", "0"]
-    run_command(evaluate + ["--output_dir", str(folder / "evaluation")], folder / "evaluate.log", environment)
+    shutil.rmtree(evaluation, ignore_errors=True)
+    run_command(evaluate, folder / "evaluate.log", environment)
+    evaluation_record.write_text(json.dumps({"command": evaluate[1:], "classifier": classifier_record}, indent=2))
     return json.loads(metrics_file.read_text())
 
 
@@ -466,4 +541,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the benchmark as Ctrl-C does
+    try:
+        main()
+    except (KeyboardInterrupt, Stopped) as stop:
+        stop_running_steps()
+        print(f"stopped{f' ({stop})' if str(stop) else ''}: finished runs are kept and reused", file=sys.stderr)
+        sys.exit(130)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import estimate_prior  # noqa: E402
 import pu_prior  # noqa: E402
 from pu_data import load_training_sets  # noqa: E402
+from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, show_ranges  # noqa: E402
 from pu_images import image_channels  # noqa: E402
 
 #: name -> (the script that writes it, its sensitive labels, its resolution)
@@ -42,12 +43,13 @@ DATASETS = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["digits", "shapes"])
-    parser.add_argument("--shares", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    parser.add_argument("--shares", nargs="+", type=OPEN_UNIT_INTERVAL, default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--deltas", nargs="+", type=float, default=[pu_prior.DELTA])
-    parser.add_argument("--num_labeled_sensitive", type=int, default=150, help="|S| in every cell.")
+    parser.add_argument("--deltas", nargs="+", type=OPEN_UNIT_INTERVAL, default=[pu_prior.DELTA])
+    parser.add_argument("--num_labeled_sensitive", type=POSITIVE_INT, default=150, help="|S| in every cell.")
     parser.add_argument("--data_root", default=str(ROOT / "data"), help="Datasets are written here if missing.")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "prior-accuracy"))
+    show_ranges(parser)
     return parser.parse_args(argv)
 
 
@@ -95,8 +97,9 @@ def cell_scores(cache: Path, folder: Path, name: str, share: float, num_normal: 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = ["| dataset | true share | delta | seeds | mean estimate | mean abs. error | interval holds the truth |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = ["| dataset | S images | true share | delta | seeds | mean estimate | mean abs. error"
+            " | interval holds the truth | mean interval width | refused by --prior auto |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name in args.datasets:
         folder = dataset_folder(name, Path(args.data_root))
         num_normal = normal_count(folder, name)
@@ -104,20 +107,24 @@ def main(argv=None) -> None:
             cells = []
             for seed in args.seeds:
                 start = time.perf_counter()
-                cache = Path(args.output_dir) / "scores" / f"{name}-{share:g}-{seed}.npz"
+                cache = Path(args.output_dir) / "scores" / f"{name}-{share:g}-{seed}-s{args.num_labeled_sensitive}.npz"
                 cells.append(cell_scores(cache, folder, name, share, num_normal, args, seed))
                 print(f"{name} share {share:g} seed {seed}: scores ready ({time.perf_counter() - start:.0f} s)")
             for delta in args.deltas:
-                estimates, errors, covered = [], [], 0
+                estimates, errors, widths, covered, refused = [], [], [], 0, 0
                 for sensitive_scores, unlabeled_scores, true_share in cells:
                     estimate = pu_prior.best_bin_estimate(sensitive_scores, unlabeled_scores, delta)
                     low, high = pu_prior.bootstrap_interval(sensitive_scores, unlabeled_scores, delta=delta)
                     estimates.append(estimate)
                     errors.append(abs(estimate - true_share))
+                    widths.append(high - low)
                     covered += low <= true_share <= high
+                    found = pu_prior.PriorEstimate(estimate, low, high, 0.9, "", "", 0, 0, 0)
+                    refused += bool(pu_prior.estimate_problems(found))
                 rows.append(
-                    f"| {name} | {cells[0][2]:.3f} | {delta:g} | {len(cells)} | {statistics.fmean(estimates):.3f} |"
-                    f" {statistics.fmean(errors):.3f} | {covered}/{len(cells)} |"
+                    f"| {name} | {args.num_labeled_sensitive} | {cells[0][2]:.3f} | {delta:g} | {len(cells)} |"
+                    f" {statistics.fmean(estimates):.3f} | {statistics.fmean(errors):.3f} | {covered}/{len(cells)} |"
+                    f" {statistics.fmean(widths):.3f} | {refused}/{len(cells)} |"
                 )
     print("\n" + "\n".join(rows))
     print(f"\n|S| = {args.num_labeled_sensitive}; U = every normal training image + the share's sensitive ones.")

@@ -165,14 +165,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
     parser.add_argument("--mixed_precision", nargs="+", choices=("no", "fp16", "bf16"), default=["fp16", "bf16"])
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=1, help="U images per step.")
-    parser.add_argument("--sensitive_batch_size", type=int, default=1, help="S images per step.")
+    parser.add_argument("--resolution", type=pu_flags.POSITIVE_INT, default=512)
+    parser.add_argument("--batch_size", type=pu_flags.POSITIVE_INT, default=1, help="U images per step.")
+    parser.add_argument("--sensitive_batch_size", type=pu_flags.POSITIVE_INT, default=1, help="S images per step.")
     parser.add_argument("--full", action="store_true", help="Train the whole UNet instead of LoRA adapters.")
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rank", type=pu_flags.POSITIVE_INT, default=4)
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=pu_flags.POSITIVE_INT, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=pu_flags.NON_NEGATIVE_INT, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--latents",
@@ -182,6 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="encoded: the VAE encodes every step's images; cached: they come from --cache_latents.",
     )
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # one (mixed precision, latents) configuration
+    pu_flags.show_ranges(parser)
     args = parser.parse_args(argv)
     if args.device == "cpu" and ("fp16" in args.mixed_precision or (args.one and args.one[0] == "fp16")):
         parser.error("--mixed_precision fp16 needs a GPU; on the CPU use no or bf16")

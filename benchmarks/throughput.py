@@ -169,14 +169,20 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="Timed steps per configuration.")
+    parser.add_argument("--steps", type=pu_flags.POSITIVE_INT, default=30, help="Timed steps per configuration.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument(
+        "--threads", type=pu_flags.POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)."
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument(
-        "--repeats", type=int, default=3, help="Runs per configuration, interleaved; the table shows the median."
+        "--repeats",
+        type=pu_flags.POSITIVE_INT,
+        default=3,
+        help="Runs per configuration, interleaved; the table shows the median.",
     )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "LOSS"), help=argparse.SUPPRESS)
+    pu_flags.show_ranges(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

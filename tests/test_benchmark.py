@@ -81,14 +81,14 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     written = metrics_file.stat().st_mtime_ns
     again = run_script(
         "benchmarks/paper_protocol.py", "--quick", "--data_dir", digits_dir, "--output_dir", output_dir,
-        "--max_train_steps", "3", "--num_samples", "16", launcher="python",
+        "--classifier_epochs", "2", "--max_train_steps", "3", "--num_samples", "16", launcher="python",
     )  # fmt: skip
     assert_ok(again)
     assert metrics_file.stat().st_mtime_ns == written
     # Other training flags: the runs are trained again, not reported under the old results.
     changed = run_script(
         "benchmarks/paper_protocol.py", "--quick", "--data_dir", digits_dir, "--output_dir", output_dir,
-        "--max_train_steps", "4", "--num_samples", "16", launcher="python",
+        "--classifier_epochs", "2", "--max_train_steps", "4", "--num_samples", "16", launcher="python",
     )  # fmt: skip
     assert_ok(changed)
     assert changed.stdout.count("made with other flags: training again") == 2
@@ -246,16 +246,19 @@ def test_prior_accuracy_reports_each_delta_from_cached_scores(digits_dir, tmp_pa
     sensitive = rng.uniform(0.4, 1.0, 300)
     unlabeled = np.concatenate([rng.uniform(0.4, 1.0, 100), rng.uniform(0.0, 0.6, 900)])
     (tmp_path / "out" / "scores").mkdir(parents=True)
-    np.savez(tmp_path / "out" / "scores" / "digits-0.1-0.npz", s=sensitive, u=unlabeled, true=0.1)
+    np.savez(tmp_path / "out" / "scores" / "digits-0.1-0-s300.npz", s=sensitive, u=unlabeled, true=0.1)
     prior_accuracy.main(
         ["--datasets", "digits", "--shares", "0.1", "--seeds", "0", "--deltas", "0.1", "0.02"]
         + ["--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
+        + ["--num_labeled_sensitive", "300"]
     )
     printed = capsys.readouterr().out
     for delta in (0.1, 0.02):
         estimate = pu_prior.best_bin_estimate(sensitive, unlabeled, delta)
         low, high = pu_prior.bootstrap_interval(sensitive, unlabeled, delta=delta)
         covered = int(low <= 0.1 <= high)
+        refused = int(high - low > pu_prior.MAX_INTERVAL_WIDTH or estimate in (0.0, 1.0))
         assert (
-            f"| digits | 0.100 | {delta:g} | 1 | {estimate:.3f} | {abs(estimate - 0.1):.3f} | {covered}/1 |" in printed
+            f"| digits | 300 | 0.100 | {delta:g} | 1 | {estimate:.3f} | {abs(estimate - 0.1):.3f} | {covered}/1 |"
+            f" {high - low:.3f} | {refused}/1 |" in printed
         )

@@ -24,6 +24,8 @@ def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_pat
         "validation/epoch-0001.png",
         ".tmp-pipeline-x/a.json",
         ".pu-diffusion.lock",
+        "logs/train/events.out.tfevents.1",
+        "logs/train/hparams.yml",
     ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
@@ -36,7 +38,14 @@ def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_pat
         huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(create=(repo_id, kw)) or Repo()
     )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
-    args = argparse.Namespace(hub_model_id=None, output_dir=str(tmp_path), hub_private_repo=True, hub_token="t")
+    args = argparse.Namespace(
+        hub_model_id=None,
+        output_dir=str(tmp_path),
+        hub_private_repo=True,
+        hub_token="t",
+        logging_dir="logs",
+        push_logs_to_hub=False,
+    )
 
     repo_id = pu_outputs.create_hub_repo(args)
     pu_outputs.upload_to_hub(args, repo_id, "step 10")
@@ -45,6 +54,10 @@ def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_pat
     files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
     uploaded = set(filter_repo_objects(files, ignore_patterns=calls["upload"]["ignore_patterns"]))
     assert uploaded == {"model_index.json", "unet/config.json", "README.md", "validation/epoch-0001.png"}
+    args.push_logs_to_hub = True  # asked for: the logs go too
+    pu_outputs.upload_to_hub(args, repo_id, "step 10")
+    uploaded = set(filter_repo_objects(files, ignore_patterns=calls["upload"]["ignore_patterns"]))
+    assert {"logs/train/events.out.tfevents.1", "logs/train/hparams.yml"} <= uploaded
 
 
 def tiny_ddpm_pipeline():
@@ -59,7 +72,7 @@ def test_an_interrupted_pipeline_save_keeps_the_previous_pipeline_loadable(tmp_p
     from diffusers import DiffusionPipeline
 
     pipeline = tiny_ddpm_pipeline()
-    pu_outputs.save_pipeline_atomically(pipeline, tmp_path)
+    pu_outputs.save_outputs_atomically(tmp_path, pipeline.save_pretrained)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
@@ -70,7 +83,7 @@ def test_an_interrupted_pipeline_save_keeps_the_previous_pipeline_loadable(tmp_p
 
     pipeline.save_pretrained = crash_half_way
     with pytest.raises(KeyboardInterrupt):
-        pu_outputs.save_pipeline_atomically(pipeline, tmp_path)
+        pu_outputs.save_outputs_atomically(tmp_path, pipeline.save_pretrained)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert isinstance(DiffusionPipeline.from_pretrained(tmp_path).unet, type(pipeline.unet))
     assert not list(tmp_path.glob(".tmp-*"))
@@ -84,7 +97,7 @@ def test_the_first_pipeline_save_is_not_loadable_until_complete(tmp_path):
 
     pipeline.save_pretrained = crash
     with pytest.raises(KeyboardInterrupt):
-        pu_outputs.save_pipeline_atomically(pipeline, tmp_path)
+        pu_outputs.save_outputs_atomically(tmp_path, pipeline.save_pretrained)
     assert not (tmp_path / "model_index.json").exists()
 
 
@@ -92,7 +105,7 @@ def test_staging_left_by_a_killed_save_is_cleaned_and_a_set_aside_component_put_
     """kill -9 skips the finally: the state is built by hand, as a kill between two renames leaves it."""
     from diffusers import DiffusionPipeline
 
-    pu_outputs.save_pipeline_atomically(tiny_ddpm_pipeline(), tmp_path)
+    pu_outputs.save_outputs_atomically(tmp_path, tiny_ddpm_pipeline().save_pretrained)
     staging = tmp_path / ".tmp-pipeline-killed"
     (staging / "replaced").mkdir(parents=True)
     (staging / "new" / "scheduler").mkdir(parents=True)

@@ -76,8 +76,11 @@ def test_lora_run_saves_adapters_that_load_and_change_the_images(lora_run, tiny_
     assert np.abs(after - before).max() > 1e-3
 
     card = (lora_run / "README.md").read_text()
-    for expected in ("lora", "text-to-image", f"base_model: {tiny_sd_pipeline}", "| prior (beta) | 0.1 |"):
+    for expected in ("lora", "text-to-image", "| prior (beta) | 0.1 |"):
         assert expected in card
+    # A local base is named by its folder, and base_model: (a Hub id) is left out.
+    assert f"| base model | {tiny_sd_pipeline.name} (a local folder) |" in card and "base_model:" not in card
+    assert str(tiny_sd_pipeline.parent) not in card
     assert "| nonnegative | abs |" in card  # this script's default, as the paper uses for Stable Diffusion
     assert "load_lora_weights" in card and "1. a photo of a cat" in card
 
@@ -270,15 +273,18 @@ def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
     tiny_sd_pipeline, captioned_data, tmp_path, monkeypatch, with_validation
 ):
     import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
 
     uploads = []
 
     def fake_upload_folder(**kwargs):
         uploads.append({**kwargs, "files": sorted(p.name for p in tmp_path.joinpath("out").iterdir())})
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: argparse.Namespace(repo_id=repo_id))
+    # The Hub puts the repository under the user's name: the card must load the one created.
+    created = lambda repo_id, **kw: argparse.Namespace(repo_id=f"me/{repo_id}")  # noqa: E731
+    monkeypatch.setattr(huggingface_hub, "create_repo", created)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
-    extra = [*LORA, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "me/pu-lora", "--report_to", "none"]
+    extra = [*LORA, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "pu-lora"]
     extra += VALIDATION if with_validation else []
     args = t2i.parse_args(list(map(str, run_args(tiny_sd_pipeline, captioned_data, tmp_path / "out", *extra))))
     t2i.main(args)
@@ -287,9 +293,17 @@ def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
     upload = uploads[0]
     assert upload["repo_id"] == "me/pu-lora"
     assert "checkpoint-*" in upload["ignore_patterns"]
-    assert {"pytorch_lora_weights.safetensors", "README.md", "checkpoint-2"} <= set(upload["files"])
-    card = (tmp_path / "out" / "README.md").read_text()
+    assert {"pytorch_lora_weights.safetensors", "README.md", "checkpoint-2", "logs"} <= set(upload["files"])
+    output_dir = tmp_path / "out"
+    files = [str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file()]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert not [name for name in uploaded if name.startswith(("logs", "checkpoint-"))]  # logs only when asked
+    card = (output_dir / "README.md").read_text()
     assert 'load_lora_weights("me/pu-lora")' in card
+    assert "base_model:" not in card
+    for folder in (tmp_path, captioned_data[1].parent, tiny_sd_pipeline.parent):  # no local path: S is private
+        assert str(folder) not in card
+    assert f"| sensitive data S | {captioned_data[1].name} (a local folder) |" in card
     assert ("samples.png" in upload["files"]) == with_validation == ("![samples](samples.png)" in card)
 
 
@@ -481,8 +495,14 @@ def test_lora_flags_shape_the_adapter_and_it_loads_back_the_same(tiny_sd_pipelin
     pipeline = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
     pipeline.load_lora_weights(output_dir)
     (config,) = pipeline.unet.peft_config.values()
-    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_dora) == (4, 8, 0.1, True)
+    # The dropout is a training setting: in the file it would make every generation differ.
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_dora) == (4, 8, 0.0, True)
     assert set(config.target_modules) == {"to_q", "to_v"}
+    images = [
+        pipeline("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+        for _ in range(2)
+    ]
+    assert np.array_equal(images[0].images, images[1].images)
 
     optimizer_state = torch.load(output_dir / "checkpoint-2" / "optimizer.bin", weights_only=False)
     assert "d" in optimizer_state["param_groups"][0]  # Prodigy's step-size estimate
