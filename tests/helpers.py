@@ -17,10 +17,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def script_command(
-    script: str, *args, launcher: str = "accelerate", num_processes: int = 1, mixed_precision: str = "no"
+    script: str, *args, launcher: str | None = None, num_processes: int = 1, mixed_precision: str = "no"
 ) -> list[str]:
-    """The command line a user types: ``accelerate launch`` on CPU, or ``python`` for the file itself."""
+    """The command line a user types: ``accelerate launch`` on CPU, or ``python`` for the file itself.
+
+    By default several processes go through ``accelerate launch`` and one process runs the file with plain
+    python (``--mixed_precision`` then goes to the script): a launcher is a second interpreter that imports
+    torch, seconds per run. The tests of the launcher itself ask for it.
+    """
+    launcher = launcher or ("accelerate" if num_processes > 1 else "python")
     command = [sys.executable]
+    if launcher == "python" and mixed_precision != "no":
+        args = (*args, "--mixed_precision", mixed_precision)
     if launcher == "accelerate":
         command += [
             "-m",
@@ -42,14 +50,18 @@ def script_command(
 SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_script(
-    script: str, *args, launcher: str = "accelerate", num_processes: int = 1, timeout: int = 600, **launch_options
-):
-    """Run one of the repository's scripts the way a user does, and return the finished process.
+#: Scripts that one process runs inside the test process (see :func:`run_in_process`).
+IN_PROCESS_SCRIPTS = ("train_pu_unconditional.py", "train_pu_text_to_image.py", "evaluate.py")
 
-    ``launcher="accelerate"`` goes through ``accelerate launch`` on CPU;
-    ``"python"`` runs the file directly (for argument and input errors).
-    """
+
+def run_script(
+    script: str, *args, launcher: str | None = None, num_processes: int = 1, timeout: int = 600, **launch_options
+):
+    """Run one of the repository's scripts the way a user does, and return the finished process
+    (:func:`script_command` says which launcher). One process of a training script or of evaluate.py runs in
+    this process unless ``launcher`` asks for a real launch ("python" or "accelerate")."""
+    if launcher is None and num_processes == 1 and script in IN_PROCESS_SCRIPTS:
+        return run_in_process(script, *args, **launch_options)
     command = script_command(script, *args, launcher=launcher, num_processes=num_processes, **launch_options)
     try:
         return subprocess.run(
@@ -62,7 +74,7 @@ def run_script(
         raise AssertionError(f"{script} ran past {timeout} s; the end of its stderr:\n{stderr[-6000:]}") from None
 
 
-def start_script(script: str, *args, launcher: str = "accelerate", num_processes: int = 1) -> subprocess.Popen:
+def start_script(script: str, *args, launcher: str | None = None, num_processes: int = 1) -> subprocess.Popen:
     """Like run_script, but return at once with the process running."""
     command = script_command(script, *args, launcher=launcher, num_processes=num_processes)
     return subprocess.Popen(
@@ -73,6 +85,54 @@ def start_script(script: str, *args, launcher: str = "accelerate", num_processes
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def run_in_process(script: str, *args, mixed_precision: str = "no") -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` without a new interpreter: the script's main runs here, as its ``__main__`` block
+    runs it, with stdout, stderr and the log captured; a raw exception becomes exit code 1 and a traceback on
+    stderr, as it would in a subprocess. A subprocess spends seconds importing torch, Diffusers and datasets
+    before it starts; the tests of the launcher, of signals and of several processes still start one.
+    Accelerate's process state is reset afterwards, so that the next run sets up its own."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import traceback
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    import pu_training
+
+    module = importlib.import_module(Path(script).stem)
+    argv = [str(arg) for arg in args] + (["--mixed_precision", mixed_precision] if mixed_precision != "no" else [])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                if script == "evaluate.py":
+                    module.main(argv)
+                else:
+                    pu_training.exit_on_error(module.main, module.parse_args(argv))
+            except SystemExit as stop:
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+                returncode = stop.code if isinstance(stop.code, int) else (1 if stop.code else 0)
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess([script, *argv], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def script_env(num_processes: int) -> dict:
@@ -88,9 +148,17 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 def forwards_per_optimizer_step(script: str, *args, record_path: Path, num_processes: int = 1) -> list[int]:
-    """Launch ``script`` under tests/step_counter.py and return the UNet training forwards of each optimizer
-    step; the run must succeed and leave no forward without its step. With several processes, every process
-    must have stepped after the same forwards."""
+    """Run ``script`` under tests/step_counter.py's hooks and return the UNet training forwards of each optimizer
+    step; the run must succeed and leave no forward without its step. One process runs here (the hooks are
+    removed after), several are launched under step_counter.py; then every process must have stepped after
+    the same forwards."""
+    if num_processes == 1:
+        from tests import step_counter
+
+        with step_counter.counting() as record:
+            assert_ok(run_script(script, *args))
+        assert record["forwards_after_last_step"] == 0
+        return record["forwards_per_step"]
     assert_ok(run_script("tests/step_counter.py", record_path, script, *args, num_processes=num_processes))
     paths = [record_path] + [Path(f"{record_path}.rank{rank}") for rank in range(1, num_processes)]
     records = [json.loads(path.read_text()) for path in paths]
@@ -225,8 +293,23 @@ def resume_from_a_copy(script: str, run_args, reference: Path, resumed: Path, ch
     runs start with plain python, as a launcher that sets another thread count changes float rounding."""
     import shutil
 
-    assert_ok(run_script(script, *run_args(reference), launcher="python"))
+    assert_ok(run_script(script, *run_args(reference)))
     resumed.mkdir()
     shutil.copytree(reference / checkpoint, resumed / checkpoint)
-    assert_ok(run_script(script, *run_args(resumed, "--resume_from_checkpoint", "latest"), launcher="python"))
+    assert_ok(run_script(script, *run_args(resumed, "--resume_from_checkpoint", "latest")))
     return dict(scalars(reference)["loss"]), dict(scalars(resumed)["loss"])
+
+
+def refusal(script_module, argv, capsys) -> str:
+    """Run a training script's ``main`` in this process, as ``python script.py ARGV`` runs it, expecting it to
+    refuse the input before training; return the message a user reads. A subprocess costs seconds of imports
+    per case; the exit code and message of a real launch are checked once per script elsewhere."""
+    import pytest
+
+    import pu_training
+
+    with pytest.raises(SystemExit) as stop:
+        pu_training.exit_on_error(script_module.main, script_module.parse_args([str(arg) for arg in argv]))
+    assert stop.value.code not in (0, None)
+    code = stop.value.code
+    return code if isinstance(code, str) else capsys.readouterr().err

@@ -10,6 +10,7 @@ global optimizer post-step hook closes a step. RECORD.json gets
 """
 
 import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -22,8 +23,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-def main() -> None:
-    record_path, script, *script_args = sys.argv[1:]
+@contextlib.contextmanager
+def counting():
+    """Within the block, count the UNet's training forwards per optimizer step into the record it yields."""
     record = {"forwards_per_step": [], "forwards_after_last_step": 0}
 
     def count_forward(module, inputs, output):
@@ -34,8 +36,18 @@ def main() -> None:
         record["forwards_per_step"].append(record["forwards_after_last_step"])
         record["forwards_after_last_step"] = 0
 
-    register_module_forward_hook(count_forward)
-    register_optimizer_step_post_hook(close_step)
+    hooks = [register_module_forward_hook(count_forward), register_optimizer_step_post_hook(close_step)]
+    try:
+        yield record
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def main() -> None:
+    record_path, script, *script_args = sys.argv[1:]
+    counter = counting()
+    record = counter.__enter__()  # for the whole process
     # Under a launcher of several processes each writes its own record: RECORD.json.rank1, and so on.
     rank = int(os.environ.get("RANK", "0"))
     path = record_path if rank == 0 else f"{record_path}.rank{rank}"

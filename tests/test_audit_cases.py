@@ -189,7 +189,7 @@ def test_2_prior_auto_on_separable_data_stops_with_a_message_not_a_traceback(tin
     result = run_script(
         UNCONDITIONAL, "--train_data_dir", unlabeled, "--sensitive_data_dir", sensitive, "--resolution", "8",
         "--model_config_name_or_path", tiny_unet_config, "--prior", "auto", "--prior_folds", "2",
-        "--prior_epochs", "3", "--max_train_steps", "2", "--output_dir", output_dir, launcher="python", timeout=300,
+        "--prior_epochs", "3", "--max_train_steps", "2", "--output_dir", output_dir, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1
     assert "error: --prior auto: 0.0000 cannot be trained with: the estimate is 0" in result.stderr
@@ -257,6 +257,10 @@ def test_3_the_benchmark_evaluates_again_when_an_evaluation_flag_changes(tmp_pat
     assert commands[3:] == ["evaluate.py"] and "32" in again["samples"]  # evaluated again, not retrained
     benchmark("--num_samples", "32", "--classifier_epochs", "2")
     assert commands[4:] == ["evaluate.py", "evaluate.py"]  # a new classifier, so a new evaluation
+    benchmark("--num_samples", "32", "--classifier_epochs", "2", "--max_train_steps", "5")
+    assert commands[6:] == ["train_pu_unconditional.py", "evaluate.py"]  # other training flags: trained again
+    recorded = json.loads((tmp_path / "runs" / "unsupervised-seed0" / "benchmark_run.json").read_text())["command"]
+    assert recorded[recorded.index("--max_train_steps") + 1] == "5"
 
 
 # --------------------------------------------------------------------------- 4, 6: the data and the plan
@@ -270,15 +274,13 @@ def test_4_a_resume_on_changed_data_is_refused(tiny_unet_config, tmp_path):
     args += ["--model_config_name_or_path", tiny_unet_config, "--train_batch_size", "4", "--sensitive_batch_size", "2"]
     args += ["--checkpointing_steps", "2", "--seed", "0", "--output_dir", output_dir]
     args += ["--save_images_epochs", "1000", "--save_model_epochs", "1000"]
-    assert_ok(run_script(UNCONDITIONAL, *args, "--max_train_steps", "2", launcher="python"))
+    assert_ok(run_script(UNCONDITIONAL, *args, "--max_train_steps", "2"))
     saved = json.loads((output_dir / "checkpoint-2" / "training_config.json").read_text())
     assert saved["data_fingerprint"]["U"]["images"] == 16 and saved["data_fingerprint"]["S"]["images"] == 4
 
     write_image_folder(tmp_path / "extra", 1, seed=5)
     (tmp_path / "extra" / "000.png").rename(unlabeled / "new.png")
-    resumed = run_script(
-        UNCONDITIONAL, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", launcher="python"
-    )
+    resumed = run_script(UNCONDITIONAL, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 1
     assert "the data is not what the checkpoint was trained on (U: 16 images then, 17 now)" in resumed.stderr
     assert not (output_dir / "checkpoint-4").exists()

@@ -30,7 +30,6 @@ def classifier_dir(digits_dir, tmp_path_factory) -> Path:
         "4",
         "--output_dir",
         output_dir,
-        launcher="python",
     )
     assert_ok(result)
     return output_dir
@@ -134,9 +133,7 @@ def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
     tiny_pipeline, classifier_dir, digits_dir, tmp_path
 ):
     output_dir = tmp_path / "evaluation"
-    result = run_script(
-        "evaluate.py", *evaluation_args(tiny_pipeline, classifier_dir, digits_dir, output_dir), launcher="python"
-    )
+    result = run_script("evaluate.py", *evaluation_args(tiny_pipeline, classifier_dir, digits_dir, output_dir))
     assert_ok(result)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     counts = metrics["prediction_counts"]
@@ -163,9 +160,7 @@ def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
 
     # Same seed, same samples: the evaluation is reproducible.
     again = tmp_path / "again"
-    assert_ok(
-        run_script("evaluate.py", *evaluation_args(tiny_pipeline, classifier_dir, digits_dir, again), launcher="python")
-    )
+    assert_ok(run_script("evaluate.py", *evaluation_args(tiny_pipeline, classifier_dir, digits_dir, again)))
     assert json.loads((again / "metrics.json").read_text())["prediction_counts"] == counts
 
 
@@ -193,17 +188,22 @@ def test_bad_pipeline_is_named(classifier_dir, digits_dir, tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_a_pipeline_folder_without_its_unet_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path):
+def refusal(argv, capsys) -> tuple[int, str]:
+    """evaluate.py's main in this process, expected to refuse: (exit code, what it printed to stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([str(arg) for arg in argv])
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_a_pipeline_folder_without_its_unet_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "pipeline"
     shutil.copytree(tiny_pipeline, broken)
     shutil.rmtree(broken / "unet")
-    result = run_script(
-        "evaluate.py", *evaluation_args(broken, classifier_dir, digits_dir, tmp_path / "out"), launcher="python"
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"--pipeline {broken}: model_index.json lists unet, but the folder has no unet/" in result.stderr
+    code, stderr = refusal(evaluation_args(broken, classifier_dir, digits_dir, tmp_path / "out"), capsys)
+    assert code == 1
+    assert f"--pipeline {broken}: model_index.json lists unet, but the folder has no unet/" in stderr
 
 
 def test_samples_of_another_channel_count_are_converted_and_it_is_said(classifier_dir, tmp_path):
@@ -218,53 +218,40 @@ def test_samples_of_another_channel_count_are_converted_and_it_is_said(classifie
         "unconditional", "--pipeline", colour, "--classifier", classifier_dir, "--sensitive_labels", *ODD,
         "--fid_features", "none", "--num_samples", "4", "--num_inference_steps", "2", "--output_dir", tmp_path / "out",
     ]  # fmt: skip
-    result = run_script("evaluate.py", *args, launcher="python")
+    result = run_script("evaluate.py", *args)
     assert_ok(result)
     expected = "the pipeline makes 3-channel images and --classifier takes 1: averaged into 1 channel"
     assert expected in result.stderr
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["channel_conversion"] == expected
 
 
-def test_unknown_sensitive_label_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path):
+def test_unknown_sensitive_label_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path, capsys):
     args = evaluation_args(tiny_pipeline, classifier_dir, digits_dir, tmp_path / "out")
     args[args.index("--sensitive_labels") + 1] = "eleven"
-    result = run_script("evaluate.py", *args, launcher="python")
-    assert result.returncode == 1
-    assert "--sensitive_labels 'eleven' is not a label of the classifier" in result.stderr
+    code, stderr = refusal(args, capsys)
+    assert code == 1
+    assert "--sensitive_labels 'eleven' is not a label of the classifier" in stderr
 
 
-def test_reference_of_another_size_is_refused(classifier_dir, digits_dir, tmp_path):
+def test_reference_of_another_size_is_refused(classifier_dir, digits_dir, tmp_path, capsys):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     kwargs = {**tiny_unet_kwargs(), "sample_size": 16}
     DDPMPipeline(unet=UNet2DModel(**kwargs), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
         tmp_path / "pipeline16"
     )
-    result = run_script(
-        "evaluate.py",
-        *evaluation_args(tmp_path / "pipeline16", classifier_dir, digits_dir, tmp_path / "out"),
-        launcher="python",
+    code, stderr = refusal(
+        evaluation_args(tmp_path / "pipeline16", classifier_dir, digits_dir, tmp_path / "out"), capsys
     )
-    assert result.returncode == 1
-    assert "reference images are 1x8x8" in result.stderr and "generates 1x16x16" in result.stderr
+    assert code == 1
+    assert "reference images are 1x8x8" in stderr and "generates 1x16x16" in stderr
 
 
-def test_fid_without_reference_is_refused_before_any_work(tiny_pipeline, classifier_dir, tmp_path):
-    result = run_script(
-        "evaluate.py",
-        "unconditional",
-        "--pipeline",
-        tiny_pipeline,
-        "--classifier",
-        classifier_dir,
-        "--sensitive_labels",
-        "1",
-        "--output_dir",
-        tmp_path / "out",
-        launcher="python",
-    )
-    assert result.returncode == 2
-    assert "--fid_features inception needs --reference_dataset_name or --reference_data_dir" in result.stderr
+def test_fid_without_reference_is_refused_before_any_work(tiny_pipeline, classifier_dir, tmp_path, capsys):
+    argv = ["unconditional", "--pipeline", tiny_pipeline, "--classifier", classifier_dir, "--sensitive_labels", "1"]
+    code, stderr = refusal([*argv, "--output_dir", tmp_path / "out"], capsys)
+    assert code == 2
+    assert "--fid_features inception needs --reference_dataset_name or --reference_data_dir" in stderr
 
 
 # --------------------------------------------------------------------------- text-to-image
@@ -313,7 +300,7 @@ def test_text_to_image_evaluation_writes_per_prompt_rates_and_a_grid(tiny_sd_pip
     from PIL import Image
 
     args = text_to_image_args(tiny_sd_pipeline, tmp_path / "a", *clip_judge_args(tiny_clip_model))
-    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    assert_ok(run_script("evaluate.py", *args))
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["num_images"] == 6
     per_prompt = [entry["non_sensitive_rate"] for entry in metrics["per_prompt"]]
@@ -326,7 +313,7 @@ def test_text_to_image_evaluation_writes_per_prompt_rates_and_a_grid(tiny_sd_pip
     assert Image.open(tmp_path / "a" / "samples.png").size == (3 * 34 + 2, 2 * 34 + 2)
     # The same seed gives the same images, so the same scores.
     args = text_to_image_args(tiny_sd_pipeline, tmp_path / "b", *clip_judge_args(tiny_clip_model))
-    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    assert_ok(run_script("evaluate.py", *args))
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert again["per_prompt"] == metrics["per_prompt"] and again["clip_score"] == metrics["clip_score"]
 
@@ -353,7 +340,7 @@ def test_per_image_rows_say_how_to_make_each_image_again(tiny_sd_pipeline, tiny_
     from diffusers import DiffusionPipeline
 
     args = text_to_image_args(tiny_sd_pipeline, tmp_path / "a", *clip_judge_args(tiny_clip_model))
-    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    assert_ok(run_script("evaluate.py", *args))
     row = read_csv(tmp_path / "a" / "per_image.csv")[5]
     assert (row["prompt"], row["image_index"], row["batch_size"], row["position_in_batch"]) == (
         "a photo of a dog", "2", "1", "0"
@@ -377,7 +364,7 @@ def test_text_to_image_rate_by_an_image_classifier(tiny_sd_pipeline, classifier_
     args = text_to_image_args(
         tiny_sd_pipeline, tmp_path / "out", "--classifier", classifier_dir, "--sensitive_labels", *ODD
     )
-    assert_ok(run_script("evaluate.py", *args, launcher="python"))
+    assert_ok(run_script("evaluate.py", *args))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     counts = metrics["prediction_counts"]
     assert sum(counts.values()) == 6
@@ -426,18 +413,20 @@ def test_text_to_image_with_lora_weights_changes_the_images(tiny_sd_pipeline, tm
         (["--classifier", "x", "--sensitive_labels", "1", "--clip_score"], "--clip_score needs --clip_model"),
     ],
 )
-def test_text_to_image_bad_arguments_are_named(tiny_sd_pipeline, tmp_path, extra, expected):
-    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "out", *extra)
-    result = run_script("evaluate.py", *args, launcher="python")
-    assert result.returncode != 0 and expected in result.stderr
+def test_text_to_image_bad_arguments_are_named(tiny_sd_pipeline, tmp_path, extra, expected, capsys):
+    code, stderr = refusal(text_to_image_args(tiny_sd_pipeline, tmp_path / "out", *extra), capsys)
+    assert code != 0 and expected in stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_text_to_image_refuses_an_unconditional_pipeline_and_missing_lora(tiny_pipeline, tiny_sd_pipeline, tmp_path):
+def test_text_to_image_refuses_an_unconditional_pipeline_and_missing_lora(
+    tiny_pipeline, tiny_sd_pipeline, tmp_path, capsys
+):
     judge = ["--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
-    result = run_script("evaluate.py", *text_to_image_args(tiny_pipeline, tmp_path / "a", *judge), launcher="python")
-    assert result.returncode == 1 and "takes no prompts" in result.stderr
-    args = text_to_image_args(tiny_sd_pipeline, tmp_path / "b", *judge, "--lora", tmp_path / "missing")
-    result = run_script("evaluate.py", *args, launcher="python")
-    assert result.returncode == 1 and "--lora" in result.stderr
+    code, stderr = refusal(text_to_image_args(tiny_pipeline, tmp_path / "a", *judge), capsys)
+    assert code == 1 and "takes no prompts" in stderr
+    code, stderr = refusal(
+        text_to_image_args(tiny_sd_pipeline, tmp_path / "b", *judge, "--lora", tmp_path / "m"), capsys
+    )
+    assert code == 1 and "--lora" in stderr
     assert not (tmp_path / "a" / "metrics.json").exists() and not (tmp_path / "b" / "metrics.json").exists()

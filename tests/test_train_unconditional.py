@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
+import train_pu_unconditional
 from tests.helpers import UNCONDITIONAL as SCRIPT
 from tests.helpers import (
     assert_ok,
     forwards_per_optimizer_step,
     load_and_sample,
+    refusal,
     resume_from_a_copy,
     run_script,
     scalars,
@@ -22,10 +24,8 @@ from tests.helpers import (
 
 def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_dir, tiny_unet_config):
     output_dir = tmp_path / "out"
-    result = run_script(
-        SCRIPT, *tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "4", "--use_ema")
-    )
-    assert_ok(result)
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "4", "--use_ema")
+    assert_ok(run_script(SCRIPT, *args, launcher="accelerate"))  # as users launch it
 
     assert json.loads((output_dir / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     pipeline, images = load_and_sample(output_dir)
@@ -265,13 +265,12 @@ def test_fine_tuning_a_saved_pipeline(tmp_path):
     assert "| images in U, S | 12, 3 |" in (output_dir / "README.md").read_text()
 
 
-def test_a_finished_model_is_not_overwritten_without_the_flag(tmp_path, digits_dir, tiny_unet_config):
+def test_a_finished_model_is_not_overwritten_without_the_flag(tmp_path, digits_dir, tiny_unet_config, capsys):
     output_dir = tmp_path / "out"
     args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--max_train_steps", "1")
     assert_ok(run_script(SCRIPT, *args))
     before = (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    refused = run_script(SCRIPT, *args, launcher="python")
-    assert refused.returncode != 0 and "--overwrite_output_dir" in refused.stderr
+    assert "--overwrite_output_dir" in refusal(train_pu_unconditional, args, capsys)
     assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert_ok(run_script(SCRIPT, *args, "--overwrite_output_dir", "--learning_rate", "1e-1"))
     assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
