@@ -362,6 +362,27 @@ def test_8_a_full_disk_during_a_save_keeps_the_old_outputs_together_and_says_so(
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_8_a_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_last_checkpoint(tmp_path):
+    import pu_checkpoints
+
+    (tmp_path / "checkpoint-2").mkdir()
+
+    class FullDisk:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder):
+            Path(folder).mkdir()
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: os error 28")
+
+    args = argparse.Namespace(output_dir=str(tmp_path), checkpoints_total_limit=1)
+    with pytest.raises(OutputError, match=f"no space left on device: checkpoint-4 could not be written in {tmp_path}"):
+        pu_checkpoints.save_checkpoint(FullDisk(), args, 4, {})
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith(".")) == ["checkpoint-2"]
+
+
 def test_8_a_save_without_new_samples_removes_the_old_ones(tmp_path):
     pu_outputs.save_outputs_atomically(str(tmp_path), lambda f: Image.new("L", (2, 2)).save(f / "samples.png"))
     pu_outputs.save_outputs_atomically(str(tmp_path), lambda f: (f / "model_index.json").write_text("{}"))
