@@ -499,7 +499,8 @@ def load_lora_in_full(pipeline, lora: str) -> None:
     from peft.utils import get_peft_model_state_dict
 
     try:
-        state_dict, _ = pipeline.lora_state_dict(lora)
+        state_dict = pipeline.lora_state_dict(lora)
+        state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # (weights, alphas) for SD
         pipeline.load_lora_weights(lora)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise InputError(

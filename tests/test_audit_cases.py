@@ -31,12 +31,12 @@ from tests.helpers import UNCONDITIONAL, assert_ok, run_script, tiny_run_args, w
 # --------------------------------------------------------------------------- 1, 3, 5: LoRA files
 
 
-def write_lora_file(pipeline_dir: Path, folder: Path, dropout: float, layers=("to_q", "to_v")) -> Path:
+def write_lora_file(pipeline_dir: Path, folder: Path, dropout: float, layers=("to_q", "to_v"), dora=False) -> Path:
     """A LoRA with non-zero weights, its metadata carrying ``dropout`` as files written before the fix did."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    pu_lora.add_lora(unet, rank=4, dropout=dropout, layers=list(layers))
+    pu_lora.add_lora(unet, rank=4, dropout=dropout, layers=list(layers), use_dora=dora)
     generator = torch.Generator().manual_seed(0)
     for name, parameter in unet.named_parameters():
         if "lora" in name:
@@ -77,6 +77,15 @@ def test_1_the_saved_lora_file_carries_no_dropout(tiny_sd_pipeline, tmp_path):
         metadata = json.loads(saved.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_dropout"] == 0.0 and metadata["unet.r"] == 4
     assert unet.peft_config["default"].lora_dropout == 0.3  # training keeps its dropout
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_3_a_lora_that_loads_in_full_is_accepted(tiny_sd_pipeline, tmp_path, dora):
+    lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.0, dora=dora)
+    pipeline = evaluate.load_text_to_image_pipeline(
+        argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
+    )
+    assert pipeline.unet.peft_config and all(not module.training for module in pipeline.unet.modules())
 
 
 def test_3_a_lora_that_loads_only_in_part_is_refused(tiny_sd_pipeline, tmp_path):
