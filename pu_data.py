@@ -16,6 +16,8 @@ import itertools
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pu_errors import InputError
+from pu_errors import InputError, read_json
 from pu_images import check_images, entry_name, to_8bit, warn_about_left_out_files
 
 logger = logging.getLogger(__name__)
@@ -337,8 +339,6 @@ def data_fingerprint(unlabeled, sensitive, image_column: str) -> dict:
 
 
 def _images_hash(dataset, image_column: str) -> str:
-    import hashlib
-
     import datasets
 
     if not isinstance(dataset.features[image_column], datasets.Image):
@@ -661,11 +661,6 @@ def write_builtin_dataset(output_dir, settings: dict, write, overwrite: bool = F
     mix two datasets; a folder with anything else in it is never replaced. The dataset is written into a
     staging folder beside it and renamed into place, so an interrupted write leaves nothing that looks whole.
     """
-    import shutil
-    import tempfile
-
-    from pu_errors import read_json
-
     target = Path(output_dir)
     if target.exists():
         if not target.is_dir():
