@@ -55,10 +55,12 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
     else:
         unlabeled, sensitive = images, None
 
-    run = argparse.Namespace(model=unet, noise_scheduler=scheduler, plan=argparse.Namespace(prior=args.prior))
+    run = argparse.Namespace(
+        model=unet, noise_scheduler=scheduler, loss=pu_training.LossSettings.from_flags(args, prior=args.prior)
+    )
 
     def step():
-        risk = training_step(run, unlabeled, sensitive, args)
+        risk = training_step(run, unlabeled, sensitive)
         risk.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -114,7 +116,12 @@ def data_seconds_per_step(resolution: int, num_unlabeled: int, num_sensitive: in
         pu_data.write_digits_dataset(folder)
         train = datasets.load_dataset(folder, split="train")
         options = argparse.Namespace(
-            resolution=resolution, center_crop=False, random_flip=True, image_column="image", dataloader_num_workers=0
+            resolution=resolution,
+            center_crop=False,
+            random_flip=True,
+            image_column="image",
+            dataloader_num_workers=0,
+            image_interpolation_mode="bilinear",  # the unconditional script's default
         )
         unlabeled_batch = num_unlabeled if loss_type == "pu" else num_unlabeled + num_sensitive
         make_dataset = image_dataset(options, channels=1)
