@@ -58,32 +58,58 @@ def diffusion_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, 
     raise InputError(f"--prediction_type {prediction_type!r}: use epsilon, v_prediction or sample")
 
 
-def pu_objective(
-    run: TrainingRun, model_pred, target, timesteps, num_unlabeled: int, args: argparse.Namespace, weights=None
-) -> RiskOutput:
-    """Per-sample losses of one forward over cat([U, S]), then the risk chosen by --loss_type.
+@dataclass(frozen=True)
+class LossSettings:
+    """Everything the objective reads, settled once in ``main()``: the loss of the paper's Eq. (8)-(19) and
+    our two options (the positive-risk weight and the noise band of the S terms)."""
+
+    loss_type: str
+    prior: float  # --prior, or its estimate for --prior auto
+    nonnegative: str
+    positive_risk_weight: float
+    reduction: str = "sum"
+    sensitive_max_snr: float | None = None  # the band by noise level; None: every draw
+    sensitive_min_timestep: int = 0  # the band as t >= this; 0: not used
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, prior: float) -> LossSettings:
+        """From the parsed flags (after ``pu_flags.resolve_loss_options``) and the run's prior."""
+        return cls(
+            loss_type=args.loss_type,
+            prior=prior,
+            nonnegative=args.nonnegative,
+            positive_risk_weight=args.positive_risk_weight,
+            reduction=args.loss_reduction,
+            sensitive_max_snr=args.sensitive_max_snr,
+            sensitive_min_timestep=args.sensitive_min_timestep,
+        )
+
+
+def pu_objective(run: TrainingRun, model_pred, target, timesteps, num_unlabeled: int, weights=None) -> RiskOutput:
+    """Per-sample losses of one forward over cat([U, S]), then the risk of ``run.loss`` (:class:`LossSettings`).
 
     ``weights`` (one per sample, e.g. Min-SNR) scale each l(x) of Eq. (8) before
     the risk, so U and S terms are weighted alike. ``timesteps`` place each
-    sample in or out of the S terms' noise band. The prior is the run's: --prior, or its estimate.
+    sample in or out of the S terms' noise band.
     """
-    per_sample = per_sample_diffusion_loss(model_pred, target, reduction=args.loss_reduction)
+    loss = run.loss
+    per_sample = per_sample_diffusion_loss(model_pred, target, reduction=loss.reduction)
     if weights is not None:
         per_sample = per_sample * weights
-    in_band = noise_band(run.noise_scheduler, timesteps, args)
+    in_band = noise_band(run.noise_scheduler, timesteps, loss)
     return compute_risk(
-        per_sample, num_unlabeled, args.loss_type, run.plan.prior, args.nonnegative, args.positive_risk_weight, in_band
+        per_sample, num_unlabeled, loss.loss_type, loss.prior, loss.nonnegative, loss.positive_risk_weight, in_band
     )
 
 
-def noise_band(noise_scheduler, timesteps: torch.Tensor, args: argparse.Namespace) -> torch.Tensor | None:
+def noise_band(noise_scheduler, timesteps: torch.Tensor, loss: LossSettings) -> torch.Tensor | None:
     """Which draws the S terms use: SNR(t) <= --sensitive_max_snr, or t >= --sensitive_min_timestep; None: all."""
-    if args.sensitive_min_timestep > 0:
-        return timesteps >= args.sensitive_min_timestep
-    if args.sensitive_max_snr is None:
+    if loss.sensitive_min_timestep > 0:
+        return timesteps >= loss.sensitive_min_timestep
+    if loss.sensitive_max_snr is None:
         return None
     snr = signal_to_noise(noise_scheduler).to(timesteps.device)
-    return snr[timesteps] <= args.sensitive_max_snr
+    return snr[timesteps] <= loss.sensitive_max_snr
 
 
 def check_finite(logs: dict[str, torch.Tensor], global_step: int, output_dir: str) -> None:
@@ -341,6 +367,7 @@ class TrainingRun:
     sensitive_loader: torch.utils.data.DataLoader | None
     sensitive_sampler: pu_data.EpochShuffle | None
     plan: RunPlan
+    loss: LossSettings
     ema_model: object | None = None
     base_model: str | None = None
     hub_repo_id: str | None = None

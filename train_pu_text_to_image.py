@@ -365,7 +365,7 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     target = pu_training.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
     num_unlabeled = len(unlabeled_batch["input_ids"])
-    return pu_training.pu_objective(run, model_pred.float(), target, timesteps, num_unlabeled, args, weights)
+    return pu_training.pu_objective(run, model_pred.float(), target, timesteps, num_unlabeled, weights)
 
 
 def encode_prompts(run: TextToImageRun, batches: list[dict]) -> tuple[torch.Tensor, dict | None]:
@@ -588,6 +588,7 @@ def main(args: argparse.Namespace) -> None:
             ),
             **{field.name: getattr(frozen, field.name) for field in fields(FrozenModels)},
             noise_scheduler=noise_scheduler,
+            loss=pu_training.LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
             base_model=args.pretrained_model_name_or_path,
             hub_repo_id=hub_repo_id,
         )
@@ -597,6 +598,7 @@ def main(args: argparse.Namespace) -> None:
             validate(accelerator, run, args, "before-training", 0)  # the base model, to compare against
         step = functools.partial(training_step, args=args)
         save = functools.partial(end_of_epoch, accelerator, run, args)
+        # The loop (pu_training.train) calls training_step for every micro-batch and end_of_epoch after each epoch.
         pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
         pu_training.end_training(accelerator, run)
 

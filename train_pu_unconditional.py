@@ -272,18 +272,19 @@ def main(args: argparse.Namespace) -> None:
                 accelerator, args, plan, unet, list(unet.parameters()), unlabeled, sensitive, make_dataset, ema_model
             ),
             noise_scheduler=noise_scheduler,
+            loss=pu_training.LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
             base_model=base_model,
             hub_repo_id=hub_repo_id,
         )
 
         first_step = pu_checkpoints.resume_step(accelerator, args)
-        step = functools.partial(training_step, args=args)
         save = functools.partial(end_of_epoch, accelerator, run, args)
-        pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
+        # The loop (pu_training.train) calls training_step for every micro-batch and end_of_epoch after each epoch.
+        pu_training.train(accelerator, run, args, first_step, training_step=training_step, end_of_epoch=save)
         pu_training.end_training(accelerator, run)
 
 
-def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch, args, generator=None):
+def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch, generator=None):
     """One forward over cat([U batch, S batch]) and the PU risk of its per-sample losses."""
     noise_scheduler = run.noise_scheduler
     clean = unlabeled_batch if sensitive_batch is None else torch.cat([unlabeled_batch, sensitive_batch])
@@ -294,7 +295,7 @@ def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     model_pred = run.model(noisy, timesteps).sample
     target = pu_training.diffusion_target(noise_scheduler, clean, noise, timesteps)
-    return pu_training.pu_objective(run, model_pred, target, timesteps, unlabeled_batch.shape[0], args)
+    return pu_training.pu_objective(run, model_pred, target, timesteps, unlabeled_batch.shape[0])
 
 
 def end_of_epoch(

@@ -30,6 +30,7 @@ from throughput import peak_memory_mb, synchronize  # noqa: E402
 
 import pu_flags  # noqa: E402
 import pu_lora  # noqa: E402
+import pu_training  # noqa: E402
 import train_pu_text_to_image as t2i  # noqa: E402
 
 
@@ -96,8 +97,9 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str, latents
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    run.model, run.noise_scheduler, run.plan = unet, scheduler, argparse.Namespace(prior=0.1)
     loss_args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None)
+    run.model, run.noise_scheduler = unet, scheduler
+    run.loss = pu_training.LossSettings.from_flags(loss_args, prior=0.1)
 
     def batch(size: int) -> dict:
         pixels = torch.rand(size, 3, options.resolution, options.resolution, device=accelerator.device) * 2 - 1

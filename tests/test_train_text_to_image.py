@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import pu_flags
 import pu_lora
+import pu_training
 import train_pu_text_to_image as t2i
 from tests.helpers import (
     assert_ok,
@@ -251,10 +252,11 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     unet = RecordingUNet()
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     run = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
-    run.model, run.noise_scheduler, run.plan = unet, scheduler, argparse.Namespace(prior=0.1)
+    args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None, paper_loss=True)
+    run.model, run.noise_scheduler = unet, scheduler
+    run.loss = pu_training.LossSettings.from_flags(args, prior=0.1)
     unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
     sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
-    args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None, paper_loss=True)
     risk = t2i.training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
 
     assert len(unet.calls) == 1 and unet.calls[0][0] == 5

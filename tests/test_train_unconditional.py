@@ -64,14 +64,19 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     """With a zero prediction each l(x) is the squared noise; replaying the draws gives the band by hand."""
     from diffusers import DDPMScheduler
 
+    import pu_training
     import train_pu_unconditional
     from pu_flags import default_loss_flags
     from pu_loss import compute_risk
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    run = argparse.Namespace(model=ZeroUNet(), noise_scheduler=scheduler, plan=argparse.Namespace(prior=0.3))
     unlabeled, sensitive = torch.rand(6, 1, 8, 8), torch.rand(3, 1, 8, 8)
     args = {"prior": 0.9, "nonnegative": "none", "positive_risk_weight": 0.0}  # the run's prior (0.3) is used
+
+    def run(**band):
+        loss = pu_training.LossSettings.from_flags(default_loss_flags(**args, **band), prior=0.3)
+        return argparse.Namespace(model=ZeroUNet(), noise_scheduler=scheduler, loss=loss)
+
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn((9, 1, 8, 8), generator=generator)
     timesteps = torch.randint(0, 1000, (9,), generator=generator)
@@ -80,20 +85,16 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     assert 0 < in_band[6:].sum() < 3  # this seed puts S on both sides of the band's edge
 
     banded = train_pu_unconditional.training_step(
-        run,
-        unlabeled,
-        sensitive,
-        default_loss_flags(**args, sensitive_min_timestep=500),
-        generator.manual_seed(5),
+        run(sensitive_min_timestep=500), unlabeled, sensitive, generator.manual_seed(5)
     )
     everywhere = train_pu_unconditional.training_step(
-        run, unlabeled, sensitive, default_loss_flags(**args, sensitive_min_timestep=0), generator.manual_seed(5)
+        run(sensitive_min_timestep=0), unlabeled, sensitive, generator.manual_seed(5)
     )
     # The same band by noise level: SNR(t) <= SNR(500) holds exactly for t >= 500.
     alphas_cumprod = scheduler.alphas_cumprod.double()
     snr_at_500 = float((alphas_cumprod / (1 - alphas_cumprod))[500])
     by_noise_level = train_pu_unconditional.training_step(
-        run, unlabeled, sensitive, default_loss_flags(**args, sensitive_max_snr=snr_at_500), generator.manual_seed(5)
+        run(sensitive_max_snr=snr_at_500), unlabeled, sensitive, generator.manual_seed(5)
     )
     assert banded.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0, in_band).loss.item())
     assert by_noise_level.loss.item() == banded.loss.item()
