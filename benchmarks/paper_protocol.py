@@ -215,7 +215,7 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
     if not (classifier / "classifier_metrics.json").is_file():
         print("training the classifier ...", flush=True)
         run_command(command, output_dir / "logs" / "classifier.log")
-        record.write_text(json.dumps({"command": command[1:]}, indent=2))
+        record_made_by(record, command)
     return data, classifier
 
 
@@ -223,6 +223,11 @@ def made_by(record: Path, command: list[str], **more) -> bool:
     """Whether ``record`` says its folder was made by ``command`` (and ``more``), the interpreter aside: a
     result is reused only if everything that made it is the same."""
     return record.is_file() and json.loads(record.read_text()) == {"command": command[1:], **more}
+
+
+def record_made_by(record: Path, command: list[str], **more) -> None:
+    """What :func:`made_by` reads: the command without the interpreter's path, and ``more``."""
+    record.write_text(json.dumps({"command": command[1:], **more}, indent=2))
 
 
 def prior_flag(prior) -> list[str]:
@@ -350,10 +355,10 @@ def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier
     environment = thread_environment(args.jobs)
     if not (folder / "model_index.json").is_file():
         run_command(command, folder / "train.log", environment)
-        record.write_text(json.dumps({"command": command[1:]}, indent=2))  # without the interpreter's path
+        record_made_by(record, command)
     shutil.rmtree(evaluation, ignore_errors=True)
     run_command(evaluate, folder / "evaluate.log", environment)
-    evaluation_record.write_text(json.dumps({"command": evaluate[1:], "classifier": classifier_record}, indent=2))
+    record_made_by(evaluation_record, evaluate, classifier=classifier_record)
     return json.loads(metrics_file.read_text())
 
 
