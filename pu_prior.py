@@ -303,8 +303,8 @@ def estimate_prior(
 
 # --------------------------------------------------------------------------- when not to use the estimate
 
-#: Below this many S images the estimator is refused: with 10 S images and a true share of 0.091 it gave
-#: 0.503 [0.18, 0.84] on the digits (docs/benchmark.md, "The estimator with a small S").
+#: Below this many S images (or U images) the estimator is refused: with 10 S images and a true share of 0.091
+#: it gave 0.503 [0.18, 0.84] on the digits; measured at 10 to 150 in docs/reliability.md.
 MIN_SENSITIVE_IMAGES = 50
 
 #: An interval wider than this is too wide to train with: a prior off by half of it changes what PU removes.
@@ -373,9 +373,14 @@ def vae_inputs(dataset, image_column: str, resolution: int, vae, batch_size: int
     return torch.cat(latents)
 
 
+def images_needed(folds: int) -> int:
+    """The fewest images of S (and of U) the estimate is made from: the minimum, and two per fold."""
+    return max(MIN_SENSITIVE_IMAGES, 2 * folds)
+
+
 def check_sizes(num_unlabeled: int, num_sensitive: int, folds: int) -> None:
     """Refuse, before any image is read, an S or U too small to estimate the prior from."""
-    needed = max(MIN_SENSITIVE_IMAGES, 2 * folds)
+    needed = images_needed(folds)
     if min(num_sensitive, num_unlabeled) < needed:
         raise InputError(
             f"estimating the prior: S has {num_sensitive} images and U {num_unlabeled}; the estimate needs at least"
@@ -386,7 +391,7 @@ def check_sizes(num_unlabeled: int, num_sensitive: int, folds: int) -> None:
 def check_sizes_from_flags(args) -> None:
     """The same check at parse time, where --num_labeled_sensitive already says how large S will be."""
     if getattr(args, "num_labeled_sensitive", None) is not None:
-        needed = max(MIN_SENSITIVE_IMAGES, 2 * args.prior_folds)
+        needed = images_needed(args.prior_folds)
         if args.num_labeled_sensitive < needed:
             raise InputError(
                 f"--num_labeled_sensitive {args.num_labeled_sensitive}: estimating the prior needs at least"
