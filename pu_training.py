@@ -191,8 +191,7 @@ def check_plan(accelerator, args: argparse.Namespace, plan: RunPlan) -> None:
     saved = resumed_config_value(args, "data_fingerprint")
     if saved is not None and plan.data_fingerprint is not None and saved != plan.data_fingerprint:
         changed = [
-            f"{name}: {saved.get(name, {}).get('images')} images then, {now['images']} now"
-            + ("" if saved.get(name, {}).get("images") != now["images"] else " (files changed)")
+            _data_change(name, saved.get(name, {}), now)
             for name, now in plan.data_fingerprint.items()
             if saved.get(name) != now
         ]
@@ -212,6 +211,12 @@ def check_plan(accelerator, args: argparse.Namespace, plan: RunPlan) -> None:
             f"the {len(plans)} processes disagree on {', '.join(differing)} ({values or 'the data differs'}):"
             " every process must see the same data and flags"
         )
+
+
+def _data_change(name: str, then: dict, now: dict) -> str:
+    """ "U: 16 images then, 17 now", with "(files changed)" when only what the images are changed."""
+    change = f"{name}: {then.get('images')} images then, {now['images']} now"
+    return change if then.get("images") != now["images"] else f"{change} (files changed)"
 
 
 def make_accelerator(args: argparse.Namespace):
