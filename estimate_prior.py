@@ -9,7 +9,7 @@
 
 It takes the training scripts' data flags. A small CNN learns to tell S from
 U with cross-fitting (each image scored by a model that never saw it) and
-Best Bin Estimation turns the held-out scores into beta (see pu_prior.py).
+Best Bin Estimation turns the held-out scores into beta (see pu_diffusion/prior.py).
 ``--prior auto`` in both training scripts runs the same estimate first.
 Features: the images themselves at up to 32 px (``pixels``), or the latents of
 a Stable Diffusion VAE (``vae``), which see more than 32 px can show.
@@ -22,18 +22,20 @@ import logging
 import sys
 from pathlib import Path
 
-import pu_flags
-import pu_prior
-from pu_data import InputError, load_training_sets
-from pu_outputs import write_json_atomically
+from pu_diffusion.checks import check_sensitive_source, check_writable
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import add_data_arguments, add_prior_estimation_arguments, show_ranges
+from pu_diffusion.outputs import write_json_atomically
+from pu_diffusion.prior import estimate_for_data, estimate_problems
+from pu_diffusion.training_data import load_training_sets
 
 logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pu_flags.add_data_arguments(parser)
-    pu_flags.add_prior_estimation_arguments(parser)
+    add_data_arguments(parser)
+    add_prior_estimation_arguments(parser)
     parser.add_argument("--output_dir", default=".", help="prior.json is written here.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the label split and the folds.")
     parser.add_argument(
@@ -47,14 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path", default=None, help="With --features vae: a Stable Diffusion pipeline."
     )
     parser.add_argument("--revision", default=None, help="Revision of --pretrained_model_name_or_path.")
-    pu_flags.show_ranges(parser)
+    show_ranges(parser)
     args = parser.parse_args(argv)
     args.loss_type = "pu"  # S is needed
     try:
         if args.dataset_name is None and args.train_data_dir is None:
             raise InputError("U is missing: give --dataset_name or --train_data_dir")
-        pu_flags.check_sensitive_source(args)
-        pu_flags.check_writable(Path(args.output_dir))
+        check_sensitive_source(args)
+        check_writable(Path(args.output_dir))
         if args.features == "vae" and args.pretrained_model_name_or_path is None:
             raise InputError("--features vae needs --pretrained_model_name_or_path (a pipeline with a vae/ folder)")
     except InputError as error:
@@ -71,8 +73,8 @@ def load_vae(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> None:
     unlabeled, sensitive = load_training_sets(args, args.seed)
     vae = load_vae(args) if args.features == "vae" else None
-    estimate = pu_prior.estimate_for_data(unlabeled, sensitive, args, args.seed, vae)
-    problems = pu_prior.estimate_problems(estimate, args.prior_max_interval_width)
+    estimate = estimate_for_data(unlabeled, sensitive, args, args.seed, vae)
+    problems = estimate_problems(estimate, args.prior_max_interval_width)
     output = Path(args.output_dir) / "prior.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(output, {**estimate.to_dict(), "problems": problems})

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from PIL import Image
 
-import evaluate
-from pu_data import InputError
-from pu_flags import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, check_writable, show_ranges
+from pu_diffusion.checks import check_writable
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, show_ranges
+from pu_diffusion.pipelines import default_device, default_dtype, generate_from_prompts, load_text_to_image_pipeline
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -64,9 +65,9 @@ def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
     returns their file names."""
     if args.num_generated == 0:
         return []
-    device = evaluate.default_device(args.device)
+    device = default_device(args.device)
     loading = argparse.Namespace(pipeline=args.pipeline, lora=None)
-    pipeline = evaluate.load_text_to_image_pipeline(loading, device, evaluate.default_dtype(None, device))
+    pipeline = load_text_to_image_pipeline(loading, device, default_dtype(None, device))
     sampling = argparse.Namespace(
         prompt=[args.prompt],
         images_per_prompt=args.num_generated,
@@ -76,7 +77,7 @@ def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
         resolution=args.resolution,
         seed=args.seed,
     )
-    images = evaluate.generate_from_prompts(pipeline, sampling, device)[0]
+    images = generate_from_prompts(pipeline, sampling, device)[0]
     names = [f"generated-{index:05d}.png" for index in range(len(images))]
     for name, pixels in zip(names, images, strict=True):
         Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(output_dir / name)

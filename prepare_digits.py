@@ -11,8 +11,9 @@ kept; one with another is refused unless ``--overwrite``.
 import argparse
 import sys
 
-from pu_data import InputError, write_builtin_dataset, write_digits_dataset
-from pu_flags import OPEN_UNIT_INTERVAL, show_ranges
+from pu_diffusion.builtin_datasets import write_builtin_dataset, write_digits_dataset
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import OPEN_UNIT_INTERVAL, show_ranges
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

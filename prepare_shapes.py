@@ -15,9 +15,10 @@ refused unless ``--overwrite``.
 import argparse
 import sys
 
-from pu_data import InputError, write_builtin_dataset
-from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, show_ranges
-from pu_shapes import write_shapes_dataset
+from pu_diffusion.builtin_datasets import write_builtin_dataset
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, show_ranges
+from pu_diffusion.shapes import write_shapes_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,22 +18,66 @@ import argparse
 import functools
 import importlib.util
 import logging
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import pu_checkpoints
-import pu_data
-import pu_flags
-import pu_latent_cache
-import pu_lora
-import pu_outputs
-import pu_prior
-import pu_training
-from pu_data import InputError
-from pu_flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from pu_diffusion.checkpoints import gathered_state_dict, register_model_hooks, resume_step
+from pu_diffusion.checks import parse_and_check
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import (
+    NON_NEGATIVE_FLOAT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    add_data_arguments,
+    add_hub_arguments,
+    add_pretrained_model_arguments,
+    add_pu_arguments,
+    add_training_arguments,
+)
+from pu_diffusion.loop import ema_weights, end_training, exit_on_error, model_to_save, train
+from pu_diffusion.lora import (
+    add_lora,
+    add_lora_arguments,
+    lora_description,
+    lora_state_dict,
+    register_lora_hooks,
+    write_lora,
+)
+from pu_diffusion.objective import LossSettings, check_noise_band
+from pu_diffusion.outputs import (
+    SAMPLES_FILE,
+    model_reference,
+    output_dir_lock,
+    public_reference,
+    save_outputs_atomically,
+    save_validation_images,
+    upload_to_hub,
+    write_model_card,
+)
+from pu_diffusion.prior import estimate_for_data
+from pu_diffusion.run_setup import (
+    check_plan,
+    enable_memory_savers,
+    make_accelerator,
+    make_ema,
+    plan_run,
+    prepare_for_training,
+    settle_prior,
+    settle_seed,
+    start_trackers,
+)
+from pu_diffusion.text_to_image import (
+    TextToImageRun,
+    captioned_dataset_factory,
+    load_models,
+    load_vae,
+    place_models,
+    training_step,
+    with_cached_latents,
+)
+from pu_diffusion.training_data import data_fingerprint, derived_seed, load_training_sets
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +85,10 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    pu_flags.add_pretrained_model_arguments(
+    add_pretrained_model_arguments(
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
-    pu_lora.add_lora_arguments(parser)
+    add_lora_arguments(parser)
     model.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
@@ -66,9 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Min-SNR weighting (Hang et al., 2023) of each sample's loss; 5.0 is the usual value.",
     )
-    pu_flags.add_data_arguments(parser, with_captions=True)
-    pu_flags.add_pu_arguments(parser, default_nonnegative="abs")
-    pu_flags.add_training_arguments(parser)
+    add_data_arguments(parser, with_captions=True)
+    add_pu_arguments(parser, default_nonnegative="abs")
+    add_training_arguments(parser)
     validation = parser.add_argument_group("validation")
     validation.add_argument(
         "--validation_prompt",
@@ -86,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     validation.add_argument(
         "--validation_steps", type=POSITIVE_INT, default=30, help="Denoising steps of validation images."
     )
-    pu_flags.add_hub_arguments(parser)
+    add_hub_arguments(parser)
     # The official text-to-image examples' defaults.
     parser.set_defaults(
         resolution=512,
@@ -96,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         adam_weight_decay=1e-2,
         image_interpolation_mode="lanczos",
     )
-    return pu_flags.parse_and_check(parser, argv, check_text_to_image_arguments)
+    return parse_and_check(parser, argv, check_text_to_image_arguments)
 
 
 def check_text_to_image_arguments(args: argparse.Namespace) -> None:
@@ -128,277 +172,18 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- model
 
 
-@dataclass(kw_only=True)
-class FrozenModels:
-    """What turns a batch into latents and text states: the VAE, the text encoder(s) and their tokenizer(s).
-    SDXL has a second tokenizer and text encoder (with projection), which SD lacks."""
-
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    text_encoder_2: torch.nn.Module | None = None
-    tokenizer_2: object | None = None
-    weight_dtype: torch.dtype = torch.float32
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
-
-    @property
-    def pipeline_class(self):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
-
-    def components(self) -> dict:
-        """The frozen parts as pipeline components (``from_pretrained`` keyword arguments)."""
-        parts = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
-        if self.is_sdxl:
-            return {**parts, "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
-        return {**parts, "safety_checker": None}
-
-
-@dataclass(kw_only=True)
-class TextToImageRun(pu_training.TrainingRun, FrozenModels):
-    """The shared loop's parts plus the frozen models."""
-
-
-def is_sdxl_pipeline(args: argparse.Namespace) -> bool:
-    """Whether --pretrained_model_name_or_path is an SDXL pipeline (it has a second text encoder)."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(
-            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
-        )
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no model_index.json: {error}"
-        ) from error
-    return "text_encoder_2" in config
-
-
-def load_models(args: argparse.Namespace) -> tuple[FrozenModels, torch.nn.Module, object]:
-    """(frozen models, UNet, DDPM noise scheduler) of the pretrained SD or SDXL pipeline; the VAE from
-    --pretrained_vae_model_name_or_path when given."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    source = args.pretrained_model_name_or_path
-    sdxl = is_sdxl_pipeline(args)
-    hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
-    weights = {**hub_kwargs, "variant": args.variant}
-    try:
-        frozen = FrozenModels(
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
-            vae=load_vae(args),
-        )
-        if sdxl:
-            frozen.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub_kwargs)
-            frozen.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", **weights
-            )
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
-    except (OSError, ValueError) as error:
-        parts = "tokenizer(_2)/, text_encoder(_2)/" if sdxl else "tokenizer/, text_encoder/"
-        raise InputError(
-            f"--pretrained_model_name_or_path {source}: not a Stable Diffusion{' XL' if sdxl else ''} pipeline"
-            f" with {parts}, vae/, unet/ and scheduler/: {error}"
-        ) from error
-    pu_flags.set_prediction_type(noise_scheduler, args)
-    return frozen, unet, noise_scheduler
-
-
-def load_vae(args: argparse.Namespace):
-    """The pipeline's VAE, or --pretrained_vae_model_name_or_path (e.g. SDXL's fp16-safe VAE)."""
-    from diffusers import AutoencoderKL
-
-    if args.pretrained_vae_model_name_or_path is None:
-        return AutoencoderKL.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="vae",
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
-    try:
-        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--pretrained_vae_model_name_or_path: not an AutoencoderKL: {error}") from error
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def place_models(unet, frozen: FrozenModels, device, mixed_precision: str, args) -> None:
-    """Frozen weights in the mixed-precision dtype, trainable ones in float32 (sets ``frozen.weight_dtype``).
-
-    The mode comes from the accelerator (``accelerate launch --mixed_precision``
-    or ``--mixed_precision``), so either way of asking works. Trainable
-    parameters stay float32 because the optimizer cannot update float16
-    weights under a gradient scaler, and bfloat16 ones lose small updates.
-    SDXL's own VAE stays float32, as in the official SDXL script (it
-    overflows in float16); a --pretrained_vae_model_name_or_path one is cast.
-    """
-    from diffusers.training_utils import cast_training_params
-
-    weight_dtype = weight_dtype_for(mixed_precision)
-    frozen.weight_dtype = weight_dtype
-    for model in (frozen.vae, frozen.text_encoder, frozen.text_encoder_2):
-        if model is not None:
-            model.requires_grad_(False)
-            model.to(device, dtype=weight_dtype)
-    if frozen.is_sdxl and args.pretrained_vae_model_name_or_path is None:
-        frozen.vae.to(dtype=torch.float32)
-    if args.use_lora:
-        unet.to(device, dtype=weight_dtype)
-        cast_training_params(unet, dtype=torch.float32)
-    else:
-        unet.to(device)
-    trained = f"LoRA rank {unet.peft_config['default'].r}" if args.use_lora else "the full UNet"
-    logger.info("%s trained in float32, frozen weights in %s (VAE %s)", trained, weight_dtype, frozen.vae.dtype)
-
-
 def register_checkpoint_hooks(accelerator, unet, ema_model, use_lora: bool) -> None:
     """checkpoint-N holds the LoRA adapters, or the UNet (and its EMA) in Diffusers format."""
     if use_lora:
-        pu_lora.register_lora_hooks(accelerator, unet)
+        register_lora_hooks(accelerator, unet)
     else:
-        pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
+        register_model_hooks(accelerator, type(unet), ema_model)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def captioned_dataset(args, frozen: FrozenModels):
-    """``make_dataset`` for the shared loaders: images with their tokenized captions (for both tokenizers and
-    with SDXL's size and crop conditioning when the base is SDXL)."""
-    transform = pu_data.ImageTransform(
-        args.resolution, 3, args.center_crop, args.random_flip, args.image_interpolation_mode
-    )
-
-    def token_ids(tokenizer, caption: str) -> torch.Tensor:
-        return tokenizer(
-            caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-        ).input_ids[0]
-
-    def tokenize(caption: str):
-        if not frozen.is_sdxl:
-            return token_ids(frozen.tokenizer, caption)
-        return {
-            "input_ids": token_ids(frozen.tokenizer, caption),
-            "input_ids_2": token_ids(frozen.tokenizer_2, caption),
-        }
-
-    def make_dataset(dataset, seed: int, source: str):
-        # S drawn from U's labeled dataset (--label_column) has U's caption column.
-        column, flag = args.caption_column, "--caption_column"
-        if source == "S" and args.label_column is None:
-            column, flag = args.sensitive_caption_column, "--sensitive_caption_column"
-        prompt = args.sensitive_prompt if source == "S" else None
-        captions = pu_data.read_captions(dataset, column, prompt, flag)
-        return pu_data.CaptionedImages(
-            dataset,
-            args.image_column,
-            transform,
-            captions,
-            tokenize,
-            micro_conditioning=frozen.is_sdxl,
-            seed=seed,
-            source=source,
-        )
-
-    return make_dataset
-
-
-def with_cached_latents(make_dataset, accelerator, vae, args):
-    """``make_dataset`` whose images are encoded once by the VAE (--cache_latents); see pu_latent_cache."""
-
-    @torch.no_grad()
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.parameters
-
-    def make_cached(dataset, seed: int, source: str):
-        return pu_latent_cache.CachedLatents(
-            make_dataset(dataset, seed, source),
-            encode,
-            batch_size=args.train_batch_size,
-            folder=args.output_dir,
-            show_progress=accelerator.is_local_main_process,
-        )
-
-    return make_cached
-
-
 # --------------------------------------------------------------------------- training
-
-
-def sample_latents(run: TextToImageRun, batches: list[dict], generator=None) -> torch.Tensor:
-    """A draw from each image's VAE latent distribution, encoded now or taken from --cache_latents."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    if "latent_parameters" in batches[0]:
-        latent_dist = DiagonalGaussianDistribution(torch.cat([batch["latent_parameters"] for batch in batches]))
-    else:
-        pixel_values = torch.cat([batch["pixel_values"] for batch in batches])
-        latent_dist = run.vae.encode(pixel_values.to(run.vae.dtype)).latent_dist
-    return latent_dist.sample(generator=generator).float() * run.vae.config.scaling_factor
-
-
-def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
-    """Eq. (20): one UNet forward over cat([U, S]) latents with their captions, then the PU risk."""
-    batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
-    with torch.no_grad():
-        latents = sample_latents(run, batches, generator)
-        text_states, added_conditions = encode_prompts(run, batches)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    if args.noise_offset:
-        offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
-        noise = noise + args.noise_offset * offset
-    num_timesteps = run.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
-    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-    model_pred = run.model(noisy, timesteps, text_states, added_cond_kwargs=added_conditions, return_dict=False)[0]
-    target = pu_training.diffusion_target(run.noise_scheduler, latents, noise, timesteps)
-    weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
-    num_unlabeled = len(unlabeled_batch["input_ids"])
-    return pu_training.pu_objective(run, model_pred.float(), target, timesteps, num_unlabeled, weights)
-
-
-def encode_prompts(run: TextToImageRun, batches: list[dict]) -> tuple[torch.Tensor, dict | None]:
-    """(text states, SDXL's added conditions). SD: the text encoder's last hidden states. SDXL, as its pipeline
-    does: both encoders' penultimate hidden states side by side, the second's pooled projection, and the
-    batch's time ids (original size, crop top-left, target size)."""
-    input_ids = torch.cat([batch["input_ids"] for batch in batches])
-    if not run.is_sdxl:
-        return run.text_encoder(input_ids, return_dict=False)[0], None
-    first = run.text_encoder(input_ids, output_hidden_states=True)
-    second = run.text_encoder_2(torch.cat([batch["input_ids_2"] for batch in batches]), output_hidden_states=True)
-    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    time_ids = torch.cat([batch["time_ids"] for batch in batches]).to(states.device)
-    return states, {"text_embeds": second.text_embeds, "time_ids": time_ids}
-
-
-def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon (/ (SNR + 1) for v), one per sample.
-
-    For epsilon the weight is written min(1, gamma / SNR): the same number, and
-    at a zero-terminal-SNR schedule's last step (SNR = 0) it is 1, the limit
-    its neighbours approach, where min(SNR, gamma) / SNR would be 0 / 0.
-    """
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return (snr_gamma / snr).clamp(max=1.0)
-    clipped = torch.clamp(snr, max=snr_gamma)
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped  # sample prediction: an x0 loss is the epsilon loss divided by SNR
 
 
 # --------------------------------------------------------------------------- validation and saving
@@ -409,7 +194,11 @@ def validation_pipeline(args, run: TextToImageRun, unet):
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, **run.components(), revision=args.revision, variant=args.variant
+        args.pretrained_model_name_or_path,
+        unet=unet,
+        **run.frozen.components(),
+        revision=args.revision,
+        variant=args.variant,
     )
     match_training_scheduler(pipeline, run.noise_scheduler)
     pipeline.set_progress_bar_config(disable=True)
@@ -432,9 +221,9 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
     pipeline = validation_pipeline(args, run, unet)
     rows = []
     unet.eval()
-    with pu_training.ema_weights(run), accelerator.autocast(), torch.inference_mode():
+    with ema_weights(run), accelerator.autocast(), torch.inference_mode():
         for index, prompt in enumerate(args.validation_prompt):
-            generator = torch.Generator(accelerator.device).manual_seed(pu_data.derived_seed(run.plan.seed, index))
+            generator = torch.Generator(accelerator.device).manual_seed(derived_seed(run.plan.seed, index))
             output = pipeline(
                 prompt,
                 height=args.resolution,
@@ -447,7 +236,7 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
             rows.append(output.images)
     unet.train()
     captions = [prompt for prompt in args.validation_prompt for _ in range(args.num_validation_images)]
-    return pu_outputs.save_validation_images(
+    return save_validation_images(
         accelerator,
         np.concatenate(rows),
         args.output_dir,
@@ -469,22 +258,22 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
         def write(folder: Path) -> None:
             write_model(folder)
             if samples is not None:
-                samples.save(folder / pu_outputs.SAMPLES_FILE)
+                samples.save(folder / SAMPLES_FILE)
             write_text_to_image_card(folder, args, run, has_samples=samples is not None)
 
-        pu_outputs.save_outputs_atomically(args.output_dir, write)
+        save_outputs_atomically(args.output_dir, write)
 
     if args.use_lora:
         unet = accelerator.unwrap_model(run.model)
         # As in the Diffusers LoRA scripts: the final weights in the training dtype unless upcast.
-        dtype = torch.float32 if args.upcast_before_saving else run.weight_dtype
-        state = pu_lora.lora_state_dict(unet, state_dict=state, dtype=dtype)
-        save(functools.partial(pu_lora.write_lora, unet=unet, state=state))
+        dtype = torch.float32 if args.upcast_before_saving else run.frozen.weight_dtype
+        state = lora_state_dict(unet, state_dict=state, dtype=dtype)
+        save(functools.partial(write_lora, unet=unet, state=state))
     else:
         # A VAE of its own goes into the saved pipeline, loaded again in its saved precision.
         vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
-        with pu_training.model_to_save(accelerator, run, state) as unet:
-            pipeline = run.pipeline_class.from_pretrained(
+        with model_to_save(accelerator, run, state) as unet:
+            pipeline = run.frozen.pipeline_class.from_pretrained(
                 args.pretrained_model_name_or_path, unet=unet, **vae, revision=args.revision, variant=args.variant
             )
             match_training_scheduler(pipeline, run.noise_scheduler)
@@ -493,8 +282,8 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
 
 def write_text_to_image_card(folder: Path, args, run: TextToImageRun, has_samples: bool) -> None:
     """The model card, written into ``folder`` (the save's staging folder)."""
-    repo = pu_outputs.model_reference(args, run.hub_repo_id)
-    base = pu_outputs.public_reference(args.pretrained_model_name_or_path)
+    repo = model_reference(args, run.hub_repo_id)
+    base = public_reference(args.pretrained_model_name_or_path)
     if args.use_lora:
         load = f'pipeline = DiffusionPipeline.from_pretrained("{base}")\npipeline.load_lora_weights("{repo}")\n'
         if args.prediction_type:  # a LoRA file cannot carry the scheduler's setting
@@ -509,19 +298,19 @@ def write_text_to_image_card(folder: Path, args, run: TextToImageRun, has_sample
         body += "".join(f"{row + 1}. {prompt}\n" for row, prompt in enumerate(args.validation_prompt))
         if (Path(args.output_dir) / "validation" / "before-training.png").exists():
             body += "\nBefore training (the base model):\n\n![before](validation/before-training.png)\n"
-    pu_outputs.write_model_card(
+    write_model_card(
         folder,
         args,
         run.plan,
         base_model=args.pretrained_model_name_or_path,
         tags=[
-            "stable-diffusion-xl" if run.is_sdxl else "stable-diffusion",
+            "stable-diffusion-xl" if run.frozen.is_sdxl else "stable-diffusion",
             "text-to-image",
             *(["lora"] if args.use_lora else []),
         ],
-        title=f"PU diffusion: Stable Diffusion{' XL' if run.is_sdxl else ''} "
-        + (f"LoRA ({pu_lora.lora_description(args)})" if args.use_lora else "fine-tune"),
-        image=pu_outputs.SAMPLES_FILE if has_samples else None,
+        title=f"PU diffusion: Stable Diffusion{' XL' if run.frozen.is_sdxl else ''} "
+        + (f"LoRA ({lora_description(args)})" if args.use_lora else "fine-tune"),
+        image=SAMPLES_FILE if has_samples else None,
         body=body,
     )
 
@@ -530,7 +319,7 @@ def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step
     """A validation grid every --validation_epochs; after the last step, the grid, the model and the upload."""
     accelerator.wait_for_everyone()
     last = global_step >= run.plan.max_train_steps
-    state = pu_checkpoints.gathered_state_dict(accelerator, run.model) if last else None
+    state = gathered_state_dict(accelerator, run.model) if last else None
     if accelerator.is_main_process:
         grid = None
         if args.validation_prompt and (last or (epoch + 1) % args.validation_epochs == 0):
@@ -538,7 +327,7 @@ def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step
         if last:
             save_model_and_card(accelerator, run, args, state, grid)
             if run.hub_repo_id:
-                pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
+                upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
 
 
@@ -546,13 +335,13 @@ def end_of_epoch(accelerator, run: TextToImageRun, args, epoch: int, global_step
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = pu_training.make_accelerator(args)
-    with pu_outputs.output_dir_lock(args.output_dir, accelerator.is_main_process):
-        seed = pu_training.settle_seed(accelerator, args)
+    accelerator = make_accelerator(args)
+    with output_dir_lock(args.output_dir, accelerator.is_main_process):
+        seed = settle_seed(args)
         frozen, unet, noise_scheduler = load_models(args)
-        pu_flags.check_noise_band(noise_scheduler, args)
+        check_noise_band(noise_scheduler, args)
         if args.use_lora:
-            pu_lora.add_lora(
+            add_lora(
                 unet,
                 args.rank,
                 alpha=args.lora_alpha,
@@ -560,48 +349,47 @@ def main(args: argparse.Namespace) -> None:
                 layers=args.lora_layers,
                 use_dora=args.use_dora,
             )
-        pu_training.enable_memory_savers(unet, args)
+        enable_memory_savers(unet, args)
         place_models(unet, frozen, accelerator.device, accelerator.mixed_precision, args)
-        ema_model = pu_training.make_ema(unet, args) if args.use_ema else None
+        ema_model = make_ema(unet, args) if args.use_ema else None
         register_checkpoint_hooks(accelerator, unet, ema_model, args.use_lora)
 
         with accelerator.main_process_first():
-            unlabeled, sensitive = pu_data.load_training_sets(args, seed)
-        prior_estimate = pu_training.settle_prior(
+            unlabeled, sensitive = load_training_sets(args, seed)
+        prior_estimate = settle_prior(
             accelerator,
             args,
-            lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, frozen.vae, accelerator.device),
+            lambda: estimate_for_data(unlabeled, sensitive, args, seed, frozen.vae, accelerator.device),
         )
-        fingerprint = pu_data.data_fingerprint(unlabeled, sensitive, args.image_column)
-        plan = pu_training.plan_run(
-            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint
-        )
-        pu_training.check_plan(accelerator, args, plan)
+        fingerprint = data_fingerprint(unlabeled, sensitive, args.image_column)
+        plan = plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint)
+        check_plan(accelerator, args, plan)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-        make_dataset = captioned_dataset(args, frozen)
+        make_dataset = captioned_dataset_factory(args, frozen)
         if args.cache_latents:
             make_dataset = with_cached_latents(make_dataset, accelerator, frozen.vae, args)
-        hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_text_to_image")
+        hub_repo_id = start_trackers(accelerator, args, plan, "train_pu_text_to_image")
         run = TextToImageRun(
-            **pu_training.prepare_for_training(
+            **prepare_for_training(
                 accelerator, args, plan, unet, trainable, unlabeled, sensitive, make_dataset, ema_model
             ),
-            **{field.name: getattr(frozen, field.name) for field in fields(FrozenModels)},
+            frozen=frozen,
             noise_scheduler=noise_scheduler,
-            loss=pu_training.LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
+            loss=LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
             base_model=args.pretrained_model_name_or_path,
             hub_repo_id=hub_repo_id,
         )
 
-        first_step = pu_checkpoints.resume_step(accelerator, args)
+        first_step = resume_step(accelerator, args)
         if first_step == 0 and args.validation_prompt and accelerator.is_main_process:
             validate(accelerator, run, args, "before-training", 0)  # the base model, to compare against
         step = functools.partial(training_step, args=args)
         save = functools.partial(end_of_epoch, accelerator, run, args)
-        # The loop (pu_training.train) calls training_step for every micro-batch and end_of_epoch after each epoch.
-        pu_training.train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
-        pu_training.end_training(accelerator, run)
+        # The loop lives in pu_diffusion/loop.py. Its two callbacks: training_step, from
+        # pu_diffusion/text_to_image.py, for every micro-batch, and end_of_epoch (below) after each epoch.
+        train(accelerator, run, args, first_step, training_step=step, end_of_epoch=save)
+        end_training(accelerator, run)
 
 
 if __name__ == "__main__":
-    pu_training.exit_on_error(main, parse_args())
+    exit_on_error(main, parse_args())

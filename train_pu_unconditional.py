@@ -17,15 +17,44 @@ from pathlib import Path
 
 import torch
 
-import pu_checkpoints
-import pu_data
-import pu_flags
-import pu_images
-import pu_outputs
-import pu_prior
-import pu_training
-from pu_data import InputError
-from pu_flags import POSITIVE_INT
+from pu_diffusion.checkpoints import gathered_state_dict, register_model_hooks, resume_step
+from pu_diffusion.checks import parse_and_check
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import (
+    POSITIVE_INT,
+    add_data_arguments,
+    add_hub_arguments,
+    add_pretrained_model_arguments,
+    add_pu_arguments,
+    add_training_arguments,
+)
+from pu_diffusion.image_files import image_channels
+from pu_diffusion.loop import end_training, exit_on_error, model_to_save, train
+from pu_diffusion.objective import LossSettings, check_noise_band, set_prediction_type
+from pu_diffusion.outputs import (
+    SAMPLES_FILE,
+    model_reference,
+    output_dir_lock,
+    save_outputs_atomically,
+    save_validation_images,
+    upload_to_hub,
+    write_model_card,
+)
+from pu_diffusion.prior import estimate_for_data
+from pu_diffusion.run_setup import (
+    TrainingRun,
+    check_plan,
+    enable_memory_savers,
+    make_accelerator,
+    make_ema,
+    plan_run,
+    prepare_for_training,
+    settle_prior,
+    settle_seed,
+    start_trackers,
+)
+from pu_diffusion.training_data import data_fingerprint, load_training_sets
+from pu_diffusion.unconditional import default_unet_config, downsampling_factor, image_dataset_factory, training_step
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +62,7 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    pu_flags.add_pretrained_model_arguments(
-        model, "Fine-tune this DDPM pipeline (folder or Hub id): its unet and scheduler."
-    )
+    add_pretrained_model_arguments(model, "Fine-tune this DDPM pipeline (folder or Hub id): its unet and scheduler.")
     model.add_argument(
         "--model_config_name_or_path",
         type=str,
@@ -55,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1000,
         help="Denoising steps for the validation samples.",
     )
-    pu_flags.add_data_arguments(parser)
-    pu_flags.add_pu_arguments(parser)
-    pu_flags.add_training_arguments(parser)
+    add_data_arguments(parser)
+    add_pu_arguments(parser)
+    add_training_arguments(parser)
     validation = parser.add_argument_group("validation and saving")
     validation.add_argument("--eval_batch_size", type=POSITIVE_INT, default=16, help="Images in each validation grid.")
     validation.add_argument(
@@ -66,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     validation.add_argument(
         "--save_model_epochs", type=POSITIVE_INT, default=10, help="Save the pipeline every N epochs."
     )
-    pu_flags.add_hub_arguments(parser)
-    return pu_flags.parse_and_check(parser, argv, check_model_arguments)
+    add_hub_arguments(parser)
+    return parse_and_check(parser, argv, check_model_arguments)
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -79,42 +106,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def image_dataset(args, channels: int):
-    """``make_dataset`` for the shared loaders: the images of one image column, transformed."""
-    transform = pu_data.ImageTransform(
-        args.resolution, channels, args.center_crop, args.random_flip, args.image_interpolation_mode
-    )
-
-    def make_dataset(dataset, seed: int, source: str):
-        return pu_data.TransformedImages(dataset, args.image_column, transform, seed=seed, source=source)
-
-    return make_dataset
-
-
 # --------------------------------------------------------------------------- model
-
-
-def default_unet_config(resolution: int, channels: int) -> dict:
-    """A UNet2DModel sized by resolution: ~0.7M parameters at 8 px, ~1.1M at 16, ~36M at 32 (the paper's)."""
-    if resolution <= 8:
-        widths, attention, layers, groups = (32, 64), (False, True), 1, 8
-    elif resolution <= 16:
-        widths, attention, layers, groups = (32, 64, 64), (False, False, True), 1, 8
-    elif resolution <= 32:
-        # The size of google/ddpm-cifar10-32, the architecture the paper trains at 32 px.
-        widths, attention, layers, groups = (128, 256, 256, 256), (False, True, False, False), 2, 32
-    else:
-        widths, attention, layers, groups = (128, 128, 256, 256, 512, 512), (False,) * 4 + (True, False), 2, 32
-    return {
-        "sample_size": resolution,
-        "in_channels": channels,
-        "out_channels": channels,
-        "layers_per_block": layers,
-        "block_out_channels": widths,
-        "norm_num_groups": groups,
-        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-    }
 
 
 def load_model(args: argparse.Namespace, data_channels: int):
@@ -135,7 +127,7 @@ def load_model(args: argparse.Namespace, data_channels: int):
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a DDPM pipeline with"
                 f" unet/ and scheduler/: {error}"
             ) from error
-        pu_flags.set_prediction_type(scheduler, args)
+        set_prediction_type(scheduler, args)
         return unet, scheduler, args.pretrained_model_name_or_path
     if args.model_config_name_or_path:
         config = UNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
@@ -148,11 +140,6 @@ def load_model(args: argparse.Namespace, data_channels: int):
         prediction_type=args.prediction_type or "epsilon",
     )
     return unet, scheduler, None
-
-
-def downsampling_factor(unet_config: dict) -> int:
-    """How many times smaller a UNet2DModel's deepest feature map is: every down block but the last halves it."""
-    return 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
 def unet_config_for_check(args: argparse.Namespace) -> dict | None:
@@ -194,8 +181,8 @@ def check_resolution(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- validation and saving
 
 
-def make_pipeline(unet, run: pu_training.TrainingRun):
-    """A DDPMPipeline on the trained UNet (from ``pu_training.model_to_save``)."""
+def make_pipeline(unet, run: TrainingRun):
+    """A DDPMPipeline on the trained UNet (from ``model_to_save``)."""
     from diffusers import DDPMPipeline
 
     return DDPMPipeline(unet=unet, scheduler=copy.deepcopy(run.noise_scheduler))
@@ -210,106 +197,89 @@ def generate_validation_grid(accelerator, pipeline, args, seed: int, epoch: int,
         num_inference_steps=args.ddpm_num_inference_steps,
         output_type="np",
     ).images
-    return pu_outputs.save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
+    return save_validation_images(accelerator, images, args.output_dir, f"epoch-{epoch:04d}", global_step)
 
 
-def save_pipeline_and_card(pipeline, args, run: pu_training.TrainingRun, samples=None) -> None:
+def save_pipeline_and_card(pipeline, args, run: TrainingRun, samples=None) -> None:
     """The pipeline, its samples (a grid of this model, if one was made) and the model card, saved together."""
 
     def write(folder: Path) -> None:
         pipeline.save_pretrained(folder)
         if samples is not None:
-            samples.save(folder / pu_outputs.SAMPLES_FILE)
-        pu_outputs.write_model_card(
+            samples.save(folder / SAMPLES_FILE)
+        write_model_card(
             folder,
             args,
             run.plan,
             base_model=run.base_model,
             tags=["unconditional-image-generation", "ddpm"],
             title="PU diffusion: unconditional DDPM",
-            image=pu_outputs.SAMPLES_FILE if samples is not None else None,
+            image=SAMPLES_FILE if samples is not None else None,
             body=(
                 "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-                f'pipeline = DiffusionPipeline.from_pretrained("{pu_outputs.model_reference(args, run.hub_repo_id)}")\n'
+                f'pipeline = DiffusionPipeline.from_pretrained("{model_reference(args, run.hub_repo_id)}")\n'
                 "images = pipeline(batch_size=16).images\n```\n"
             ),
         )
 
-    pu_outputs.save_outputs_atomically(args.output_dir, write)
+    save_outputs_atomically(args.output_dir, write)
 
 
 # --------------------------------------------------------------------------- training
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = pu_training.make_accelerator(args)
-    with pu_outputs.output_dir_lock(args.output_dir, accelerator.is_main_process):
-        seed = pu_training.settle_seed(accelerator, args)
+    accelerator = make_accelerator(args)
+    with output_dir_lock(args.output_dir, accelerator.is_main_process):
+        seed = settle_seed(args)
         with accelerator.main_process_first():
-            unlabeled, sensitive = pu_data.load_training_sets(args, seed)
-        prior_estimate = pu_training.settle_prior(
+            unlabeled, sensitive = load_training_sets(args, seed)
+        prior_estimate = settle_prior(
             accelerator,
             args,
-            lambda: pu_prior.estimate_for_data(unlabeled, sensitive, args, seed, device=accelerator.device),
+            lambda: estimate_for_data(unlabeled, sensitive, args, seed, device=accelerator.device),
         )
-        fingerprint = pu_data.data_fingerprint(unlabeled, sensitive, args.image_column)
-        plan = pu_training.plan_run(
-            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint
-        )
-        pu_training.check_plan(accelerator, args, plan)
+        fingerprint = data_fingerprint(unlabeled, sensitive, args.image_column)
+        plan = plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint)
+        check_plan(accelerator, args, plan)
 
         sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])
-        unet, noise_scheduler, base_model = load_model(args, pu_images.image_channels(sources, args.image_column))
-        pu_flags.check_noise_band(noise_scheduler, args)
-        pu_training.enable_memory_savers(unet, args)
-        ema_model = pu_training.make_ema(unet, args) if args.use_ema else None
-        pu_checkpoints.register_model_hooks(accelerator, type(unet), ema_model)
+        unet, noise_scheduler, base_model = load_model(args, image_channels(sources, args.image_column))
+        check_noise_band(noise_scheduler, args)
+        enable_memory_savers(unet, args)
+        ema_model = make_ema(unet, args) if args.use_ema else None
+        register_model_hooks(accelerator, type(unet), ema_model)
 
-        make_dataset = image_dataset(args, unet.config.in_channels)
-        hub_repo_id = pu_training.start_trackers(accelerator, args, plan, "train_pu_unconditional")
-        run = pu_training.TrainingRun(
-            **pu_training.prepare_for_training(
+        make_dataset = image_dataset_factory(args, unet.config.in_channels)
+        hub_repo_id = start_trackers(accelerator, args, plan, "train_pu_unconditional")
+        run = TrainingRun(
+            **prepare_for_training(
                 accelerator, args, plan, unet, list(unet.parameters()), unlabeled, sensitive, make_dataset, ema_model
             ),
             noise_scheduler=noise_scheduler,
-            loss=pu_training.LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
+            loss=LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
             base_model=base_model,
             hub_repo_id=hub_repo_id,
         )
 
-        first_step = pu_checkpoints.resume_step(accelerator, args)
+        first_step = resume_step(accelerator, args)
         save = functools.partial(end_of_epoch, accelerator, run, args)
-        # The loop (pu_training.train) calls training_step for every micro-batch and end_of_epoch after each epoch.
-        pu_training.train(accelerator, run, args, first_step, training_step=training_step, end_of_epoch=save)
-        pu_training.end_training(accelerator, run)
+        # The loop lives in pu_diffusion/loop.py. Its two callbacks: training_step, from
+        # pu_diffusion/unconditional.py, for every micro-batch, and end_of_epoch (below) after each epoch.
+        train(accelerator, run, args, first_step, training_step=training_step, end_of_epoch=save)
+        end_training(accelerator, run)
 
 
-def training_step(run: pu_training.TrainingRun, unlabeled_batch, sensitive_batch, generator=None):
-    """One forward over cat([U batch, S batch]) and the PU risk of its per-sample losses."""
-    noise_scheduler = run.noise_scheduler
-    clean = unlabeled_batch if sensitive_batch is None else torch.cat([unlabeled_batch, sensitive_batch])
-    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator, device=clean.device
-    )
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    model_pred = run.model(noisy, timesteps).sample
-    target = pu_training.diffusion_target(noise_scheduler, clean, noise, timesteps)
-    return pu_training.pu_objective(run, model_pred, target, timesteps, unlabeled_batch.shape[0])
-
-
-def end_of_epoch(
-    accelerator, run: pu_training.TrainingRun, args: argparse.Namespace, epoch: int, global_step: int
-) -> None:
+def end_of_epoch(accelerator, run: TrainingRun, args: argparse.Namespace, epoch: int, global_step: int) -> None:
     """Validation grid and pipeline save on their epoch schedules, and always after the last step."""
     accelerator.wait_for_everyone()
     last = global_step >= run.plan.max_train_steps
     images_due = last or (epoch + 1) % args.save_images_epochs == 0
     model_due = last or (epoch + 1) % args.save_model_epochs == 0
-    state = pu_checkpoints.gathered_state_dict(accelerator, run.model) if images_due or model_due else None
+    state = gathered_state_dict(accelerator, run.model) if images_due or model_due else None
     if accelerator.is_main_process:
         if images_due or model_due:
-            with pu_training.model_to_save(accelerator, run, state) as unet:
+            with model_to_save(accelerator, run, state) as unet:
                 pipeline = make_pipeline(unet, run)
                 grid = None
                 if images_due:
@@ -317,9 +287,9 @@ def end_of_epoch(
                 if model_due:
                     save_pipeline_and_card(pipeline, args, run, grid)
         if model_due and run.hub_repo_id:
-            pu_outputs.upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
+            upload_to_hub(args, run.hub_repo_id, f"step {global_step}")
     accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    pu_training.exit_on_error(main, parse_args())
+    exit_on_error(main, parse_args())

@@ -15,17 +15,15 @@ coarse shape that decides the class) tells why samples did or did not change.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pu_diffusion.flags import POSITIVE_INT, show_ranges
+from pu_diffusion.training_data import sensitive_mask, split_by_label
 
-import pu_data  # noqa: E402
-import pu_flags  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SENSITIVE_LABELS = ["1", "3", "5", "7", "9"]
 BANDS = ((0, 100), (100, 400), (400, 1000))
@@ -36,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("pipelines", nargs="+", help="NAME=FOLDER of a trained DDPM pipeline, one or more.")
     parser.add_argument("--data_dir", default=str(ROOT / "data" / "digits"), help="The digits dataset folder.")
     parser.add_argument("--seed", type=int, default=0, help="The --seed the models were trained with (the split).")
-    parser.add_argument("--draws", type=pu_flags.POSITIVE_INT, default=8, help="(t, noise) draws per image and band.")
-    pu_flags.show_ranges(parser)
+    parser.add_argument("--draws", type=POSITIVE_INT, default=8, help="(t, noise) draws per image and band.")
+    show_ranges(parser)
     args = parser.parse_args(argv)
     for item in args.pipelines:
         if "=" not in item:
@@ -51,8 +49,8 @@ def digit_groups(data_dir: str, seed: int) -> dict[str, torch.Tensor]:
 
     data = datasets.load_dataset(data_dir)
     train, test = data["train"], data["test"]
-    split = pu_data.split_by_label(pu_data.sensitive_mask(train, "label", SENSITIVE_LABELS), seed=seed)
-    test_sensitive = pu_data.sensitive_mask(test, "label", SENSITIVE_LABELS)
+    split = split_by_label(sensitive_mask(train, "label", SENSITIVE_LABELS), seed=seed)
+    test_sensitive = sensitive_mask(test, "label", SENSITIVE_LABELS)
 
     def pixels(dataset, indices) -> torch.Tensor:
         arrays = [np.asarray(dataset[int(i)]["image"].convert("L"), dtype=np.float32) for i in indices]

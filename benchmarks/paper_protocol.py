@@ -50,10 +50,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pu_diffusion.flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, prior_value, show_ranges
 
-from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, prior_value, show_ranges  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("unsupervised", "supervised", "pu", "pu-paper")
 
@@ -364,19 +363,18 @@ def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier
 
 def classifier_ceiling(data: str, classifier: Path, args: argparse.Namespace) -> float:
     """The classifier's non-sensitive rate on the normal test images: the most the metric can show."""
-    sys.path.insert(0, str(ROOT))
-    import evaluate
-    import pu_classifier
+    from pu_diffusion.classifier import load_classifier, sensitive_class_ids
+    from pu_diffusion.metrics import load_reference_images, score_images
 
     reference_args = argparse.Namespace(
         reference_dataset_name=data, reference_data_dir=None, reference_split="test",
         reference_image_column="image", reference_label_column=args.label_column,
         sensitive_labels=args.sensitive_labels,
     )  # fmt: skip
-    images, _ = evaluate.load_reference_images(reference_args)
-    model = pu_classifier.load_classifier(str(classifier), "cpu")
-    sensitive_ids = pu_classifier.sensitive_class_ids(model, args.sensitive_labels)
-    return evaluate.score_images(model, images, sensitive_ids, 500)["non_sensitive_rate"]
+    images, _ = load_reference_images(reference_args)
+    model = load_classifier(str(classifier), "cpu")
+    sensitive_ids = sensitive_class_ids(model, args.sensitive_labels)
+    return score_images(model, images, sensitive_ids, 500)["non_sensitive_rate"]
 
 
 # --------------------------------------------------------------------------- reporting

@@ -24,14 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pu_diffusion.flags import (
+    OPEN_UNIT_INTERVAL,
+    POSITIVE_INT,
+    add_data_arguments,
+    add_prior_estimation_arguments,
+    show_ranges,
+)
+from pu_diffusion.image_files import image_channels
+from pu_diffusion.prior import (
+    DELTA,
+    PriorEstimate,
+    best_bin_estimate,
+    bootstrap_interval,
+    cross_fitted_scores,
+    estimate_problems,
+    pixel_inputs,
+)
+from pu_diffusion.training_data import load_training_sets
 
-import estimate_prior  # noqa: E402
-import pu_prior  # noqa: E402
-from pu_data import load_training_sets  # noqa: E402
-from pu_flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, show_ranges  # noqa: E402
-from pu_images import image_channels  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 #: name -> (the script that writes it, its sensitive labels, its resolution)
 DATASETS = {
@@ -45,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["digits", "shapes"])
     parser.add_argument("--shares", nargs="+", type=OPEN_UNIT_INTERVAL, default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--deltas", nargs="+", type=OPEN_UNIT_INTERVAL, default=[pu_prior.DELTA])
+    parser.add_argument("--deltas", nargs="+", type=OPEN_UNIT_INTERVAL, default=[DELTA])
     parser.add_argument("--num_labeled_sensitive", type=POSITIVE_INT, default=150, help="|S| in every cell.")
     parser.add_argument("--data_root", default=str(ROOT / "data"), help="Datasets are written here if missing.")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "prior-accuracy"))
@@ -68,14 +80,18 @@ def normal_count(folder: Path, name: str) -> int:
     return sum(label not in sensitive_ids for label in train["label"])
 
 
-def estimator_args(folder: Path, name: str, share: float, num_normal: int, num_sensitive: int, seed: int):
-    """estimate_prior.py's arguments for one cell, and the share of sensitive images they give U."""
+def estimator_args(folder: Path, name: str, share: float, num_normal: int, num_sensitive: int):
+    """The data and estimator flags of estimate_prior.py for one cell, and the share of sensitive images they
+    give U."""
     _, sensitive_labels, resolution = DATASETS[name]
     num_unlabeled_sensitive = round(share / (1 - share) * num_normal)
     argv = ["--dataset_name", str(folder), "--label_column", "label", "--sensitive_labels", *sensitive_labels]
     argv += ["--num_unlabeled_sensitive", str(num_unlabeled_sensitive), "--num_labeled_sensitive", str(num_sensitive)]
-    argv += ["--resolution", str(resolution), "--seed", str(seed)]
-    return estimate_prior.parse_args(argv), num_unlabeled_sensitive / (num_normal + num_unlabeled_sensitive)
+    argv += ["--resolution", str(resolution)]
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    add_prior_estimation_arguments(parser)
+    return parser.parse_args(argv), num_unlabeled_sensitive / (num_normal + num_unlabeled_sensitive)
 
 
 def cell_scores(cache: Path, folder: Path, name: str, share: float, num_normal: int, args, seed: int):
@@ -83,11 +99,11 @@ def cell_scores(cache: Path, folder: Path, name: str, share: float, num_normal: 
     if cache.is_file():
         saved = np.load(cache)
         return saved["s"], saved["u"], float(saved["true"])
-    run_args, true_share = estimator_args(folder, name, share, num_normal, args.num_labeled_sensitive, seed)
+    run_args, true_share = estimator_args(folder, name, share, num_normal, args.num_labeled_sensitive)
     unlabeled, sensitive = load_training_sets(run_args, seed)
     channels = image_channels([(unlabeled, "U"), (sensitive, "S")], "image")
-    inputs = [pu_prior.pixel_inputs(data, "image", run_args.resolution, channels) for data in (sensitive, unlabeled)]
-    sensitive_scores, unlabeled_scores = pu_prior.cross_fitted_scores(
+    inputs = [pixel_inputs(data, "image", run_args.resolution, channels) for data in (sensitive, unlabeled)]
+    sensitive_scores, unlabeled_scores = cross_fitted_scores(
         *inputs, folds=run_args.prior_folds, epochs=run_args.prior_epochs, seed=seed
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -113,14 +129,14 @@ def main(argv=None) -> None:
             for delta in args.deltas:
                 estimates, errors, widths, covered, refused = [], [], [], 0, 0
                 for sensitive_scores, unlabeled_scores, true_share in cells:
-                    estimate = pu_prior.best_bin_estimate(sensitive_scores, unlabeled_scores, delta)
-                    low, high = pu_prior.bootstrap_interval(sensitive_scores, unlabeled_scores, delta=delta)
+                    estimate = best_bin_estimate(sensitive_scores, unlabeled_scores, delta)
+                    low, high = bootstrap_interval(sensitive_scores, unlabeled_scores, delta=delta)
                     estimates.append(estimate)
                     errors.append(abs(estimate - true_share))
                     widths.append(high - low)
                     covered += low <= true_share <= high
-                    found = pu_prior.PriorEstimate(estimate, low, high, 0.9, "", "", 0, 0, 0)
-                    refused += bool(pu_prior.estimate_problems(found))
+                    found = PriorEstimate(estimate, low, high, 0.9, "", "", 0, 0, 0)
+                    refused += bool(estimate_problems(found))
                 rows.append(
                     f"| {name} | {args.num_labeled_sensitive} | {cells[0][2]:.3f} | {delta:g} | {len(cells)} |"
                     f" {statistics.fmean(estimates):.3f} | {statistics.fmean(errors):.3f} | {covered}/{len(cells)} |"

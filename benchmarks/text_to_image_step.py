@@ -20,18 +20,16 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from throughput import peak_memory_mb, synchronize
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from throughput import peak_memory_mb, synchronize  # noqa: E402
-
-import pu_flags  # noqa: E402
-import pu_lora  # noqa: E402
-import pu_training  # noqa: E402
-import train_pu_text_to_image as t2i  # noqa: E402
+from pu_diffusion.checks import pu_loss_flags
+from pu_diffusion.flags import NON_NEGATIVE_INT, POSITIVE_INT, show_ranges
+from pu_diffusion.lora import add_lora
+from pu_diffusion.objective import LossSettings
+from pu_diffusion.text_to_image import FrozenModels, place_models, training_step
 
 
 def tiny_text_config():
@@ -87,19 +85,20 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str, latents
     if options.full:
         unet.requires_grad_(True)
     else:
-        pu_lora.add_lora(unet, options.rank)
+        add_lora(unet, options.rank)
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    run = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    frozen = FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
     flags = argparse.Namespace(use_lora=not options.full, pretrained_vae_model_name_or_path=None)
-    t2i.place_models(unet, run, accelerator.device, accelerator.mixed_precision, flags)
-    weight_dtype = run.weight_dtype
+    place_models(unet, frozen, accelerator.device, accelerator.mixed_precision, flags)
+    weight_dtype = frozen.weight_dtype
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    loss_args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None)
-    run.model, run.noise_scheduler = unet, scheduler
-    run.loss = pu_training.LossSettings.from_flags(loss_args, prior=0.1)
+    loss_args = pu_loss_flags([], default_nonnegative="abs")  # the text-to-image script's defaults
+    loss_args.noise_offset, loss_args.snr_gamma = 0.0, None
+    loss = LossSettings.from_flags(loss_args, prior=0.1)
+    run = SimpleNamespace(frozen=frozen, model=unet, noise_scheduler=scheduler, loss=loss)
 
     def batch(size: int) -> dict:
         pixels = torch.rand(size, 3, options.resolution, options.resolution, device=accelerator.device) * 2 - 1
@@ -114,7 +113,7 @@ def one_configuration(options: argparse.Namespace, mixed_precision: str, latents
     generator = torch.Generator(accelerator.device).manual_seed(0)
 
     def step() -> None:
-        risk = t2i.training_step(run, unlabeled, sensitive, loss_args, generator)
+        risk = training_step(run, unlabeled, sensitive, loss_args, generator)
         accelerator.backward(risk.loss)
         accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -167,14 +166,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
     parser.add_argument("--mixed_precision", nargs="+", choices=("no", "fp16", "bf16"), default=["fp16", "bf16"])
-    parser.add_argument("--resolution", type=pu_flags.POSITIVE_INT, default=512)
-    parser.add_argument("--batch_size", type=pu_flags.POSITIVE_INT, default=1, help="U images per step.")
-    parser.add_argument("--sensitive_batch_size", type=pu_flags.POSITIVE_INT, default=1, help="S images per step.")
+    parser.add_argument("--resolution", type=POSITIVE_INT, default=512)
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=1, help="U images per step.")
+    parser.add_argument("--sensitive_batch_size", type=POSITIVE_INT, default=1, help="S images per step.")
     parser.add_argument("--full", action="store_true", help="Train the whole UNet instead of LoRA adapters.")
-    parser.add_argument("--rank", type=pu_flags.POSITIVE_INT, default=4)
+    parser.add_argument("--rank", type=POSITIVE_INT, default=4)
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--steps", type=pu_flags.POSITIVE_INT, default=10, help="Timed steps per configuration.")
-    parser.add_argument("--warmup", type=pu_flags.NON_NEGATIVE_INT, default=3)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=NON_NEGATIVE_INT, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--latents",
@@ -184,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="encoded: the VAE encodes every step's images; cached: they come from --cache_latents.",
     )
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # one (mixed precision, latents) configuration
-    pu_flags.show_ranges(parser)
+    show_ranges(parser)
     args = parser.parse_args(argv)
     if args.device == "cpu" and ("fp16" in args.mixed_precision or (args.one and args.one[0] == "fp16")):
         parser.error("--mixed_precision fp16 needs a GPU; on the CPU use no or bf16")

@@ -21,17 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import pu_data  # noqa: E402
-import pu_flags  # noqa: E402
-import pu_training  # noqa: E402
-from pu_loss import compute_risk  # noqa: E402
-from train_pu_unconditional import default_unet_config, image_dataset, training_step  # noqa: E402
+from pu_diffusion.builtin_datasets import write_digits_dataset
+from pu_diffusion.checks import pu_loss_flags
+from pu_diffusion.flags import POSITIVE_INT, show_ranges
+from pu_diffusion.objective import LossSettings
+from pu_diffusion.run_setup import seeded_loader
+from pu_diffusion.unconditional import default_unet_config, image_dataset_factory, training_step
+from pu_loss import compute_risk
 
 #: name -> (resolution, U images per step, S images per step). The small one is the demo's.
 MODELS = {"small": (8, 128, 12), "medium": (16, 64, 6)}
@@ -47,7 +46,7 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
     unet = UNet2DModel(**default_unet_config(resolution, channels=1)).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    args = pu_flags.default_loss_flags(loss_type=loss_type)
+    args = pu_loss_flags(["--loss_type", loss_type])  # the unconditional script's defaults
     images = torch.rand(num_unlabeled + num_sensitive, 1, resolution, resolution, device=device) * 2 - 1
     # Same images per step: the unsupervised baseline takes all of them as U.
     if loss_type == "pu":
@@ -56,7 +55,7 @@ def one_configuration(model_name: str, loss_type: str, steps: int, device: str) 
         unlabeled, sensitive = images, None
 
     run = argparse.Namespace(
-        model=unet, noise_scheduler=scheduler, loss=pu_training.LossSettings.from_flags(args, prior=args.prior)
+        model=unet, noise_scheduler=scheduler, loss=LossSettings.from_flags(args, prior=args.prior)
     )
 
     def step():
@@ -113,7 +112,7 @@ def data_seconds_per_step(resolution: int, num_unlabeled: int, num_sensitive: in
     import datasets
 
     with tempfile.TemporaryDirectory() as folder:
-        pu_data.write_digits_dataset(folder)
+        write_digits_dataset(folder)
         train = datasets.load_dataset(folder, split="train")
         options = argparse.Namespace(
             resolution=resolution,
@@ -124,12 +123,10 @@ def data_seconds_per_step(resolution: int, num_unlabeled: int, num_sensitive: in
             image_interpolation_mode="bilinear",  # the unconditional script's default
         )
         unlabeled_batch = num_unlabeled if loss_type == "pu" else num_unlabeled + num_sensitive
-        make_dataset = image_dataset(options, channels=1)
-        loaders = [
-            pu_training.seeded_loader(options, make_dataset(train, 0, "U"), unlabeled_batch, 0, drop_last=True)[0]
-        ]
+        make_dataset = image_dataset_factory(options, channels=1)
+        loaders = [seeded_loader(options, make_dataset(train, 0, "U"), unlabeled_batch, 0, drop_last=True)[0]]
         if loss_type == "pu":
-            loaders.append(pu_training.seeded_loader(options, make_dataset(train, 1, "S"), num_sensitive, 1, True)[0])
+            loaders.append(seeded_loader(options, make_dataset(train, 1, "S"), num_sensitive, 1, True)[0])
         streams = [iter(loader) for loader in loaders]
         batches = min(len(loader) for loader in loaders)
         start = time.perf_counter()
@@ -176,20 +173,18 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=pu_flags.POSITIVE_INT, default=30, help="Timed steps per configuration.")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=30, help="Timed steps per configuration.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--threads", type=pu_flags.POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)."
-    )
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument(
         "--repeats",
-        type=pu_flags.POSITIVE_INT,
+        type=POSITIVE_INT,
         default=3,
         help="Runs per configuration, interleaved; the table shows the median.",
     )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "LOSS"), help=argparse.SUPPRESS)
-    pu_flags.show_ranges(parser)
+    show_ranges(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

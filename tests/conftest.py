@@ -15,7 +15,7 @@ from tests.helpers import tiny_unet_kwargs, write_tiny_clip_tokenizer
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The built-in demo data, written once per test session."""
-    from pu_data import write_digits_dataset
+    from pu_diffusion.builtin_datasets import write_digits_dataset
 
     path = tmp_path_factory.mktemp("digits")
     write_digits_dataset(path)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pu_diffusion.loop import exit_on_error
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,8 +103,6 @@ def run_in_process(script: str, *args, mixed_precision: str = "no") -> subproces
 
     from accelerate.state import AcceleratorState, GradientState
 
-    import pu_training
-
     module = importlib.import_module(Path(script).stem)
     argv = [str(arg) for arg in args] + (["--mixed_precision", mixed_precision] if mixed_precision != "no" else [])
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -119,7 +119,7 @@ def run_in_process(script: str, *args, mixed_precision: str = "no") -> subproces
                 if script == "evaluate.py":
                     module.main(argv)
                 else:
-                    pu_training.exit_on_error(module.main, module.parse_args(argv))
+                    exit_on_error(module.main, module.parse_args(argv))
             except SystemExit as stop:
                 if isinstance(stop.code, str):
                     print(stop.code, file=sys.stderr)
@@ -306,10 +306,8 @@ def refusal(script_module, argv, capsys) -> str:
     per case; the exit code and message of a real launch are checked once per script elsewhere."""
     import pytest
 
-    import pu_training
-
     with pytest.raises(SystemExit) as stop:
-        pu_training.exit_on_error(script_module.main, script_module.parse_args([str(arg) for arg in argv]))
+        exit_on_error(script_module.main, script_module.parse_args([str(arg) for arg in argv]))
     assert stop.value.code not in (0, None)
     code = stop.value.code
     return code if isinstance(code, str) else capsys.readouterr().err

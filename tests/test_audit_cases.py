@@ -20,13 +20,15 @@ from PIL import Image
 import estimate_prior
 import evaluate
 import prepare_shapes
-import pu_flags
-import pu_lora
-import pu_outputs
-import pu_prior
-import pu_training
-from pu_errors import InputError, OutputError
+from pu_diffusion.classifier import check_classifier_quality, classifier_problems
+from pu_diffusion.errors import InputError, OutputError
+from pu_diffusion.lora import LORA_WEIGHTS, add_lora, lora_state_dict, write_lora
+from pu_diffusion.outputs import save_outputs_atomically
+from pu_diffusion.pipelines import load_text_to_image_pipeline
+from pu_diffusion.prior import PriorEstimate, check_sizes, check_usable, cross_fitted_scores
+from pu_diffusion.run_setup import RunPlan, check_plan, settle_prior, tracker_config
 from tests.helpers import UNCONDITIONAL, assert_ok, run_script, tiny_run_args, write_image_folder
+from tests.loss_flags import default_loss_flags
 
 # --------------------------------------------------------------------------- 1, 3, 5: LoRA files
 
@@ -36,12 +38,12 @@ def write_lora_file(pipeline_dir: Path, folder: Path, dropout: float, layers=("t
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    pu_lora.add_lora(unet, rank=4, dropout=dropout, layers=list(layers), use_dora=dora)
+    add_lora(unet, rank=4, dropout=dropout, layers=list(layers), use_dora=dora)
     generator = torch.Generator().manual_seed(0)
     for name, parameter in unet.named_parameters():
         if "lora" in name:
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
-    state = pu_lora.lora_state_dict(unet)
+    state = lora_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
     )
@@ -59,7 +61,7 @@ def generate_twice(pipeline) -> list[np.ndarray]:
 
 def test_1_a_lora_with_dropout_gives_the_same_images_for_the_same_seed_in_evaluate(tiny_sd_pipeline, tmp_path):
     lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.5)
-    pipeline = evaluate.load_text_to_image_pipeline(
+    pipeline = load_text_to_image_pipeline(
         argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
     )
     first, second = generate_twice(pipeline)
@@ -71,9 +73,9 @@ def test_1_the_saved_lora_file_carries_no_dropout(tiny_sd_pipeline, tmp_path):
     from safetensors import safe_open
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
-    pu_lora.add_lora(unet, rank=4, dropout=0.3)
-    pu_lora.write_lora(tmp_path, unet, pu_lora.lora_state_dict(unet))
-    with safe_open(tmp_path / pu_lora.LORA_WEIGHTS, "pt") as saved:
+    add_lora(unet, rank=4, dropout=0.3)
+    write_lora(tmp_path, unet, lora_state_dict(unet))
+    with safe_open(tmp_path / LORA_WEIGHTS, "pt") as saved:
         metadata = json.loads(saved.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_dropout"] == 0.0 and metadata["unet.r"] == 4
     assert unet.peft_config["default"].lora_dropout == 0.3  # training keeps its dropout
@@ -82,7 +84,7 @@ def test_1_the_saved_lora_file_carries_no_dropout(tiny_sd_pipeline, tmp_path):
 @pytest.mark.parametrize("dora", [False, True])
 def test_3_a_lora_that_loads_in_full_is_accepted(tiny_sd_pipeline, tmp_path, dora):
     lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.0, dora=dora)
-    pipeline = evaluate.load_text_to_image_pipeline(
+    pipeline = load_text_to_image_pipeline(
         argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
     )
     assert pipeline.unet.peft_config and all(not module.training for module in pipeline.unet.modules())
@@ -92,11 +94,11 @@ def test_3_a_lora_that_loads_only_in_part_is_refused(tiny_sd_pipeline, tmp_path)
     from safetensors.torch import load_file, save_file
 
     lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.0)
-    weights = load_file(lora / pu_lora.LORA_WEIGHTS)
+    weights = load_file(lora / LORA_WEIGHTS)
     renamed = {(key.replace("to_v", "to_vv") if "up_blocks" in key else key): value for key, value in weights.items()}
-    save_file(renamed, lora / pu_lora.LORA_WEIGHTS)
+    save_file(renamed, lora / LORA_WEIGHTS)
     with pytest.raises(InputError, match=r"--lora .*: only \d+ of its \d+ LoRA weights fit"):
-        evaluate.load_text_to_image_pipeline(
+        load_text_to_image_pipeline(
             argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
         )
 
@@ -105,10 +107,10 @@ def test_3_a_lora_for_another_base_is_a_lora_error(tiny_sd_pipeline, tmp_path):
     from safetensors.torch import load_file, save_file
 
     lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.0)
-    weights = load_file(lora / pu_lora.LORA_WEIGHTS)
-    save_file({key: torch.zeros(value.shape[0] + 3, 2) for key, value in weights.items()}, lora / pu_lora.LORA_WEIGHTS)
+    weights = load_file(lora / LORA_WEIGHTS)
+    save_file({key: torch.zeros(value.shape[0] + 3, 2) for key, value in weights.items()}, lora / LORA_WEIGHTS)
     with pytest.raises(InputError, match="--lora .*no LoRA weights this pipeline can load"):
-        evaluate.load_text_to_image_pipeline(
+        load_text_to_image_pipeline(
             argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
         )
 
@@ -118,16 +120,16 @@ def test_5_every_lora_layer_name_must_match(tiny_sd_pipeline):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
     with pytest.raises(InputError, match="--lora_layers to_k,to_qq: to_qq names no module"):
-        pu_lora.add_lora(unet, rank=4, layers=["to_k", "to_qq"])
-    pu_lora.add_lora(unet, rank=4, layers=["to_k", "to_q"])
+        add_lora(unet, rank=4, layers=["to_k", "to_qq"])
+    add_lora(unet, rank=4, layers=["to_k", "to_q"])
     assert set(unet.peft_config["default"].target_modules) == {"to_k", "to_q"}
 
 
 # --------------------------------------------------------------------------- 2: --prior auto
 
 
-def estimate(value: float, low: float, high: float) -> pu_prior.PriorEstimate:
-    return pu_prior.PriorEstimate(value, low, high, 0.9, "BBE", "pixels at 8 px", 500, 100, 5)
+def estimate(value: float, low: float, high: float) -> PriorEstimate:
+    return PriorEstimate(value, low, high, 0.9, "BBE", "pixels at 8 px", 500, 100, 5)
 
 
 @pytest.mark.parametrize(
@@ -140,9 +142,9 @@ def estimate(value: float, low: float, high: float) -> pu_prior.PriorEstimate:
 )
 def test_2_an_estimate_that_cannot_be_trained_with_is_refused_before_training(found, reason):
     with pytest.raises(InputError, match="Give the share yourself with --prior") as refused:
-        pu_prior.check_usable(found)
+        check_usable(found)
     assert reason in str(refused.value)
-    pu_prior.check_usable(estimate(0.11, 0.08, 0.14))  # an ordinary estimate passes
+    check_usable(estimate(0.11, 0.08, 0.14))  # an ordinary estimate passes
 
 
 class OneProcess:
@@ -167,7 +169,7 @@ def test_2_settle_prior_refuses_and_every_process_estimates(tmp_path):
         num_processes, is_main_process = 1, False  # one process, but not the main one: it estimates too
 
     with pytest.raises(InputError, match="--prior auto: 1.0000 cannot be trained with"):
-        pu_training.settle_prior(OtherRank(), args, estimate_once)
+        settle_prior(OtherRank(), args, estimate_once)
     assert calls == [1] and not (tmp_path / "prior.json").exists()
 
 
@@ -178,7 +180,7 @@ def test_2_too_small_an_s_is_refused_before_anything_loads(digits_dir, tmp_path)
     with pytest.raises(SystemExit):
         train_pu_unconditional.parse_args(list(map(str, argv)))
     with pytest.raises(InputError, match="the estimate needs at least 50 in each"):
-        pu_prior.check_sizes(440, 10, 5)
+        check_sizes(440, 10, 5)
 
 
 def separable_folders(root: Path) -> tuple[Path, Path]:
@@ -221,8 +223,8 @@ def classifier_record(accuracy: float, predicted=None) -> dict:
 def test_3_a_classifier_near_chance_is_refused_unless_allowed(tmp_path, caplog):
     (tmp_path / "classifier_metrics.json").write_text(json.dumps(classifier_record(0.108)))
     with pytest.raises(InputError, match=r"test accuracy 0.108 over 10 classes \(chance 0.100"):
-        evaluate.check_classifier_quality(str(tmp_path), allow_weak=False)
-    evaluate.check_classifier_quality(str(tmp_path), allow_weak=True)
+        check_classifier_quality(str(tmp_path), allow_weak=False)
+    check_classifier_quality(str(tmp_path), allow_weak=True)
     assert "scoring anyway: --allow_weak_classifier" in caplog.text
     argv = ["unconditional", "--pipeline", "p", "--classifier", str(tmp_path), "--sensitive_labels", "1"]
     with pytest.raises(SystemExit):
@@ -230,9 +232,9 @@ def test_3_a_classifier_near_chance_is_refused_unless_allowed(tmp_path, caplog):
 
 
 def test_3_a_classifier_that_never_predicts_a_class_is_refused():
-    problems = evaluate.classifier_problems(classifier_record(0.9, predicted=[36] * 9 + [2]))
+    problems = classifier_problems(classifier_record(0.9, predicted=[36] * 9 + [2]))
     assert problems == ["it almost never predicts 9 on its test images"]
-    assert evaluate.classifier_problems(classifier_record(0.9, predicted=[36] * 10)) == []
+    assert classifier_problems(classifier_record(0.9, predicted=[36] * 10)) == []
 
 
 def test_3_the_benchmark_evaluates_again_when_an_evaluation_flag_changes(tmp_path, monkeypatch):
@@ -298,22 +300,22 @@ def test_4_a_resume_on_changed_data_is_refused(tiny_unet_config, tmp_path):
 def test_4_the_same_data_gives_the_same_fingerprint_and_a_replaced_file_another(tmp_path):
     import datasets
 
-    import pu_data
+    from pu_diffusion.training_data import data_fingerprint
 
     folder = write_image_folder(tmp_path / "u", 6)
     load = lambda: datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")  # noqa: E731
-    first = pu_data.data_fingerprint(load(), None, "image")
-    assert first == pu_data.data_fingerprint(load(), None, "image") and first["U"]["images"] == 6
+    first = data_fingerprint(load(), None, "image")
+    assert first == data_fingerprint(load(), None, "image") and first["U"]["images"] == 6
     Image.new("L", (9, 9)).save(folder / "003.png")  # same name, other content and size
-    assert pu_data.data_fingerprint(load(), None, "image")["U"]["hash"] != first["U"]["hash"]
+    assert data_fingerprint(load(), None, "image")["U"]["hash"] != first["U"]["hash"]
 
 
 def test_6_processes_that_disagree_on_the_plan_stop_naming_what_differs(monkeypatch):
     import accelerate.utils
 
     args = argparse.Namespace(resume_from_checkpoint=None)
-    plan = pu_training.RunPlan(0, 100, 10, 2, 1e-4, 13, 50, 4, 0.1, data_fingerprint={"U": {"images": 100}})
-    other = pu_training.RunPlan(0, 120, 10, 2, 1e-4, 15, 50, 4, 0.1, data_fingerprint={"U": {"images": 120}})
+    plan = RunPlan(0, 100, 10, 2, 1e-4, 13, 50, 4, 0.1, data_fingerprint={"U": {"images": 100}})
+    other = RunPlan(0, 120, 10, 2, 1e-4, 15, 50, 4, 0.1, data_fingerprint={"U": {"images": 120}})
 
     class TwoProcesses:
         num_processes = 2
@@ -322,9 +324,9 @@ def test_6_processes_that_disagree_on_the_plan_stop_naming_what_differs(monkeypa
 
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [asdict(plan), asdict(other)])
     with pytest.raises(InputError, match="the 2 processes disagree on data_fingerprint, num_unlabeled_images"):
-        pu_training.check_plan(TwoProcesses(), args, plan)
+        check_plan(TwoProcesses(), args, plan)
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [asdict(plan), asdict(plan)])
-    pu_training.check_plan(TwoProcesses(), args, plan)  # the same plan everywhere passes
+    check_plan(TwoProcesses(), args, plan)  # the same plan everywhere passes
 
 
 # --------------------------------------------------------------------------- 7, 8: data and outputs kept whole
@@ -361,7 +363,7 @@ def test_8_a_full_disk_during_a_save_keeps_the_old_outputs_together_and_says_so(
             if fail:
                 raise failure
 
-        pu_outputs.save_outputs_atomically(str(tmp_path), write)
+        save_outputs_atomically(str(tmp_path), write)
 
     save("old", fail=False)
     with pytest.raises(OutputError, match=f"no space left on device: the model could not be written in {tmp_path}"):
@@ -372,7 +374,7 @@ def test_8_a_full_disk_during_a_save_keeps_the_old_outputs_together_and_says_so(
 
 
 def test_8_a_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_last_checkpoint(tmp_path):
-    import pu_checkpoints
+    from pu_diffusion.checkpoints import save_checkpoint
 
     (tmp_path / "checkpoint-2").mkdir()
 
@@ -388,13 +390,13 @@ def test_8_a_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_last_c
 
     args = argparse.Namespace(output_dir=str(tmp_path), checkpoints_total_limit=1)
     with pytest.raises(OutputError, match=f"no space left on device: checkpoint-4 could not be written in {tmp_path}"):
-        pu_checkpoints.save_checkpoint(FullDisk(), args, 4, {})
+        save_checkpoint(FullDisk(), args, 4, {})
     assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith(".")) == ["checkpoint-2"]
 
 
 def test_8_a_save_without_new_samples_removes_the_old_ones(tmp_path):
-    pu_outputs.save_outputs_atomically(str(tmp_path), lambda f: Image.new("L", (2, 2)).save(f / "samples.png"))
-    pu_outputs.save_outputs_atomically(str(tmp_path), lambda f: (f / "model_index.json").write_text("{}"))
+    save_outputs_atomically(str(tmp_path), lambda f: Image.new("L", (2, 2)).save(f / "samples.png"))
+    save_outputs_atomically(str(tmp_path), lambda f: (f / "model_index.json").write_text("{}"))
     assert not (tmp_path / "samples.png").exists()  # they showed another model
 
 
@@ -456,8 +458,8 @@ def test_10_tracker_config_names_local_folders_by_their_name_only(tmp_path):
     secret = tmp_path / "private" / "sensitive-set"
     secret.mkdir(parents=True)
     args = argparse.Namespace(sensitive_data_dir=str(secret), dataset_name="user/data", hub_token="t", rank=4)
-    plan = pu_training.RunPlan(0, 1, 1, 1, 1e-4, 1, 1, 1, 0.1)
-    config = pu_training.tracker_config(args, plan)
+    plan = RunPlan(0, 1, 1, 1, 1e-4, 1, 1, 1, 0.1)
+    config = tracker_config(args, plan)
     assert config["sensitive_data_dir"] == "sensitive-set (a local folder)"
     assert config["dataset_name"] == "user/data" and "hub_token" not in config
     assert str(tmp_path) not in json.dumps(config)
@@ -551,11 +553,11 @@ def test_11_a_prompt_file_in_another_encoding_is_named(tmp_path, capsys):
 @pytest.mark.parametrize("extra", [{"loss_reduction": "mean"}, {"snr_gamma": 5.0}])
 def test_paper_loss_with_options_the_paper_does_not_have_is_refused(extra):
     with pytest.raises(InputError, match="--paper_loss is the paper's loss as written"):
-        pu_flags.default_loss_flags(paper_loss=True, **extra)
+        default_loss_flags(paper_loss=True, **extra)
 
 
 def test_the_prior_estimator_trains_on_the_device_it_is_given():
     images = torch.randn(20, 1, 8, 8)
-    on_cpu = pu_prior.cross_fitted_scores(images[:10], images[10:], folds=2, epochs=1, device=torch.device("cpu"))
-    default = pu_prior.cross_fitted_scores(images[:10], images[10:], folds=2, epochs=1)
+    on_cpu = cross_fitted_scores(images[:10], images[10:], folds=2, epochs=1, device=torch.device("cpu"))
+    default = cross_fitted_scores(images[:10], images[10:], folds=2, epochs=1)
     assert all(np.array_equal(a, b) for a, b in zip(on_cpu, default, strict=True))

@@ -209,7 +209,7 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
     """One row per (mode, latents), counting exactly the LoRA parameters the script trains."""
     import text_to_image_step
 
-    import pu_lora
+    from pu_diffusion.lora import add_lora
 
     argv = ["--model", "tiny", "--resolution", "32", "--mixed_precision", "no", "bf16", "--steps", "2"]
     report = text_to_image_step.main([*argv, "--warmup", "1", "--gradient_checkpointing"])
@@ -218,7 +218,7 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
         ("| no", "encoded"), ("| no", "cached"), ("| bf16", "encoded"), ("| bf16", "cached")
     ]  # fmt: skip
     unet = text_to_image_step.build_models("tiny")[0]
-    pu_lora.add_lora(unet, rank=4)
+    add_lora(unet, rank=4)
     lora_parameters = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     assert all(row[2].startswith(f"{lora_parameters:,} / ") for row in rows)
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # ms/step, images/s
@@ -229,7 +229,7 @@ def test_prior_accuracy_reports_each_delta_from_cached_scores(digits_dir, tmp_pa
     import numpy as np
     import prior_accuracy
 
-    import pu_prior
+    from pu_diffusion.prior import MAX_INTERVAL_WIDTH, best_bin_estimate, bootstrap_interval
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "digits").symlink_to(digits_dir)
@@ -245,10 +245,10 @@ def test_prior_accuracy_reports_each_delta_from_cached_scores(digits_dir, tmp_pa
     )
     printed = capsys.readouterr().out
     for delta in (0.1, 0.02):
-        estimate = pu_prior.best_bin_estimate(sensitive, unlabeled, delta)
-        low, high = pu_prior.bootstrap_interval(sensitive, unlabeled, delta=delta)
+        estimate = best_bin_estimate(sensitive, unlabeled, delta)
+        low, high = bootstrap_interval(sensitive, unlabeled, delta=delta)
         covered = int(low <= 0.1 <= high)
-        refused = int(high - low > pu_prior.MAX_INTERVAL_WIDTH or estimate in (0.0, 1.0))
+        refused = int(high - low > MAX_INTERVAL_WIDTH or estimate in (0.0, 1.0))
         assert (
             f"| digits | 300 | 0.100 | {delta:g} | 1 | {estimate:.3f} | {abs(estimate - 0.1):.3f} | {covered}/1 |"
             f" {high - low:.3f} | {refused}/1 |" in printed

@@ -10,8 +10,15 @@ import torch
 from scipy import linalg
 
 import evaluate
-import pu_classifier
-from pu_data import InputError
+from pu_diffusion.classifier import ClipJudge, classify_all, images_to_uint8, load_classifier
+from pu_diffusion.errors import InputError
+from pu_diffusion.metrics import compute_fid, make_fid, non_sensitive_rate
+from pu_diffusion.pipelines import (
+    float_to_uint8,
+    generate_from_prompts,
+    load_text_to_image_pipeline,
+    load_unconditional_pipeline,
+)
 from tests.helpers import assert_ok, run_script, tiny_unet_kwargs
 
 ODD = ["1", "3", "5", "7", "9"]
@@ -84,10 +91,10 @@ def test_trained_classifier_loads_and_its_reported_accuracy_is_real(classifier_d
     assert model.config.id2label == {i: str(i) for i in range(10)}
 
     # Recompute the test accuracy from the saved files through the public loader.
-    classifier = pu_classifier.load_classifier(str(classifier_dir), "cpu")
+    classifier = load_classifier(str(classifier_dir), "cpu")
     test = load_dataset(str(digits_dir), split="test")
-    images = pu_classifier.images_to_uint8(test, "image", "test")
-    predictions = pu_classifier.classify_all(classifier, images, 100)
+    images = images_to_uint8(test, "image", "test")
+    predictions = classify_all(classifier, images, 100)
     recomputed = (predictions == torch.tensor(test["label"])).float().mean().item()
     assert recomputed == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert saved["test_accuracy"] > 0.5  # chance is 0.1; 4 epochs already learn the digits
@@ -97,7 +104,7 @@ def test_trained_classifier_loads_and_its_reported_accuracy_is_real(classifier_d
 def test_non_sensitive_rate_counts_the_classes_by_hand():
     predictions = torch.tensor([0, 1, 1, 3, 4, 2, 2, 0])
     id2label = {0: "cat", 1: "dog", 2: "car", 3: "bus", 4: "fox"}
-    result = evaluate.non_sensitive_rate(predictions, sensitive_ids=[1, 4], id2label=id2label)
+    result = non_sensitive_rate(predictions, sensitive_ids=[1, 4], id2label=id2label)
     # Sensitive: dog x2, fox x1 -> 3 of 8.
     assert result["non_sensitive_rate"] == pytest.approx(5 / 8)
     assert result["prediction_counts"] == {"cat": 2, "dog": 2, "car": 2, "bus": 1, "fox": 1}
@@ -106,14 +113,14 @@ def test_non_sensitive_rate_counts_the_classes_by_hand():
 def test_classifier_fid_matches_the_frechet_distance_computed_by_hand(classifier_dir, digits_dir):
     from datasets import load_dataset
 
-    classifier = pu_classifier.load_classifier(str(classifier_dir), "cpu")
+    classifier = load_classifier(str(classifier_dir), "cpu")
     test = load_dataset(str(digits_dir), split="test")
-    images = pu_classifier.images_to_uint8(test, "image", "test")
+    images = images_to_uint8(test, "image", "test")
     labels = np.array(test["label"])
     even, odd = images[torch.from_numpy(labels % 2 == 0)], images[torch.from_numpy(labels % 2 == 1)]
 
-    fid, name = evaluate.make_fid("classifier", classifier)
-    value = evaluate.compute_fid(fid, "classifier", samples=odd, reference=even, batch_size=64)
+    fid, name = make_fid("classifier", classifier)
+    value = compute_fid(fid, "classifier", samples=odd, reference=even, batch_size=64)
     assert name == "classifier_fid"
 
     with torch.inference_mode():
@@ -125,8 +132,8 @@ def test_classifier_fid_matches_the_frechet_distance_computed_by_hand(classifier
     assert value == pytest.approx(by_hand, rel=1e-3)
 
     # The same images on both sides are at distance ~0.
-    fid, _ = evaluate.make_fid("classifier", classifier)
-    assert evaluate.compute_fid(fid, "classifier", samples=even, reference=even, batch_size=64) < 1e-2 * by_hand
+    fid, _ = make_fid("classifier", classifier)
+    assert compute_fid(fid, "classifier", samples=even, reference=even, batch_size=64) < 1e-2 * by_hand
 
 
 def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
@@ -166,7 +173,7 @@ def test_unconditional_evaluation_writes_consistent_metrics_and_a_grid(
 
 @pytest.mark.parametrize("scheduler, expected", [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler")])
 def test_the_sampling_scheduler_is_swapped_in(tiny_pipeline, scheduler, expected):
-    pipeline = evaluate.load_unconditional_pipeline(str(tiny_pipeline), scheduler, "cpu")
+    pipeline = load_unconditional_pipeline(str(tiny_pipeline), scheduler, "cpu")
     assert type(pipeline.scheduler).__name__ == expected
     assert pipeline.scheduler.config.num_train_timesteps == 50
 
@@ -176,7 +183,7 @@ def test_inception_fid_without_torch_fidelity_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", False)
     with pytest.raises(InputError, match="--fid_features inception needs torch-fidelity.*--fid_features classifier"):
-        evaluate.make_fid("inception", classifier=None)
+        make_fid("inception", classifier=None)
 
 
 def test_bad_pipeline_is_named(classifier_dir, digits_dir, tmp_path):
@@ -281,7 +288,7 @@ def test_zero_shot_clip_matches_the_models_own_probabilities(tiny_clip_model):
 
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     prompts = ["a cat"] * 3 + ["a dog"] * 3
-    judge = pu_classifier.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
+    judge = ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
     sensitive_probability, cosines = judge.judge(images, prompts)
 
     model, processor = CLIPModel.from_pretrained(tiny_clip_model), AutoProcessor.from_pretrained(tiny_clip_model)
@@ -353,8 +360,8 @@ def test_per_image_rows_say_how_to_make_each_image_again(tiny_sd_pipeline, tiny_
         generator=torch.Generator().manual_seed(int(row["batch_seed"])),
         output_type="np",
     ).images
-    image = evaluate.float_to_uint8(images)[int(row["position_in_batch"])]
-    judge = pu_classifier.ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
+    image = float_to_uint8(images)[int(row["position_in_batch"])]
+    judge = ClipJudge(str(tiny_clip_model), ["a cat"], ["a dog", "a puppy"], "cpu")
     probability, _ = judge.judge(image[None], [row["prompt"]])
     assert float(probability) == pytest.approx(float(row["sensitive_probability"]), abs=1e-5)
 
@@ -398,8 +405,8 @@ def test_text_to_image_with_lora_weights_changes_the_images(tiny_sd_pipeline, tm
         judge = ["--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
         argv = text_to_image_args(tiny_sd_pipeline, tmp_path / name, "--images_per_prompt", "1", *judge, *extra)
         parsed = evaluate.parse_args(list(map(str, argv)))
-        loaded = evaluate.load_text_to_image_pipeline(parsed, "cpu", torch.float32)
-        generated[name] = evaluate.generate_from_prompts(loaded, parsed, "cpu")[0]
+        loaded = load_text_to_image_pipeline(parsed, "cpu", torch.float32)
+        generated[name] = generate_from_prompts(loaded, parsed, "cpu")[0]
     assert generated["base"].shape == (2, 3, 32, 32)
     assert not torch.equal(generated["base"], generated["lora"])
 

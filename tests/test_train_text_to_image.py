@@ -1,6 +1,7 @@
 """train_pu_text_to_image.py: LoRA and full fine-tuning of a tiny Stable Diffusion, launched as users do."""
 
 import argparse
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,10 +9,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import pu_flags
-import pu_lora
-import pu_training
 import train_pu_text_to_image as t2i
+from pu_diffusion.checks import check_optimizer
+from pu_diffusion.errors import InputError
+from pu_diffusion.lora import add_lora, register_lora_hooks
+from pu_diffusion.objective import LossSettings
+from pu_diffusion.text_to_image import (
+    FrozenModels,
+    captioned_dataset_factory,
+    encode_prompts,
+    load_models,
+    min_snr_weights,
+    place_models,
+    training_step,
+)
 from tests.helpers import (
     assert_ok,
     forwards_per_optimizer_step,
@@ -21,6 +32,7 @@ from tests.helpers import (
     scalars,
     write_captioned_folder,
 )
+from tests.loss_flags import default_loss_flags
 
 SCRIPT = "train_pu_text_to_image.py"
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -165,10 +177,10 @@ def test_place_models_keeps_trainable_weights_in_float32_under_fp16(tiny_sd_pipe
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(tiny_sd_pipeline, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
-    pu_lora.add_lora(unet, rank=2)
-    frozen = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    add_lora(unet, rank=2)
+    frozen = FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
     flags = argparse.Namespace(use_lora=True, pretrained_vae_model_name_or_path=None)
-    t2i.place_models(unet, frozen, torch.device("cpu"), "fp16", flags)
+    place_models(unet, frozen, torch.device("cpu"), "fp16", flags)
     assert frozen.weight_dtype == torch.float16
     trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all("lora" in name for name in trainable)
@@ -186,11 +198,11 @@ def test_min_snr_weights_by_hand():
     alpha_bar = scheduler.alphas_cumprod[timesteps].double()
     snr = alpha_bar / (1 - alpha_bar)
     expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
-    assert torch.allclose(t2i.min_snr_weights(scheduler, timesteps, 5.0).double(), expected, rtol=1e-4)
+    assert torch.allclose(min_snr_weights(scheduler, timesteps, 5.0).double(), expected, rtol=1e-4)
     assert expected[0] < 1e-2 and expected[2] == 1.0  # low noise is down-weighted, high noise kept
     scheduler.register_to_config(prediction_type="v_prediction")
     v_expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
-    assert torch.allclose(t2i.min_snr_weights(scheduler, timesteps, 5.0).double(), v_expected, rtol=1e-4)
+    assert torch.allclose(min_snr_weights(scheduler, timesteps, 5.0).double(), v_expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -200,7 +212,7 @@ def test_min_snr_weights_are_finite_on_a_zero_terminal_snr_schedule(prediction_t
     scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type=prediction_type)
     timesteps = torch.tensor([0, 500, 998, 999])
     assert scheduler.alphas_cumprod[999] == 0.0  # SNR = 0 at the last step
-    weights = t2i.min_snr_weights(scheduler, timesteps, 5.0)
+    weights = min_snr_weights(scheduler, timesteps, 5.0)
     assert torch.isfinite(weights).all()
     alpha_bar = scheduler.alphas_cumprod[timesteps[:3]].double()
     snr = alpha_bar / (1 - alpha_bar)
@@ -219,8 +231,8 @@ def test_validation_samples_with_the_trained_prediction_type(tiny_sd_pipeline):
     assert base.scheduler.config.prediction_type == "epsilon"
     noise_scheduler = DDPMScheduler.from_pretrained(tiny_sd_pipeline, subfolder="scheduler")
     noise_scheduler.register_to_config(prediction_type="v_prediction")
-    run = t2i.FrozenModels(text_encoder=base.text_encoder, vae=base.vae, tokenizer=base.tokenizer)
-    run.noise_scheduler = noise_scheduler
+    frozen = FrozenModels(text_encoder=base.text_encoder, vae=base.vae, tokenizer=base.tokenizer)
+    run = SimpleNamespace(frozen=frozen, noise_scheduler=noise_scheduler)
     args = argparse.Namespace(pretrained_model_name_or_path=str(tiny_sd_pipeline), revision=None, variant=None)
     pipeline = t2i.validation_pipeline(args, run, base.unet)
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
@@ -251,13 +263,13 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
     unet = RecordingUNet()
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    run = t2i.FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
-    args = pu_flags.default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None, paper_loss=True)
-    run.model, run.noise_scheduler = unet, scheduler
-    run.loss = pu_training.LossSettings.from_flags(args, prior=0.1)
+    frozen = FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    args = default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None, paper_loss=True)
+    loss = LossSettings.from_flags(args, prior=0.1)
+    run = SimpleNamespace(frozen=frozen, model=unet, noise_scheduler=scheduler, loss=loss)
     unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
     sensitive = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
-    risk = t2i.training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
+    risk = training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
 
     assert len(unet.calls) == 1 and unet.calls[0][0] == 5
     ids = torch.cat([unlabeled["input_ids"], sensitive["input_ids"]])
@@ -354,7 +366,8 @@ def test_a_user_sees_the_message_and_a_failing_exit_code(tiny_sd_pipeline, capti
 def test_captions_are_read_per_image_and_bad_cells_are_named():
     import datasets
 
-    from pu_data import CaptionedImages, ImageTransform, InputError, read_captions
+    from pu_diffusion.batches import CaptionedImages, ImageTransform, read_captions
+    from pu_diffusion.errors import InputError
 
     dataset = datasets.Dataset.from_dict({"text": ["a", "b", None]})
     with pytest.raises(InputError, match="--caption_column text: row 2"):
@@ -380,7 +393,7 @@ def test_captions_are_read_per_image_and_bad_cells_are_named():
 
 def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipeline, captioned_data, tmp_path):
     """make_text_to_image_data.py: generated images plus the mixed-in ones, all under the generic prompt."""
-    from pu_data import load_image_dataset
+    from pu_diffusion.training_data import load_image_dataset
 
     output_dir = tmp_path / "u"
     args = ["--pipeline", tiny_sd_pipeline, "--prompt", "a photo of a pet", "--num_generated", "3"]
@@ -415,7 +428,7 @@ def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
         label_column=label_column, sensitive_prompt=sensitive_prompt, sensitive_caption_column=None,
     )  # fmt: skip
     tokenizer = lambda caption, **kwargs: argparse.Namespace(input_ids=[caption])  # noqa: E731
-    make_dataset = t2i.captioned_dataset(args, t2i.FrozenModels(vae=None, text_encoder=None, tokenizer=tokenizer))
+    make_dataset = captioned_dataset_factory(args, FrozenModels(vae=None, text_encoder=None, tokenizer=tokenizer))
     assert make_dataset(images, 0, "U").captions == ["dog 0", "dog 1"]
     assert make_dataset(images, 0, "S").captions[0] == expected_s_caption
 
@@ -534,8 +547,8 @@ def test_prodigy_without_prodigyopt_says_what_to_install(monkeypatch):
         importlib.util, "find_spec", lambda name, *rest: None if name == "prodigyopt" else real_find_spec(name, *rest)
     )
     args = argparse.Namespace(optimizer="prodigy", use_8bit_adam=False, learning_rate=1.0)
-    with pytest.raises(pu_flags.InputError, match="pip install prodigyopt"):
-        pu_flags.check_optimizer(args)
+    with pytest.raises(InputError, match="pip install prodigyopt"):
+        check_optimizer(args)
 
 
 def test_cached_latents_follow_the_uncached_run_and_resume_exactly(tiny_sd_pipeline, captioned_data, tmp_path):
@@ -573,7 +586,7 @@ def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd
     from tests.sharded import ShardedAccelerator
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_pipeline, subfolder="unet")
-    pu_lora.add_lora(unet, rank=4)
+    add_lora(unet, rank=4)
     adapters = [parameter for name, parameter in unet.named_parameters() if "lora_" in name]
     with torch.no_grad():
         for parameter in adapters:
@@ -582,7 +595,7 @@ def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd
         for parameter in adapters:
             parameter.zero_()
     accelerator = ShardedAccelerator(gathered)
-    pu_lora.register_lora_hooks(accelerator, unet)
+    register_lora_hooks(accelerator, unet)
     accelerator.save_hook([unet], [], str(tmp_path))
     saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert accelerator.gather_calls == 1
@@ -670,10 +683,10 @@ def test_sdxl_vae_stays_float32_without_a_vae_of_its_own(tiny_sdxl_pipeline):
         pretrained_model_name_or_path=str(tiny_sdxl_pipeline), pretrained_vae_model_name_or_path=None,
         revision=None, variant=None, cache_dir=None, prediction_type=None, use_lora=True,
     )  # fmt: skip
-    frozen, unet, _ = t2i.load_models(args)
+    frozen, unet, _ = load_models(args)
     assert frozen.is_sdxl and isinstance(unet, UNet2DConditionModel)
-    pu_lora.add_lora(unet, rank=2)
-    t2i.place_models(unet, frozen, torch.device("cpu"), "fp16", args)
+    add_lora(unet, rank=2)
+    place_models(unet, frozen, torch.device("cpu"), "fp16", args)
     assert frozen.vae.dtype == torch.float32
     assert frozen.text_encoder.dtype == frozen.text_encoder_2.dtype == torch.float16
 
@@ -684,19 +697,19 @@ def test_sdxl_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(tiny_sdxl_pi
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline)
-    run = t2i.FrozenModels(
+    frozen = FrozenModels(
         vae=pipeline.vae,
         text_encoder=pipeline.text_encoder,
         tokenizer=pipeline.tokenizer,
         text_encoder_2=pipeline.text_encoder_2,
         tokenizer_2=pipeline.tokenizer_2,
     )
-    make_dataset = t2i.captioned_dataset(
+    make_dataset = captioned_dataset_factory(
         argparse.Namespace(
             resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="lanczos",
             image_column="image", caption_column="text", label_column=None, sensitive_prompt=None,
         ),
-        run,
+        frozen,
     )  # fmt: skip
     import datasets
 
@@ -705,7 +718,7 @@ def test_sdxl_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(tiny_sdxl_pi
     # Original (height, width), the centre crop's top-left in the 11 x 8 resized image, the target size.
     assert item["time_ids"].tolist() == [12, 16, 0, 1, 8, 8]
     batch = {key: value[None] for key, value in item.items() if key != "pixel_values"}
-    states, added = t2i.encode_prompts(run, [batch])
+    states, added = encode_prompts(frozen, [batch])
     expected_states, _, expected_pooled, _ = pipeline.encode_prompt(
         "a photo of a dog", do_classifier_free_guidance=False
     )

@@ -64,17 +64,17 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     """With a zero prediction each l(x) is the squared noise; replaying the draws gives the band by hand."""
     from diffusers import DDPMScheduler
 
-    import pu_training
-    import train_pu_unconditional
-    from pu_flags import default_loss_flags
+    from pu_diffusion.objective import LossSettings
+    from pu_diffusion.unconditional import training_step
     from pu_loss import compute_risk
+    from tests.loss_flags import default_loss_flags
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     unlabeled, sensitive = torch.rand(6, 1, 8, 8), torch.rand(3, 1, 8, 8)
     args = {"prior": 0.9, "nonnegative": "none", "positive_risk_weight": 0.0}  # the run's prior (0.3) is used
 
     def run(**band):
-        loss = pu_training.LossSettings.from_flags(default_loss_flags(**args, **band), prior=0.3)
+        loss = LossSettings.from_flags(default_loss_flags(**args, **band), prior=0.3)
         return argparse.Namespace(model=ZeroUNet(), noise_scheduler=scheduler, loss=loss)
 
     generator = torch.Generator().manual_seed(5)
@@ -84,18 +84,12 @@ def test_training_step_applies_our_options_to_the_drawn_timesteps():
     in_band = timesteps >= 500
     assert 0 < in_band[6:].sum() < 3  # this seed puts S on both sides of the band's edge
 
-    banded = train_pu_unconditional.training_step(
-        run(sensitive_min_timestep=500), unlabeled, sensitive, generator.manual_seed(5)
-    )
-    everywhere = train_pu_unconditional.training_step(
-        run(sensitive_min_timestep=0), unlabeled, sensitive, generator.manual_seed(5)
-    )
+    banded = training_step(run(sensitive_min_timestep=500), unlabeled, sensitive, generator.manual_seed(5))
+    everywhere = training_step(run(sensitive_min_timestep=0), unlabeled, sensitive, generator.manual_seed(5))
     # The same band by noise level: SNR(t) <= SNR(500) holds exactly for t >= 500.
     alphas_cumprod = scheduler.alphas_cumprod.double()
     snr_at_500 = float((alphas_cumprod / (1 - alphas_cumprod))[500])
-    by_noise_level = train_pu_unconditional.training_step(
-        run(sensitive_max_snr=snr_at_500), unlabeled, sensitive, generator.manual_seed(5)
-    )
+    by_noise_level = training_step(run(sensitive_max_snr=snr_at_500), unlabeled, sensitive, generator.manual_seed(5))
     assert banded.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0, in_band).loss.item())
     assert by_noise_level.loss.item() == banded.loss.item()
     assert everywhere.loss.item() == pytest.approx(compute_risk(per_sample, 6, "pu", 0.3, "none", 0.0).loss.item())
@@ -349,7 +343,7 @@ def test_resume_inside_an_epoch_with_accumulation_replays_the_run(tmp_path, digi
 def test_default_unet_sizes(resolution, low, high):
     from diffusers import UNet2DModel
 
-    from train_pu_unconditional import default_unet_config
+    from pu_diffusion.unconditional import default_unet_config
 
     model = UNet2DModel(**default_unet_config(resolution, channels=1 if resolution < 32 else 3))
     parameters = sum(p.numel() for p in model.parameters())

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pu_errors import InputError
-from pu_images import image_channels
+from pu_diffusion.errors import InputError
+from pu_diffusion.image_files import image_channels
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ PIXEL_FEATURE_SIZE = 32
 
 def pixel_inputs(dataset, image_column: str, resolution: int, channels: int) -> torch.Tensor:
     """Images of one column as N x C x H x W in [-1, 1], centre-cropped to min(resolution, 32) px."""
-    from pu_data import ImageTransform
+    from pu_diffusion.batches import ImageTransform
 
     transform = ImageTransform(min(resolution, PIXEL_FEATURE_SIZE), channels, center_crop=True)
     return torch.stack([transform(image) for image in dataset[image_column]])
@@ -360,7 +360,7 @@ def pixel_inputs(dataset, image_column: str, resolution: int, channels: int) -> 
 @torch.no_grad()
 def vae_inputs(dataset, image_column: str, resolution: int, vae, batch_size: int = 16) -> torch.Tensor:
     """VAE latents (the latent mean, scaled as the UNet sees it) of one image column at ``resolution`` px."""
-    from pu_data import ImageTransform
+    from pu_diffusion.batches import ImageTransform
 
     transform = ImageTransform(resolution, 3, center_crop=True)
     device, dtype = vae.device, vae.dtype

@@ -6,15 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pu_data import (
+from pu_diffusion import batches
+from pu_diffusion.batches import (
     INTERPOLATION_MODES,
     EpochShuffle,
     ImageTransform,
-    InputError,
     TransformedImages,
     default_sensitive_batch_size,
-    drop_unlabeled_rows,
     endless,
+)
+from pu_diffusion.errors import InputError
+from pu_diffusion.training_data import (
+    drop_unlabeled_rows,
     limit_unlabeled,
     load_image_dataset,
     normal_reference_split,
@@ -168,12 +171,10 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(digits_dir):
 
 
 def test_preloaded_images_equal_the_ones_decoded_on_access(digits_dir, monkeypatch):
-    import pu_data
-
     train = datasets.load_dataset(str(digits_dir), split="train").select(range(6))
     transform = ImageTransform(6, 1, random_flip=True)
     preloaded = TransformedImages(train, "image", transform, seed=4)
-    monkeypatch.setattr(pu_data, "PRELOAD_BUDGET_BYTES", 0)
+    monkeypatch.setattr(batches, "PRELOAD_BUDGET_BYTES", 0)
     on_access = TransformedImages(train, "image", transform, seed=4)
     assert preloaded.prepared is not None and on_access.prepared is None
     for key in [(0, 0), (5, 0), (5, 3), (2, 9)]:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pu_data import InputError
-from pu_errors import reporting_full_disk
+from pu_diffusion.errors import InputError, reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def save_outputs_atomically(output_dir: str, write: Callable[[Path], None], what
     renames leaves the old folder there, and :func:`clean_staging_folders` puts
     it back at the next start. A ``samples.png`` left from an earlier save goes
     when this save writes none: it would show another model. A full disk ends in
-    :class:`pu_errors.OutputError` naming the folder, with the old outputs intact.
+    :class:`errors.OutputError` naming the folder, with the old outputs intact.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -232,7 +231,7 @@ def write_model_card(
     image: str | None = None,
 ) -> Path:
     """README.md with the training data, the loss and how to load the model; ``plan`` is the run's
-    ``pu_training.RunPlan`` (data sizes, steps, S batch size, learning rate)."""
+    ``run_setup.RunPlan`` (data sizes, steps, S batch size, learning rate)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     datasets = [d for d in (args.dataset_name, args.sensitive_dataset_name) if d and not is_local(d)]
@@ -318,7 +317,7 @@ def upload_to_hub(args: argparse.Namespace, repo_id: str, commit_message: str) -
     from huggingface_hub import upload_folder
 
     # The logs' hparams hold every flag; they go up only when asked for (and then without local paths:
-    # pu_training.tracker_config).
+    # run_setup.tracker_config).
     logs = [] if args.push_logs_to_hub else [f"{args.logging_dir.strip('/')}/**", args.logging_dir.strip("/")]
     upload_folder(
         repo_id=repo_id,

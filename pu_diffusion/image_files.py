@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pu_errors import InputError
+from pu_diffusion.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -1,33 +1,13 @@
-"""The training scripts' shared flags, their ranges, and the checks that run before anything is loaded."""
+"""The scripts' command-line flags and their ranges: argparse only, nothing is checked or loaded here."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
-import os
-import tempfile
-from pathlib import Path
 
-import torch
-
-import pu_prior
-from pu_checkpoints import (
-    ADAPTER_FLAGS,
-    CHECKPOINT_CONFIG,
-    DATA_ORDER_FLAGS,
-    OBJECTIVE_FLAGS,
-    checkpoint_to_resume,
-    saved_run_config,
-)
-from pu_data import INTERPOLATION_MODES, InputError
+from pu_diffusion.batches import INTERPOLATION_MODES
+from pu_diffusion.objective import DEFAULT_SENSITIVE_MAX_SNR, PREDICTION_TYPES
+from pu_diffusion.prior import MAX_INTERVAL_WIDTH
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
-from pu_outputs import finished_model_file
-
-logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- value ranges
 
 
 class Bounded:
@@ -58,11 +38,23 @@ class Bounded:
 
 
 POSITIVE_INT = Bounded(int, 1)
+
+
 NON_NEGATIVE_INT = Bounded(int, 0)
+
+
 POSITIVE_FLOAT = Bounded(float, 0, low_open=True)
+
+
 NON_NEGATIVE_FLOAT = Bounded(float, 0)
+
+
 OPEN_UNIT_INTERVAL = Bounded(float, 0, 1, low_open=True, high_open=True)
+
+
 UNIT_INTERVAL = Bounded(float, 0, 1)
+
+
 ADAM_BETA = Bounded(float, 0, 1, high_open=True)
 
 
@@ -71,9 +63,6 @@ def show_ranges(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if isinstance(action.type, Bounded):
             action.help = f"{action.help or ''} [{action.type.constraint}]".lstrip()
-
-
-# --------------------------------------------------------------------------- arguments
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = False) -> None:
@@ -252,51 +241,9 @@ def add_prior_estimation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--prior_max_interval_width",
         type=UNIT_INTERVAL,
-        default=pu_prior.MAX_INTERVAL_WIDTH,
+        default=MAX_INTERVAL_WIDTH,
         help="--prior auto refuses an estimate whose interval is wider than this (too uncertain to train with).",
     )
-
-
-#: The default noise band of the S terms, chosen on the digits (docs/benchmark.md) as t >= 100 of the linear
-#: 1,000-step DDPM schedule: SNR(100) = 8.54, SNR(99) = 8.71. Under Stable Diffusion's scaled-linear schedule
-#: it is t >= 99; under the cosine schedule t >= 203 (the same noise level, a later step).
-DEFAULT_SENSITIVE_MAX_SNR = 8.6
-
-
-def resolve_loss_options(args: argparse.Namespace) -> None:
-    """Settle our two loss options: --paper_loss, else the flags given, else our defaults (at parse time).
-
-    Afterwards ``positive_risk_weight`` is a number, and the band is
-    ``sensitive_max_snr`` (None: every draw) or, when given,
-    ``sensitive_min_timestep`` (0: not used).
-    """
-    band_flags = [flag for flag in ("sensitive_max_snr", "sensitive_min_timestep") if getattr(args, flag) is not None]
-    if args.paper_loss:
-        given = band_flags + (["positive_risk_weight"] if args.positive_risk_weight is not None else [])
-        if getattr(args, "loss_reduction", "sum") != "sum":
-            given.append(f"loss_reduction {args.loss_reduction}")
-        if getattr(args, "snr_gamma", None):
-            given.append("snr_gamma")
-        if given:
-            raise InputError(f"--paper_loss is the paper's loss as written (summed, unweighted); drop --{given[0]}")
-    if len(band_flags) == 2:
-        raise InputError("--sensitive_max_snr and --sensitive_min_timestep set the same band: give one")
-    if args.positive_risk_weight is None:
-        args.positive_risk_weight = 1.0 if args.paper_loss else 0.0
-    if args.sensitive_min_timestep is None:
-        args.sensitive_min_timestep = 0
-        if args.sensitive_max_snr is None and not args.paper_loss:
-            args.sensitive_max_snr = DEFAULT_SENSITIVE_MAX_SNR
-
-
-def default_loss_flags(**overrides) -> argparse.Namespace:
-    """The PU loss flags at their command-line defaults, then ``overrides`` (which may add other flags), for
-    code that calls a training step without parsing a command line: the benchmarks and the tests."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_pu_arguments(parser)
-    args = argparse.Namespace(**{**vars(parser.parse_args([])), **overrides})
-    resolve_loss_options(args)
-    return args
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -413,9 +360,6 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
 def add_pretrained_model_arguments(group, what: str, required: bool = False) -> None:
     """--pretrained_model_name_or_path and the flags that go with it, as in the official examples."""
     group.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=required, help=what)
@@ -428,170 +372,3 @@ def add_pretrained_model_arguments(group, what: str, required: bool = False) -> 
         help="What the model predicts. Default: the pretrained scheduler's, else epsilon.",
     )
     group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-
-
-def set_prediction_type(noise_scheduler, args: argparse.Namespace) -> None:
-    """--prediction_type overrides the pretrained scheduler's; a type we cannot train is refused at load."""
-    if args.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    elif noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise InputError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: its scheduler predicts"
-            f" {noise_scheduler.config.prediction_type!r}; pass --prediction_type, one of {PREDICTION_TYPES}"
-        )
-
-
-def check_noise_band(noise_scheduler, args: argparse.Namespace) -> None:
-    """The S terms' noise band must hold some timesteps of the schedule."""
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    if args.sensitive_min_timestep >= num_timesteps:
-        raise InputError(
-            f"--sensitive_min_timestep {args.sensitive_min_timestep}: the noise schedule has timesteps 0 to"
-            f" {num_timesteps - 1}, so S would never count"
-        )
-    if args.sensitive_max_snr is not None:
-        lowest = float(signal_to_noise(noise_scheduler).min())
-        if lowest > args.sensitive_max_snr:
-            raise InputError(
-                f"--sensitive_max_snr {args.sensitive_max_snr:g}: the noise schedule's lowest signal-to-noise"
-                f" ratio is {lowest:.4g}, so S would never count"
-            )
-
-
-def signal_to_noise(noise_scheduler) -> torch.Tensor:
-    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) for every training timestep t of a DDPM-style scheduler."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.double()
-    return (alphas_cumprod / (1 - alphas_cumprod)).float()
-
-
-def parse_and_check(parser: argparse.ArgumentParser, argv: list[str] | None, *script_checks) -> argparse.Namespace:
-    """Parse a training script's command line, then run the shared checks and the script's own; a bad value
-    ends in argparse's usage error naming the flag, before anything is loaded."""
-    show_ranges(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_common_arguments(args)
-        for check in script_checks:
-            check(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
-
-
-def check_common_arguments(args: argparse.Namespace) -> None:
-    """Checks that need no data: bad values fail here, before anything is loaded or written."""
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1:
-        args.local_rank = env_local_rank
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise InputError("U is missing: give --dataset_name or --train_data_dir")
-    check_sensitive_source(args)
-    resolve_loss_options(args)
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise InputError(
-            "--report_to wandb with --hub_token: a security risk of exposing your token (wandb records the"
-            " command line); log in with `hf auth login` and drop --hub_token"
-        )
-    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise InputError("--report_to wandb needs wandb: pip install wandb")
-    if args.prior == "auto" and args.loss_type == "pu":
-        pu_prior.check_sizes_from_flags(args)
-    check_optimizer(args)
-    _check_output_dir(args)
-
-
-def check_optimizer(args: argparse.Namespace) -> None:
-    if args.optimizer != "prodigy":
-        return
-    if importlib.util.find_spec("prodigyopt") is None:
-        raise InputError("--optimizer prodigy needs prodigyopt: pip install prodigyopt")
-    if getattr(args, "use_8bit_adam", False):
-        raise InputError("--use_8bit_adam is an AdamW; drop it with --optimizer prodigy")
-    if args.learning_rate <= 0.1:
-        logger.warning(
-            "--optimizer prodigy with --learning_rate %g: Prodigy estimates the step size and scales it by the"
-            " learning rate, so a value near 1.0 is usual",
-            args.learning_rate,
-        )
-
-
-def check_sensitive_source(args: argparse.Namespace) -> None:
-    label_flags = ("num_unlabeled_normal", "num_unlabeled_sensitive", "num_labeled_sensitive", "sensitive_labels")
-    if args.label_column is None:
-        given = [f"--{flag}" for flag in label_flags if getattr(args, flag) is not None]
-        if given:
-            raise InputError(f"{', '.join(given)} need --label_column")
-    else:
-        if args.dataset_name is None:
-            raise InputError("--label_column needs a labeled --dataset_name to draw U and S from")
-        if not args.sensitive_labels:
-            raise InputError("--label_column needs --sensitive_labels: which labels are sensitive")
-        if args.sensitive_dataset_name or args.sensitive_data_dir:
-            raise InputError("--label_column draws S from --dataset_name; drop --sensitive_dataset_name/_data_dir")
-    has_sensitive = args.label_column or args.sensitive_dataset_name or args.sensitive_data_dir
-    if args.loss_type != "unsupervised" and not has_sensitive:
-        raise InputError(
-            f"--loss_type {args.loss_type} needs labeled sensitive data S: give --sensitive_dataset_name,"
-            " --sensitive_data_dir, or --label_column with --sensitive_labels"
-        )
-
-
-def _check_output_dir(args: argparse.Namespace) -> None:
-    output_dir = Path(args.output_dir)
-    check_writable(output_dir)
-    finished = finished_model_file(output_dir)
-    if finished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
-        raise InputError(
-            f"--output_dir {args.output_dir} already holds a finished model ({finished}); pass"
-            " --overwrite_output_dir to replace it or --resume_from_checkpoint to continue it"
-        )
-    _check_resumed_run(args)
-
-
-def check_writable(output_dir: Path, flag: str = "--output_dir") -> None:
-    """--output_dir must be a folder we can write in (or be creatable), known before any work starts.
-
-    Nothing is created: a probe folder is made in the nearest existing
-    ancestor and removed at once.
-    """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"{flag} {output_dir}: exists and is not a folder")
-    ancestor = output_dir.absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"{flag} {output_dir}: {ancestor} is a file, so the folder cannot be made")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".tmp-write-check-", dir=ancestor))
-    except OSError as error:
-        raise InputError(f"{flag} {output_dir}: cannot write in {ancestor} ({error.strerror})") from error
-
-
-def _check_resumed_run(args: argparse.Namespace) -> None:
-    """A resume must continue the same objective, and is warned when it will not replay the data order."""
-    if not args.resume_from_checkpoint:
-        return
-    checkpoint = checkpoint_to_resume(args, warn=False)
-    if checkpoint is None:
-        return  # as in the official examples: "latest" with nothing to resume starts fresh
-    saved = saved_run_config(checkpoint)
-    if saved is None:
-        logger.warning(
-            "%s has no %s: cannot check that the resume continues the same run", checkpoint, CHECKPOINT_CONFIG
-        )
-        return
-    for key in OBJECTIVE_FLAGS + ADAPTER_FLAGS:
-        if key in saved and saved[key] != getattr(args, key, None):
-            raise InputError(
-                f"--{key} {getattr(args, key, None)}: {checkpoint.name} was trained with --{key} {saved[key]}; a"
-                " resume continues the same objective and model (start a new --output_dir to train another)"
-            )
-    for key in DATA_ORDER_FLAGS:
-        if saved.get(key) is not None and getattr(args, key) is not None and saved[key] != getattr(args, key):
-            logger.warning(
-                "--%s %s differs from %s's %s: the data order will not replay the interrupted run",
-                key,
-                getattr(args, key),
-                checkpoint.name,
-                saved[key],
-            )

@@ -1,4 +1,4 @@
-"""pu_outputs: the Hub upload filter, atomic pipeline saves, staging clean-up, the output-folder lock, grids."""
+"""outputs: the Hub upload filter, atomic pipeline saves, staging clean-up, the output-folder lock, grids."""
 
 import argparse
 import json
@@ -7,8 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pu_outputs
-from pu_data import InputError
+from pu_diffusion.errors import InputError
+from pu_diffusion.outputs import (
+    LOCK_FILE,
+    OutputDirLock,
+    clean_staging_folders,
+    create_hub_repo,
+    image_grid,
+    log_images,
+    save_outputs_atomically,
+    upload_to_hub,
+)
 
 
 def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_path, monkeypatch):
@@ -47,15 +56,15 @@ def test_checkpoints_are_never_uploaded_and_the_repo_privacy_is_honoured(tmp_pat
         push_logs_to_hub=False,
     )
 
-    repo_id = pu_outputs.create_hub_repo(args)
-    pu_outputs.upload_to_hub(args, repo_id, "step 10")
+    repo_id = create_hub_repo(args)
+    upload_to_hub(args, repo_id, "step 10")
     assert calls["create"] == (tmp_path.name, {"exist_ok": True, "private": True, "token": "t"})
     assert calls["upload"]["repo_id"] == "user/out"
     files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
     uploaded = set(filter_repo_objects(files, ignore_patterns=calls["upload"]["ignore_patterns"]))
     assert uploaded == {"model_index.json", "unet/config.json", "README.md", "validation/epoch-0001.png"}
     args.push_logs_to_hub = True  # asked for: the logs go too
-    pu_outputs.upload_to_hub(args, repo_id, "step 10")
+    upload_to_hub(args, repo_id, "step 10")
     uploaded = set(filter_repo_objects(files, ignore_patterns=calls["upload"]["ignore_patterns"]))
     assert {"logs/train/events.out.tfevents.1", "logs/train/hparams.yml"} <= uploaded
 
@@ -72,7 +81,7 @@ def test_an_interrupted_pipeline_save_keeps_the_previous_pipeline_loadable(tmp_p
     from diffusers import DiffusionPipeline
 
     pipeline = tiny_ddpm_pipeline()
-    pu_outputs.save_outputs_atomically(tmp_path, pipeline.save_pretrained)
+    save_outputs_atomically(tmp_path, pipeline.save_pretrained)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
@@ -83,7 +92,7 @@ def test_an_interrupted_pipeline_save_keeps_the_previous_pipeline_loadable(tmp_p
 
     pipeline.save_pretrained = crash_half_way
     with pytest.raises(KeyboardInterrupt):
-        pu_outputs.save_outputs_atomically(tmp_path, pipeline.save_pretrained)
+        save_outputs_atomically(tmp_path, pipeline.save_pretrained)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert isinstance(DiffusionPipeline.from_pretrained(tmp_path).unet, type(pipeline.unet))
     assert not list(tmp_path.glob(".tmp-*"))
@@ -97,7 +106,7 @@ def test_the_first_pipeline_save_is_not_loadable_until_complete(tmp_path):
 
     pipeline.save_pretrained = crash
     with pytest.raises(KeyboardInterrupt):
-        pu_outputs.save_outputs_atomically(tmp_path, pipeline.save_pretrained)
+        save_outputs_atomically(tmp_path, pipeline.save_pretrained)
     assert not (tmp_path / "model_index.json").exists()
 
 
@@ -105,7 +114,7 @@ def test_staging_left_by_a_killed_save_is_cleaned_and_a_set_aside_component_put_
     """kill -9 skips the finally: the state is built by hand, as a kill between two renames leaves it."""
     from diffusers import DiffusionPipeline
 
-    pu_outputs.save_outputs_atomically(tmp_path, tiny_ddpm_pipeline().save_pretrained)
+    save_outputs_atomically(tmp_path, tiny_ddpm_pipeline().save_pretrained)
     staging = tmp_path / ".tmp-pipeline-killed"
     (staging / "replaced").mkdir(parents=True)
     (staging / "new" / "scheduler").mkdir(parents=True)
@@ -114,35 +123,35 @@ def test_staging_left_by_a_killed_save_is_cleaned_and_a_set_aside_component_put_
     with pytest.raises(OSError):
         DiffusionPipeline.from_pretrained(tmp_path)
 
-    pu_outputs.clean_staging_folders(tmp_path)
+    clean_staging_folders(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert DiffusionPipeline.from_pretrained(tmp_path).unet.config.block_out_channels == [8, 16]
 
 
 def test_one_training_run_per_output_dir(tmp_path):
-    lock = pu_outputs.OutputDirLock(tmp_path / "out")
-    assert "pid" in (tmp_path / "out" / pu_outputs.LOCK_FILE).read_text()
+    lock = OutputDirLock(tmp_path / "out")
+    assert "pid" in (tmp_path / "out" / LOCK_FILE).read_text()
     with pytest.raises(InputError, match="is in use by another training run"):
-        pu_outputs.OutputDirLock(tmp_path / "out")
+        OutputDirLock(tmp_path / "out")
     lock.release()
     assert not (tmp_path / "out").exists()  # created by the lock, left empty: removed
 
     # A lock file whose process is gone (no flock held) blocks nobody.
     (tmp_path / "kept").mkdir()
-    (tmp_path / "kept" / pu_outputs.LOCK_FILE).write_text("pid 999999 on elsewhere")
-    pu_outputs.OutputDirLock(tmp_path / "kept").release()
+    (tmp_path / "kept" / LOCK_FILE).write_text("pid 999999 on elsewhere")
+    OutputDirLock(tmp_path / "kept").release()
     assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_image_grid_enlarges_small_tiles_and_separates_them():
     images = np.zeros((5, 8, 8, 1))
     images[0] = 1.0  # first tile white
-    grid = np.asarray(pu_outputs.image_grid(images, min_tile=32, gap=2))
+    grid = np.asarray(image_grid(images, min_tile=32, gap=2))
     assert grid.shape == (2 + 2 * 34, 2 + 3 * 34)  # 2 rows x 3 columns of 32-px tiles
     assert (grid[2:34, 2:34] == 255).all() and (grid[2:34, 36:68] == 0).all()
     assert (grid[:2] == 128).all() and (grid[:, 34:36] == 128).all()
     # uint8 pixels are taken as they are: the same grid as their [0, 1] floats.
-    assert np.array_equal(np.asarray(pu_outputs.image_grid((images * 255).astype(np.uint8))), grid)
+    assert np.array_equal(np.asarray(image_grid((images * 255).astype(np.uint8))), grid)
 
 
 def test_validation_images_go_to_wandb_with_their_captions(monkeypatch):
@@ -155,7 +164,7 @@ def test_validation_images_go_to_wandb_with_their_captions(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     tracker = types.SimpleNamespace(name="wandb", log=lambda values, step: logged.append((values, step)))
     images = np.stack([np.zeros((4, 4, 3)), np.ones((4, 4, 3))])
-    pu_outputs.log_images([tracker], images, step=7, captions=["a cat", "a dog"])
+    log_images([tracker], images, step=7, captions=["a cat", "a dog"])
     ((values, step),) = logged
     assert step == 7
     assert [caption for _, caption in values["validation"]] == ["a cat", "a dog"]

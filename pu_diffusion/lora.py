@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
-import pu_checkpoints
-from pu_data import InputError
-from pu_flags import POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL
+from pu_diffusion.checkpoints import gathered_state_dict
+from pu_diffusion.errors import InputError
+from pu_diffusion.flags import POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: The attention projections that get LoRA adapters, as in the official LoRA example.
@@ -116,7 +116,7 @@ def register_lora_hooks(accelerator, unet) -> None:
     from peft.utils import set_peft_model_state_dict
 
     def save_model_hook(models, weights, output_dir):
-        states = [pu_checkpoints.gathered_state_dict(accelerator, model) for model in models]
+        states = [gathered_state_dict(accelerator, model) for model in models]
         if accelerator.is_main_process:
             for model, state in zip(models, states, strict=True):
                 unwrapped = accelerator.unwrap_model(model)

@@ -5,7 +5,7 @@ variance, ``latent_dist.parameters``), not one sample of it: each step still
 draws its latent with the step's generator, so a run with the cache follows
 the run without it (to float rounding of the batched encoding). With
 --random_flip the mirror image is encoded too and each access draws the flip
-as :class:`pu_data.ImageTransform` does; random crops cannot be cached
+as :class:`batches.ImageTransform` does; random crops cannot be cached
 honestly, so the scripts require --center_crop with --cache_latents.
 
 S is drawn again at every step, so for PU training the cache saves more VAE
@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from pu_data import CaptionedImages, derived_seed
+from pu_diffusion.batches import CaptionedImages
+from pu_diffusion.training_data import derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, folder: str, name: str,
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """A :class:`pu_data.CaptionedImages` whose images are replaced by their VAE latent distributions.
+    """A :class:`batches.CaptionedImages` whose images are replaced by their VAE latent distributions.
 
     Items are ``{"latent_parameters"}`` plus what the images' item holds besides
     its pixels (``input_ids``, and for SDXL ``input_ids_2`` and ``time_ids``);

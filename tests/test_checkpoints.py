@@ -1,26 +1,26 @@
-"""pu_checkpoints: finding checkpoint-N folders."""
+"""checkpoints: finding checkpoint-N folders."""
 
 import argparse
 
 import pytest
 import torch
 
-import pu_checkpoints
-from pu_data import InputError
+from pu_diffusion.checkpoints import checkpoint_step, list_checkpoints, named_checkpoint, register_model_hooks
+from pu_diffusion.errors import InputError
 
 
 def test_checkpoint_names_resolve_in_one_place(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-x", "my-ckpt"):
         (tmp_path / name).mkdir()
-    assert [p.name for p in pu_checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
     args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="checkpoint-10")
-    assert pu_checkpoints.named_checkpoint(args) == tmp_path / "checkpoint-10"
+    assert named_checkpoint(args) == tmp_path / "checkpoint-10"
     args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
-    assert pu_checkpoints.checkpoint_step(pu_checkpoints.named_checkpoint(args)) == 2
+    assert checkpoint_step(named_checkpoint(args)) == 2
     for bad in ("checkpoint-7", "my-ckpt"):
         args.resume_from_checkpoint = bad
         with pytest.raises(InputError, match=f"--resume_from_checkpoint {bad}"):
-            pu_checkpoints.named_checkpoint(args)
+            named_checkpoint(args)
 
 
 @pytest.mark.parametrize("distributed_type", ["FSDP", "DEEPSPEED"])
@@ -36,7 +36,7 @@ def test_checkpoint_unet_is_saved_from_the_gathered_weights_when_sharded(distrib
     torch.manual_seed(0)
     trained = UNet2DModel(**tiny_unet_kwargs())
     accelerator = ShardedAccelerator(trained.state_dict(), DistributedType[distributed_type])
-    pu_checkpoints.register_model_hooks(accelerator, UNet2DModel)
+    register_model_hooks(accelerator, UNet2DModel)
     accelerator.save_hook([zeroed_copy(trained)], [], str(tmp_path / "sharded"))
     saved = UNet2DModel.from_pretrained(tmp_path / "sharded", subfolder="unet").state_dict()
     assert accelerator.gather_calls == 1
@@ -53,7 +53,7 @@ def test_the_model_to_save_under_sharding_is_a_copy_with_the_ema_weights():
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
 
-    import pu_training
+    from pu_diffusion.loop import model_to_save
     from tests.helpers import tiny_unet_kwargs
     from tests.sharded import ShardedAccelerator, zeroed_copy
 
@@ -63,10 +63,10 @@ def test_the_model_to_save_under_sharding_is_a_copy_with_the_ema_weights():
     accelerator = ShardedAccelerator(trained.state_dict())
     placeholder = zeroed_copy(trained)
     run = argparse.Namespace(model=placeholder, ema_model=None)
-    with pu_training.model_to_save(accelerator, run, accelerator.get_state_dict(placeholder)) as model:
+    with model_to_save(accelerator, run, accelerator.get_state_dict(placeholder)) as model:
         assert model is not placeholder
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters(), strict=True))
     run.ema_model = ema
-    with pu_training.model_to_save(accelerator, run, accelerator.get_state_dict(placeholder)) as model:
+    with model_to_save(accelerator, run, accelerator.get_state_dict(placeholder)) as model:
         assert all(torch.equal(a, 2 * b) for a, b in zip(model.parameters(), trained.parameters(), strict=True))
     assert all(not parameter.detach().any() for parameter in placeholder.parameters())

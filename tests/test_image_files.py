@@ -1,11 +1,12 @@
-"""pu_images: bit depths, the start-up decode check, the channel count, files an image folder leaves out."""
+"""image_files: bit depths, the start-up decode check, the channel count, files an image folder leaves out."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pu_data import ImageTransform, load_image_dataset
-from pu_images import check_images, image_channels, to_8bit
+from pu_diffusion.batches import ImageTransform
+from pu_diffusion.image_files import check_images, image_channels, to_8bit
+from pu_diffusion.training_data import load_image_dataset
 from tests.helpers import write_image_folder
 
 

@@ -9,8 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pu_data import InputError
-from pu_errors import reporting_full_disk
+from pu_diffusion.errors import InputError, reporting_full_disk
 
 logger = logging.getLogger(__name__)
 

@@ -136,7 +136,7 @@ def write_shapes_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> dict:
-    """Write the shapes as a labeled dataset folder, like :func:`pu_data.write_digits_dataset`.
+    """Write the shapes as a labeled dataset folder, like :func:`builtin_datasets.write_digits_dataset`.
 
     ``data/train-*.parquet`` and ``data/test-*.parquet`` hold an ``image``
     column (RGB PNG, ``resolution`` px) and a ``label`` column (the names in

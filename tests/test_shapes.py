@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from datasets import load_dataset
 
-from pu_shapes import SENSITIVE_SHAPES, SHAPES, _shape_mask, draw_shape, image_rng, write_shapes_dataset
+from pu_diffusion.shapes import SENSITIVE_SHAPES, SHAPES, _shape_mask, draw_shape, image_rng, write_shapes_dataset
 from tests.helpers import REPO_ROOT
 
 

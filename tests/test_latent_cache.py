@@ -1,4 +1,4 @@
-"""pu_latent_cache: what --cache_latents keeps, in memory or on disk, and the flips it draws."""
+"""latent_cache: what --cache_latents keeps, in memory or on disk, and the flips it draws."""
 
 import datasets
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pu_data import CaptionedImages, ImageTransform, derived_seed
-from pu_latent_cache import CachedLatents
+from pu_diffusion.batches import CaptionedImages, ImageTransform
+from pu_diffusion.latent_cache import CachedLatents
+from pu_diffusion.training_data import derived_seed
 
 
 def captioned_images(random_flip: bool) -> CaptionedImages:

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pu_data import InputError, load_image_dataset, require_column
-from pu_images import GRAYSCALE_MODES, to_8bit
-from pu_outputs import write_json_atomically
+from pu_diffusion.errors import InputError, read_json
+from pu_diffusion.image_files import GRAYSCALE_MODES, to_8bit
+from pu_diffusion.outputs import write_json_atomically
+from pu_diffusion.training_data import load_image_dataset, require_column
 
 logger = logging.getLogger("evaluate")
 
@@ -338,3 +339,53 @@ class ClipJudge:
         cosines = output.image_embeds @ output.text_embeds[len(self.texts) :].T
         own = torch.tensor([unique_prompts.index(prompt) for prompt in prompts], device=cosines.device)
         return sensitive_probability.cpu(), cosines.gather(1, own[:, None]).squeeze(1).cpu()
+
+
+def classifier_info(name_or_path: str, sensitive_ids: list[int], id2label: dict) -> dict:
+    info = {"name_or_path": name_or_path, "sensitive_labels": [id2label[i] for i in sensitive_ids]}
+    record = classifier_record(name_or_path)
+    if record is not None:
+        info["test_accuracy"] = record["test_accuracy"]
+    return info
+
+
+def classifier_record(name_or_path: str) -> dict | None:
+    """What ``train-classifier`` recorded about a classifier it trained (None for other classifiers)."""
+    saved_metrics = Path(name_or_path) / CLASSIFIER_METRICS_FILE
+    return read_json(saved_metrics, f"--classifier {name_or_path}") if saved_metrics.is_file() else None
+
+
+def check_classifier_quality(name_or_path: str, allow_weak: bool) -> None:
+    """Refuse (or, with --allow_weak_classifier, warn about) a classifier whose recorded test results say its
+    verdicts mean little: an accuracy nearer chance than perfect, or a class it almost never predicts. A
+    classifier that calls everything "normal" gives every model a rate of 1."""
+    record = classifier_record(name_or_path)
+    if record is None:
+        logger.info("--classifier %s: no %s, so its accuracy is not checked", name_or_path, CLASSIFIER_METRICS_FILE)
+        return
+    problems = classifier_problems(record)
+    if not problems:
+        return
+    message = f"--classifier {name_or_path}: its verdicts mean little: {'; '.join(problems)}"
+    if not allow_weak:
+        raise InputError(f"{message}. Train it longer, or pass --allow_weak_classifier to score with it anyway")
+    logger.warning("%s (scoring anyway: --allow_weak_classifier)", message)
+
+
+def classifier_problems(record: dict) -> list[str]:
+    """Why a recorded classifier cannot be trusted: accuracy below halfway from chance to 1, or a class whose
+    test images it predicts less than a quarter as often as they occur."""
+    labels = record["labels"]
+    chance = 1 / len(labels)
+    problems = []
+    if record["test_accuracy"] < (1 + chance) / 2:
+        problems.append(
+            f"test accuracy {record['test_accuracy']:.3f} over {len(labels)} classes (chance {chance:.3f},"
+            f" at least {(1 + chance) / 2:.3f} needed)"
+        )
+    predicted, true = record.get("test_predicted_counts"), record.get("test_true_counts")
+    if predicted and true:
+        rare = [label for label in labels if predicted[label] < 0.25 * true[label]]
+        if rare:
+            problems.append(f"it almost never predicts {', '.join(rare)} on its test images")
+    return problems
