@@ -51,6 +51,7 @@ from pu_diffusion.metrics import (
     channel_conversion,
     check_reference_matches,
     compute_fid,
+    fid_of_each_group,
     judge_images,
     load_reference_images,
     make_fid,
@@ -68,7 +69,15 @@ from pu_diffusion.pipelines import (
     load_unconditional_pipeline,
     sample_shape,
 )
-from pu_diffusion.reports import class_rows, image_rows, package_versions, prompt_rows, sampling_settings, write_csv
+from pu_diffusion.reports import (
+    class_rows,
+    image_rows,
+    package_versions,
+    prompt_rows,
+    prompt_summaries,
+    sampling_settings,
+    write_csv,
+)
 
 logger = logging.getLogger("evaluate")
 
@@ -192,6 +201,8 @@ def add_text_to_image_parser(commands) -> None:
     parser.add_argument(
         "--grid_images_per_prompt", type=POSITIVE_INT, default=4, help="Images per prompt in samples.png."
     )
+    fid = parser.add_argument_group("FID of all the images made, against reference images (optional)")
+    add_reference_arguments(fid)
     parser.add_argument("--output_dir", required=True)
 
 
@@ -214,6 +225,12 @@ def check_prompt_and_judge_arguments(args: argparse.Namespace) -> None:
         raise InputError("--classifier needs --sensitive_labels")
     if args.clip_score and not uses_clip:
         raise InputError("--clip_score needs --clip_model")
+    if args.fid_features == "classifier" and has_reference(args) and not uses_classifier:
+        raise InputError("--fid_features classifier needs --classifier (its features are the FID's)")
+
+
+def has_reference(args: argparse.Namespace) -> bool:
+    return args.reference_dataset_name is not None or args.reference_data_dir is not None
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -222,22 +239,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_classifier_quality(args.classifier, args.allow_weak_classifier)
     if args.command == "text-to-image":
         check_prompt_and_judge_arguments(args)
-        return
+        return  # without a reference no FID is computed, whatever --fid_features says
     if args.command == "train-classifier":
         if args.dataset_name is None and args.train_data_dir is None:
             raise InputError("train-classifier needs --dataset_name or --train_data_dir")
         return
-    has_reference = args.reference_dataset_name is not None or args.reference_data_dir is not None
-    if args.fid_features != "none" and not has_reference:
+    if args.fid_features != "none" and not has_reference(args):
         raise InputError(
             f"--fid_features {args.fid_features} needs --reference_dataset_name or --reference_data_dir "
             "(or --fid_features none)"
         )
-    if args.num_samples is None and not has_reference:
+    if args.num_samples is None and not has_reference(args):
         raise InputError("--num_samples is needed when there is no reference dataset to take the count from")
-
-
-# --------------------------------------------------------------------------- images
 
 
 # --------------------------------------------------------------------------- sampling
@@ -258,7 +271,7 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
     if conversion:
         logger.warning("%s", conversion)
     reference, reference_info = (None, None)
-    if args.reference_dataset_name is not None or args.reference_data_dir is not None:
+    if has_reference(args):
         reference, reference_info = load_reference_images(args)
         check_reference_matches(reference, sample_shape(pipeline), reference_info["source"])
     fid, fid_name = make_fid(args.fid_features, classifier) if args.fid_features != "none" else (None, None)
@@ -302,12 +315,12 @@ def evaluate_text_to_image(args: argparse.Namespace) -> dict:
     prompts = [args.prompt[origin.prompt_index] for origin in origins]
     judgement = judge_images(args, images, prompts, device)
     per_prompt = prompt_rows(args.prompt, judgement, args.images_per_prompt)
+    fid, prompt_fids = text_to_image_fid(args, images, device)
     metrics = {
         "non_sensitive_rate": 1.0 - judgement.sensitive.float().mean().item(),
-        "per_prompt": [
-            {"prompt": row["prompt"], "non_sensitive_rate": row["non_sensitive_rate"]} for row in per_prompt
-        ],
+        "per_prompt": prompt_summaries(per_prompt, judgement, args.images_per_prompt, prompt_fids),
         **judgement.info,
+        **fid,
         "num_images": len(images),
         "images_per_second": images_per_second,
         "settings": sampling_settings(args, args.num_inference_steps, device),
@@ -322,6 +335,22 @@ def evaluate_text_to_image(args: argparse.Namespace) -> dict:
     write_csv(output_dir / PER_IMAGE_FILE, image_rows(args.prompt, origins, judgement))
     write_json_atomically(output_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def text_to_image_fid(args: argparse.Namespace, images, device: str) -> tuple[dict, list[dict] | None]:
+    """({fid or classifier_fid: of all the images, reference: what it was}, [{the same name: each prompt's}]),
+    or ({}, None) without a reference."""
+    if not has_reference(args) or args.fid_features == "none":
+        return {}, None
+    reference, reference_info = load_reference_images(args)
+    check_reference_matches(reference, tuple(images.shape[1:]), reference_info["source"])
+    classifier = load_classifier(args.classifier, device) if args.fid_features == "classifier" else None
+    fid, fid_name = make_fid(args.fid_features, classifier)
+    overall = compute_fid(fid, args.fid_features, images, reference, 500, device)
+    fid, _ = make_fid(args.fid_features, classifier)
+    groups = list(images.split(args.images_per_prompt))
+    per_prompt = fid_of_each_group(fid, args.fid_features, groups, reference, 500, device)
+    return {fid_name: overall, "reference": reference_info}, [{fid_name: value} for value in per_prompt]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,9 +66,11 @@ def make_fid(fid_features: str, classifier: ClassifierFeatures):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if fid_features == "classifier":
-        return FrechetInceptionDistance(feature=classifier, normalize=False), "classifier_fid"
+        return FrechetInceptionDistance(
+            feature=classifier, normalize=False, reset_real_features=False
+        ), "classifier_fid"
     try:
-        return FrechetInceptionDistance(feature=2048, normalize=False), "fid"
+        return FrechetInceptionDistance(feature=2048, normalize=False, reset_real_features=False), "fid"
     except (ModuleNotFoundError, OSError, RuntimeError) as error:
         raise InputError(
             "--fid_features inception needs torch-fidelity (pip install torch-fidelity) and, the first time, a "
@@ -86,13 +88,33 @@ def compute_fid(
     fid, fid_features: str, samples: torch.Tensor, reference: torch.Tensor, batch_size: int, device: str = "cpu"
 ) -> float:
     """Feed reference and samples to ``fid`` batch by batch, each batch moved to ``device``."""
+    fid = fid.to(device)
+    _add_features(fid, fid_features, reference, True, batch_size, device)
+    _add_features(fid, fid_features, samples, False, batch_size, device)
+    return float(fid.compute())
+
+
+@torch.inference_mode()
+def fid_of_each_group(
+    fid, fid_features: str, groups: list[torch.Tensor], reference: torch.Tensor, batch_size: int, device: str = "cpu"
+) -> list[float]:
+    """The FID of each group of samples (each prompt's images) against one reference, whose features are
+    computed once: ``fid`` keeps them when it is reset, as :func:`make_fid` builds it."""
+    fid = fid.to(device)
+    _add_features(fid, fid_features, reference, True, batch_size, device)
+    values = []
+    for group in groups:
+        fid.reset()
+        _add_features(fid, fid_features, group, False, batch_size, device)
+        values.append(float(fid.compute()))
+    return values
+
+
+def _add_features(fid, fid_features: str, images: torch.Tensor, real: bool, batch_size: int, device: str) -> None:
     from tqdm.auto import tqdm
 
-    fid = fid.to(device)
-    for real, images in ((True, reference), (False, samples)):
-        for start in tqdm(range(0, len(images), batch_size), desc="FID features", leave=False):
-            fid.update(_for_fid(images[start : start + batch_size].to(device), fid_features), real=real)
-    return float(fid.compute())
+    for start in tqdm(range(0, len(images), batch_size), desc="FID features", leave=False):
+        fid.update(_for_fid(images[start : start + batch_size].to(device), fid_features), real=real)
 
 
 def check_reference_matches(reference: torch.Tensor, samples_shape: tuple[int, ...], flag_source: str) -> None:
@@ -127,6 +149,7 @@ class Judgement:
     sensitive_probability: torch.Tensor  # CLIP: the sensitive texts' share; classifier: its sensitive classes'
     clip_cosines: torch.Tensor | None  # each image with its prompt, with --clip_score
     info: dict
+    predicted_labels: list[str] | None = None  # the classifier's class of each image
 
 
 def judge_images(args, images: torch.Tensor, prompts: list[str], device: str) -> Judgement:
@@ -144,6 +167,7 @@ def judge_images(args, images: torch.Tensor, prompts: list[str], device: str) ->
             sensitive_probability=probabilities[:, sensitive_ids].sum(dim=1),
             clip_cosines=None,
             info={**info, "prediction_counts": counts},
+            predicted_labels=[classifier.labels[index] for index in predictions.tolist()],
         )
     judge = ClipJudge(args.clip_model, args.normal_text, args.sensitive_text, device)
     probabilities, cosines = [], []

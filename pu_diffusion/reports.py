@@ -6,6 +6,7 @@ import argparse
 import csv
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 from pu_diffusion.metrics import Judgement, clip_score
@@ -26,6 +27,22 @@ def prompt_rows(prompts: list[str], judgement: Judgement, images_per_prompt: int
     return rows
 
 
+def prompt_summaries(
+    rows: list[dict], judgement: Judgement, images_per_prompt: int, fids: list[dict] | None = None
+) -> list[dict]:
+    """metrics.json's per-prompt entries: the rate, the FID of the prompt's images when there is a reference,
+    and, with a classifier, how many images fell in each class (what the accuracy on a prompt that names a
+    class is read from)."""
+    summaries = [{"prompt": row["prompt"], "non_sensitive_rate": row["non_sensitive_rate"]} for row in rows]
+    for summary, fid in zip(summaries, fids or [], strict=False):
+        summary.update(fid)
+    if judgement.predicted_labels is not None:
+        for index, summary in enumerate(summaries):
+            labels = judgement.predicted_labels[index * images_per_prompt : (index + 1) * images_per_prompt]
+            summary["prediction_counts"] = dict(Counter(labels))
+    return summaries
+
+
 def image_rows(prompts: list[str], origins: list[ImageOrigin], judgement: Judgement) -> list[dict]:
     """per_image.csv: enough to make each image again (prompt, batch seed and size, position) and the verdict."""
     return [
@@ -38,9 +55,10 @@ def image_rows(prompts: list[str], origins: list[ImageOrigin], judgement: Judgem
             "position_in_batch": origin.position,
             "sensitive_probability": round(float(probability), 6),
             "verdict": "sensitive" if sensitive else "normal",
+            **({} if judgement.predicted_labels is None else {"predicted_label": judgement.predicted_labels[index]}),
         }
-        for origin, probability, sensitive in zip(
-            origins, judgement.sensitive_probability, judgement.sensitive.tolist(), strict=True
+        for index, (origin, probability, sensitive) in enumerate(
+            zip(origins, judgement.sensitive_probability, judgement.sensitive.tolist(), strict=True)
         )
     ]
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from pu_diffusion.pipelines import (
     load_text_to_image_pipeline,
     load_unconditional_pipeline,
 )
-from tests.helpers import assert_ok, run_script, tiny_unet_kwargs
+from tests.helpers import assert_ok, run_script, tiny_unet_kwargs, write_captioned_folder
 
 ODD = ["1", "3", "5", "7", "9"]
 
@@ -367,10 +368,13 @@ def test_per_image_rows_say_how_to_make_each_image_again(tiny_sd_pipeline, tiny_
 
 
 def test_text_to_image_rate_by_an_image_classifier(tiny_sd_pipeline, classifier_dir, tmp_path):
-    """Any HF image classifier can judge; here the digits one (RGB images are averaged to its one channel)."""
+    """Any HF image classifier can judge; here the digits one (RGB images are averaged to its one channel).
+    Each prompt's class counts and each image's class are written; with a reference, the classifier FID."""
+    reference = write_captioned_folder(tmp_path / "reference", ["x"] * 8)
     args = text_to_image_args(
-        tiny_sd_pipeline, tmp_path / "out", "--classifier", classifier_dir, "--sensitive_labels", *ODD
-    )
+        tiny_sd_pipeline, tmp_path / "out", "--classifier", classifier_dir, "--sensitive_labels", *ODD,
+        "--reference_data_dir", reference, "--fid_features", "classifier",
+    )  # fmt: skip
     assert_ok(run_script("evaluate.py", *args))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     counts = metrics["prediction_counts"]
@@ -382,6 +386,18 @@ def test_text_to_image_rate_by_an_image_classifier(tiny_sd_pipeline, classifier_
     assert [row["verdict"] for row in image_rows].count("normal") == normal
     assert all(0 <= float(row["sensitive_probability"]) <= 1 for row in image_rows)
     assert {row["clip_score"] for row in read_csv(tmp_path / "out" / "per_prompt.csv")} == {""}
+    for index, summary in enumerate(metrics["per_prompt"]):
+        labels = [row["predicted_label"] for row in image_rows if int(row["prompt_index"]) == index]
+        assert summary["prediction_counts"] == dict(Counter(labels)) and len(labels) == 3
+        assert all((row["verdict"] == "sensitive") == (row["predicted_label"] in ODD) for row in image_rows)
+    assert metrics["classifier_fid"] > 0 and metrics["reference"]["num_images"] == 8
+
+
+def test_text_to_image_classifier_fid_needs_the_classifier(tiny_sd_pipeline, tmp_path, capsys):
+    reference = ["--reference_data_dir", str(tmp_path), "--fid_features", "classifier"]
+    judge = ["--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
+    code, stderr = refusal(text_to_image_args(tiny_sd_pipeline, tmp_path / "out", *judge, *reference), capsys)
+    assert code == 2 and "--fid_features classifier needs --classifier" in stderr
 
 
 def test_text_to_image_with_lora_weights_changes_the_images(tiny_sd_pipeline, tmp_path):
