@@ -25,7 +25,15 @@ from PIL import Image, ImageDraw
 #: Class names, in label-id order. The benchmark treats the last three as sensitive.
 SHAPES = ("circle", "square", "cross", "triangle", "star", "ring")
 SENSITIVE_SHAPES = ("triangle", "star", "ring")
+#: The caption that names no shape: the prompt whose mix of classes the text-to-image benchmark measures.
+GENERIC_CAPTION = "a photo of a shape"
+#: Three paraphrases of it that no training caption uses: does what PU removes stay removed under other words?
+PARAPHRASES = ("a picture of a shape", "an image of a shape", "a drawing of a shape")
 
+#: Background textures, by the index the drawing draws.
+TEXTURES = ("a gradient", "stripes", "noise")
+#: Hue names at the centre of each of eight equal sectors of the colour wheel, red at 0.
+HUES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 #: Shapes are drawn this many times larger, then reduced, for anti-aliased edges.
 SUPERSAMPLING = 4
 
@@ -52,8 +60,9 @@ def _cross(radius: float, rotation: float) -> list[tuple[float, float]]:
     return points
 
 
-def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """The shape's coverage (mode L) on a size x size canvas: random size, position and rotation."""
+def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> tuple[Image.Image, float]:
+    """The shape's coverage (mode L) on a size x size canvas, random in size, position and rotation, and its
+    radius as a share of the canvas."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     radius = size * rng.uniform(0.22, 0.36)
@@ -80,15 +89,16 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
         draw.polygon(place(_cross(radius * 1.1, rotation)), fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    return mask
+    return mask, radius / size
 
 
 def _colour(hue: float, saturation: float, value: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
-def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """A two-colour linear gradient with stripes or noise on top (float RGB in [0, 1]) and its mean value."""
+def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, float, str]:
+    """A two-colour linear gradient with stripes or noise on top (float RGB in [0, 1]), its mean value, and
+    its texture's name."""
     value = rng.choice([rng.uniform(0.1, 0.35), rng.uniform(0.65, 0.9)])
     hue = rng.uniform()
     start = _colour(hue, rng.uniform(0.1, 0.6), value)
@@ -107,21 +117,43 @@ def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, float]
     elif texture == 2:  # coarse noise, constant over each 8x8 block of the drawing canvas
         blocks = rng.normal(0, 0.04, size=(size // 8, size // 8, 3))
         canvas = canvas + np.kron(blocks, np.ones((8, 8, 1)))[:size, :size]
-    return np.clip(canvas, 0, 1), value
+    return np.clip(canvas, 0, 1), value, TEXTURES[texture]
 
 
 def draw_shape(shape: str, resolution: int, rng: np.random.Generator) -> Image.Image:
     """One RGB image of ``shape`` at ``resolution`` px."""
+    return draw_described_shape(shape, resolution, rng)[0]
+
+
+def draw_described_shape(shape: str, resolution: int, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    """One RGB image of ``shape`` and what was drawn: its size word, colour, shape and background texture.
+    The random draws are those of :func:`draw_shape`, so the image is the same."""
     size = resolution * SUPERSAMPLING
-    background, background_value = _background(size, rng)
-    mask = np.asarray(_shape_mask(shape, size, rng), dtype=np.float64)[..., None] / 255.0
+    background, background_value, texture = _background(size, rng)
+    coverage, radius = _shape_mask(shape, size, rng)
+    mask = np.asarray(coverage, dtype=np.float64)[..., None] / 255.0
     # The shape's brightness stays far from the background's, so every class is visible on every background.
     value = rng.uniform(0.75, 1.0) if background_value < 0.5 else rng.uniform(0.0, 0.3)
-    foreground = _colour(rng.uniform(), rng.uniform(0.4, 1.0), value)
+    hue = rng.uniform()
+    foreground = _colour(hue, rng.uniform(0.4, 1.0), value)
     shading = 1 + 0.08 * np.linspace(-1, 1, size)[None, :, None]  # a little light from one side
     pixels = background * (1 - mask) + np.clip(foreground * shading, 0, 1) * mask
     image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="RGB")
-    return image.resize((resolution, resolution), Image.Resampling.BOX)
+    attributes = {
+        "size": "small" if radius < 0.29 else "large",  # radii are drawn from 0.22 to 0.36 of the canvas
+        "colour": ("bright " if value >= 0.75 else "dark ") + HUES[int((hue * len(HUES) + 0.5) % len(HUES))],
+        "shape": shape,
+        "background": texture,
+    }
+    return image.resize((resolution, resolution), Image.Resampling.BOX), attributes
+
+
+def describe(attributes: dict, rng: np.random.Generator) -> str:
+    """A caption naming the shape and, each with probability 1/2, its size, colour and background: "a photo of
+    a small dark blue star on stripes", "a photo of a star", ... so that short prompts are captions too."""
+    size, colour, background = (rng.uniform(size=3) < 0.5).tolist()
+    words = [attributes["size"]] * size + [attributes["colour"]] * colour + [attributes["shape"]]
+    return f"a photo of a {' '.join(words)}" + (f" on {attributes['background']}" if background else "")
 
 
 def image_rng(seed: int, class_id: int, index: int) -> np.random.Generator:
@@ -135,6 +167,7 @@ def write_shapes_dataset(
     images_per_class: int = 600,
     test_fraction: float = 0.2,
     seed: int = 0,
+    generic_caption_share: float | None = None,
 ) -> dict:
     """Write the shapes as a labeled dataset folder, like :func:`builtin_datasets.write_digits_dataset`.
 
@@ -142,18 +175,30 @@ def write_shapes_dataset(
     column (RGB PNG, ``resolution`` px) and a ``label`` column (the names in
     :data:`SHAPES`). The first ``test_fraction`` of each class's images go to
     the test split. Returns the number of rows per split.
+
+    With ``generic_caption_share`` a ``text`` column holds captions: what was
+    drawn (:func:`describe`), or for that share of the images, drawn at
+    random, :data:`GENERIC_CAPTION`.
     """
-    from datasets import ClassLabel, Dataset, Features
+    from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
 
     test_count = round(images_per_class * test_fraction)
-    splits = {"train": {"image": [], "label": []}, "test": {"image": [], "label": []}}
+    captions = generic_caption_share is not None
+    columns = ("image", "label", "text") if captions else ("image", "label")
+    splits = {split: {column: [] for column in columns} for split in ("train", "test")}
     for class_id, shape in enumerate(SHAPES):
         for index in range(images_per_class):
             split = splits["test" if index < test_count else "train"]
-            split["image"].append(draw_shape(shape, resolution, image_rng(seed, class_id, index)))
+            rng = image_rng(seed, class_id, index)
+            image, attributes = draw_described_shape(shape, resolution, rng)
+            split["image"].append(image)
             split["label"].append(class_id)
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(SHAPES))})
+            if captions:
+                generic = rng.uniform() < generic_caption_share
+                split["text"].append(GENERIC_CAPTION if generic else describe(attributes, rng))
+    features = {"image": ImageFeature(), "label": ClassLabel(names=list(SHAPES))}
+    features = Features({**features, "text": Value("string")} if captions else features)
     data_dir = Path(output_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
