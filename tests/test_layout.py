@@ -16,7 +16,7 @@ LAYERS = {
     "data": ["training_data", "batches", "builtin_datasets", "latent_cache", "prior"],
     "artefacts": ["checkpoints", "outputs", "classifier", "pipelines", "metrics", "reports"],
     "command line": ["flags", "checks"],
-    "run": ["run_setup", "lora", "unconditional", "text_to_image"],
+    "run": ["run_setup", "lora", "unconditional", "text_to_image", "small_pipeline"],
     "loop": ["loop"],
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -1,0 +1,76 @@
+"""prepare_text_to_image_base.py and its parts: a word tokenizer, and a whole Stable Diffusion pipeline trained
+from nothing that the public Diffusers API loads, the same from the same seed."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+import prepare_text_to_image_base
+from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES
+from pu_diffusion.small_pipeline import write_word_tokenizer
+from tests.conftest import TINY_BASE_ARGS as TINY
+from tests.helpers import REPO_ROOT, assert_ok, run_script
+
+
+def test_the_word_tokenizer_gives_back_every_caption_and_spells_out_unseen_words(tmp_path):
+    captions = ["a photo of a small dark blue star on stripes", GENERIC_CAPTION, "a photo of a ring"]
+    tokenizer = write_word_tokenizer(tmp_path, captions)
+    for caption in captions:
+        ids = tokenizer(caption, padding="max_length").input_ids
+        assert len(ids) == tokenizer.model_max_length
+        assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+    assert tokenizer.tokenize("star") == ["star</w>"]
+    assert tokenizer.tokenize("zebra") == ["z", "e", "b", "r", "a</w>"]
+    longest = max(len(tokenizer(caption).input_ids) for caption in captions)
+    assert tokenizer.model_max_length == longest
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        # The weights and the tokenizer's files; configs name the folder they were saved from.
+        if path.suffix == ".safetensors" or path.name in ("vocab.json", "merges.txt")
+        if "checkpoint" not in str(path)
+    }
+
+
+def test_the_base_loads_as_a_stable_diffusion_pipeline_and_draws_at_32_px(tiny_text_to_image_base):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    base, _ = tiny_text_to_image_base
+    pipeline = DiffusionPipeline.from_pretrained(base)
+    assert isinstance(pipeline, StableDiffusionPipeline)
+    assert pipeline.vae.config.scaling_factor != 1.0  # set from the trained VAE's latents
+    images = pipeline(
+        GENERIC_CAPTION, num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.manual_seed(0)
+    ).images
+    assert images.shape == (1, 32, 32, 3)
+    for prompt in (GENERIC_CAPTION, *PARAPHRASES):
+        assert pipeline.tokenizer.decode(pipeline.tokenizer(prompt).input_ids, skip_special_tokens=True) == prompt
+
+
+def test_the_base_is_the_same_from_the_same_seed_and_another_from_another(tiny_text_to_image_base, tmp_path):
+    base, data = tiny_text_to_image_base
+    again = tmp_path / "again"
+    assert_ok(run_script("prepare_text_to_image_base.py", "--output_dir", again, "--data_dir", data, *TINY))
+    trained = files_digest(base)
+    assert trained == files_digest(again) and "unet/diffusion_pytorch_model.safetensors" in trained
+    initial = prepare_text_to_image_base.parse_args(
+        ["--output_dir", str(tmp_path / "other"), "--data_dir", str(data), *TINY, "--seed", "1"]
+    )
+    other = files_digest(prepare_text_to_image_base.build_initial_pipeline(initial))
+    first = files_digest(base.with_name(base.name + "-init"))
+    assert other["vae/diffusion_pytorch_model.safetensors"] != first["vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_a_finished_base_is_kept(tiny_text_to_image_base):
+    base, data = tiny_text_to_image_base
+    before = files_digest(base)
+    result = run_script("prepare_text_to_image_base.py", "--output_dir", base, "--data_dir", data, *TINY)
+    assert_ok(result)
+    assert "kept" in result.stdout and files_digest(base) == before
+    assert (REPO_ROOT / "prepare_text_to_image_base.py").is_file()
