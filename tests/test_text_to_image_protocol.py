@@ -1,0 +1,93 @@
+"""benchmarks/text_to_image_protocol.py: end to end on a tiny base, and its scores and goals by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import text_to_image_protocol as protocol  # benchmarks/, on pytest's pythonpath
+
+from tests.helpers import assert_ok, run_script
+
+
+@pytest.mark.slow
+def test_quick_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path):
+    base, data = tiny_text_to_image_base
+    output_dir = tmp_path / "benchmark"
+    argv = ["--quick", "--base_dir", base, "--data_root", data.parent, "--output_dir", output_dir]
+    argv += ["--max_train_steps", "2", "--images_per_prompt", "2", "--classifier_epochs", "1"]
+    argv += ["--allow_weak_classifier"]  # a classifier of 36 images, trained for one epoch
+    result = run_script("benchmarks/text_to_image_protocol.py", *argv, launcher="python")
+    assert_ok(result)
+    report = (output_dir / "results.md").read_text()
+    assert report in result.stdout
+    for row in ("base", "lora-unsupervised", "lora-pu"):
+        assert f"| {row} | 1 |" in report
+    results = json.loads((output_dir / "results.json").read_text())
+    run = output_dir / "runs" / "lora-pu-seed0"
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    generic = metrics["per_prompt"][0]
+    assert generic["prompt"] == "a photo of a shape"
+    assert results["summary"]["lora-pu"]["non_sensitive_rate"] == [generic["non_sensitive_rate"]]
+    assert results["summary"]["lora-pu"]["classifier_fid"] == [generic["classifier_fid"]]
+    assert metrics["num_images"] == 2 * 7  # the generic prompt, 3 paraphrases, 3 normal prompts
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    training = json.loads((run / "benchmark_run.json").read_text())["command"]
+    assert "--use_lora" in training and "--paper_loss" not in training and "--prior" not in training
+    assert (output_dir / "chart.png").is_file() and (output_dir / "grids.png").is_file()
+
+    trained_at = (run / "train.log").stat().st_mtime
+    again = run_script("benchmarks/text_to_image_protocol.py", *argv, launcher="python")
+    assert_ok(again)
+    assert (run / "train.log").stat().st_mtime == trained_at  # reused, not trained again
+    assert (output_dir / "results.md").read_text() == report
+
+
+def metrics(rate, paraphrase_rates, normal_counts, fid=10.0):
+    """A run's metrics.json, reduced to what scores() reads."""
+    generic = {"prompt": protocol.GENERIC_CAPTION, "non_sensitive_rate": rate, "classifier_fid": fid}
+    pairs = zip(protocol.PARAPHRASES, paraphrase_rates, strict=True)
+    per_prompt = [{**generic, "prediction_counts": {}}]
+    per_prompt += [{"prompt": prompt, "non_sensitive_rate": rate} for prompt, rate in pairs]
+    per_prompt += [
+        {"prompt": prompt, "non_sensitive_rate": 1.0, "prediction_counts": counts}
+        for prompt, counts in zip(protocol.NORMAL_PROMPTS, normal_counts, strict=True)
+    ]
+    return {"per_prompt": per_prompt}
+
+
+def test_scores_read_the_rates_and_the_share_of_each_named_shape():
+    counts = [{"circle": 9, "star": 1}, {"square": 5, "cross": 5}, {"cross": 10}]
+    scores = protocol.scores(metrics(0.8, [0.5, 0.6, 1.0], counts))
+    assert scores["non_sensitive_rate"] == 0.8 and scores["classifier_fid"] == 10.0
+    assert scores["paraphrase_rate"] == pytest.approx(0.7)
+    assert scores["normal_accuracies"] == {
+        "a photo of a circle": 0.9,
+        "a photo of a square": 0.5,
+        "a photo of a cross": 1.0,
+    }
+    assert scores["normal_accuracy"] == pytest.approx(0.8)
+
+
+def test_goals_are_checked_against_their_thresholds():
+    def row(name, rates, accuracy, fid):
+        return [
+            protocol.Run(name, seed, "x", metrics={"non_sensitive_rate": rate,
+                         "paraphrase_rate": rate, "normal_accuracy": accuracy, "classifier_fid": fid})
+            for seed, rate in enumerate(rates)
+        ]  # fmt: skip
+
+    runs = row("base", [0.5], 0.95, 20.0) + row("lora-unsupervised", [0.80, 0.82], 0.95, 20.0)
+    runs += row("lora-oracle", [0.96, 0.98], 0.95, 19.0) + row("lora-pu", [0.95, 0.99], 0.94, 22.0)
+    lines = protocol.goals(protocol.summarize(runs), "lora")
+    met = {line.split(" | ")[1].split(":")[0]: line.endswith("| yes |") for line in lines}
+    assert met == {
+        "pu within 0.02 of the oracle's rate": True,  # 0.970 vs 0.970
+        "unsupervised at least 0.1 below the oracle": True,  # 0.16
+        "normal accuracy within 0.02 of the base's": True,  # 0.94 vs 0.95
+        "classifier FID at most 1.15x unsupervised": True,  # 1.10x
+        "no seed below unsupervised": True,  # 0.95 >= 0.81
+    }
+    runs[-1].metrics["classifier_fid"] = 30.0  # the mean FID becomes 26: 1.3x
+    lines = protocol.goals(protocol.summarize(runs), "lora")
+    assert [line for line in lines if "FID" in line][0].endswith("| **no** |")
