@@ -19,10 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pu_diffusion.batches import endless
-from pu_diffusion.checkpoints import (
-    full_model,
-    save_checkpoint,
-)
+from pu_diffusion.checkpoints import full_model, save_checkpoint
 from pu_diffusion.errors import InputError, OutputError
 from pu_diffusion.outputs import finished_model_file
 from pu_diffusion.run_setup import RunPlan, TrainingRun, checkpoint_config

@@ -3,6 +3,7 @@
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,20 +67,30 @@ def test_same_seed_gives_the_same_loss_trace(tmp_path, digits_dir, tiny_unet_con
     assert loss_trace(other) != traces[0]
 
 
+def interruptible_args(digits_dir, tiny_unet_config, output_dir, *extra):
+    base = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", *extra)
+    base[base.index("--resolution") + 1] = "6"
+    return base + AUGMENTED
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(digits_dir, tiny_unet_config, tmp_path_factory) -> Path:
+    """The run that each interrupted and resumed one must replay, trained once for both signals."""
+    # Every run of these tests starts the same way (plain python, so the signal reaches the training
+    # process): a launcher that sets another CPU thread count changes float rounding from the first step on.
+    reference = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    assert_ok(run_script(SCRIPT, *interruptible_args(digits_dir, tiny_unet_config, reference), launcher="python"))
+    return reference
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
-    tmp_path, digits_dir, tiny_unet_config, signal_number
+    tmp_path, digits_dir, tiny_unet_config, uninterrupted_run, signal_number
 ):
     def args(output_dir, *extra):
-        base = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", *extra)
-        base[base.index("--resolution") + 1] = "6"
-        return base + AUGMENTED
+        return interruptible_args(digits_dir, tiny_unet_config, output_dir, *extra)
 
-    # All three runs start the same way (plain python, so the signal reaches the training process):
-    # a launcher that sets another CPU thread count changes float rounding from the first step on.
-    reference = tmp_path / "reference"
-    assert_ok(run_script(SCRIPT, *args(reference), launcher="python"))
-
+    reference = uninterrupted_run
     interrupted = tmp_path / "interrupted"
     process = start_script(SCRIPT, *args(interrupted), launcher="python")
     signal_once_saved(process, interrupted / "checkpoint-3", signal_number)
