@@ -11,17 +11,19 @@ from tests.helpers import assert_ok, run_script
 
 
 @pytest.mark.slow
-def test_quick_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path):
+def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path):
+    """One method, one mode, one seed (the fewest launches): the base row, one LoRA run, the report."""
     base, data = tiny_text_to_image_base
     output_dir = tmp_path / "benchmark"
-    argv = ["--quick", "--base_dir", base, "--data_root", data.parent, "--output_dir", output_dir]
+    argv = ["--methods", "pu", "--modes", "lora", "--seeds", "0"]
+    argv += ["--base_dir", base, "--data_root", data.parent, "--output_dir", output_dir]
     argv += ["--max_train_steps", "2", "--images_per_prompt", "2", "--classifier_epochs", "1"]
     argv += ["--allow_weak_classifier"]  # a classifier of 36 images, trained for one epoch
     result = run_script("benchmarks/text_to_image_protocol.py", *argv, launcher="python")
     assert_ok(result)
     report = (output_dir / "results.md").read_text()
     assert report in result.stdout
-    for row in ("base", "lora-unsupervised", "lora-pu"):
+    for row in ("base", "lora-pu"):
         assert f"| {row} | 1 |" in report
     results = json.loads((output_dir / "results.json").read_text())
     run = output_dir / "runs" / "lora-pu-seed0"
@@ -41,6 +43,13 @@ def test_quick_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_tex
     assert_ok(again)
     assert (run / "train.log").stat().st_mtime == trained_at  # reused, not trained again
     assert (output_dir / "results.md").read_text() == report
+
+
+def test_quick_is_lora_seed_0_unsupervised_against_pu():
+    args = protocol.parse_args(["--quick"])
+    assert (args.methods, args.modes, args.seeds) == (["unsupervised", "pu"], ["lora"], [0])
+    names = [run.name for run in protocol.planned_runs(args)]
+    assert names == ["base", "lora-unsupervised", "lora-pu"]
 
 
 def metrics(rate, paraphrase_rates, normal_counts, fid=10.0):
