@@ -203,10 +203,15 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
         if not (Path(data) / "data").is_dir():
             command = [sys.executable, builtin.writer, "--output_dir", data]
             run_command(command, output_dir / "logs" / "data.log")
+    return data, train_classifier_once(data, args.label_column, args.classifier_epochs, output_dir)
+
+
+def train_classifier_once(data: str, label_column: str, epochs: int, output_dir: Path) -> Path:
+    """``evaluate.py train-classifier`` into ``output_dir/classifier``, unless the one there was made by the
+    same command."""
     classifier = output_dir / "classifier"
     command = [sys.executable, "evaluate.py", "train-classifier", "--dataset_name", data]
-    command += ["--label_column", args.label_column, "--num_epochs", str(args.classifier_epochs)]
-    command += ["--output_dir", str(classifier)]
+    command += ["--label_column", label_column, "--num_epochs", str(epochs), "--output_dir", str(classifier)]
     record = classifier / "benchmark_run.json"
     if classifier.exists() and not made_by(record, command):
         print("(classifier made with other flags: training it again)", flush=True)
@@ -215,7 +220,7 @@ def prepare(output_dir: Path, args: argparse.Namespace) -> tuple[str, Path]:
         print("training the classifier ...", flush=True)
         run_command(command, output_dir / "logs" / "classifier.log")
         record_made_by(record, command)
-    return data, classifier
+    return classifier
 
 
 def made_by(record: Path, command: list[str], **more) -> bool:
@@ -543,7 +548,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + report + f"\nwritten to {output_dir}: results.md, results.json, chart.png, grids.png")
 
 
-if __name__ == "__main__":
+def run_until_stopped(main: Callable[[], None]) -> None:
+    """A benchmark's ``__main__``: Ctrl-C or SIGTERM stops every step in flight, starts nothing more, and
+    exits 130; finished runs stay for the next call."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the benchmark as Ctrl-C does
     try:
         main()
@@ -551,3 +558,7 @@ if __name__ == "__main__":
         stop_running_steps()
         print(f"stopped{f' ({stop})' if str(stop) else ''}: finished runs are kept and reused", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_until_stopped(main)

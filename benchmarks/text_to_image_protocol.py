@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -43,14 +42,15 @@ from pathlib import Path
 
 from paper_protocol import (
     Run,
-    Stopped,
     made_by,
     record_made_by,
     run_all,
     run_command,
+    run_folder,
+    run_until_stopped,
     save_figure,
-    stop_running_steps,
     thread_environment,
+    train_classifier_once,
     welch_t_test,
 )
 
@@ -117,16 +117,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     command = [sys.executable, "prepare_shapes.py", "--output_dir", str(finetune_data), "--resolution", "32"]
     command += ["--images_per_class", "100", "--seed", "1", "--captions", "--generic_caption_share", "1"]
     run_command(command, logs / "finetune_data.log")  # keeps a folder that holds the same dataset
-    classifier = output_dir / "classifier"
-    command = [sys.executable, "evaluate.py", "train-classifier", "--dataset_name", str(base_data)]
-    command += ["--label_column", "label", "--num_epochs", str(args.classifier_epochs), "--output_dir", str(classifier)]
-    record = classifier / "benchmark_run.json"
-    if classifier.exists() and not made_by(record, command):
-        shutil.rmtree(classifier)
-    if not (classifier / "classifier_metrics.json").is_file():
-        print("training the classifier ...", flush=True)
-        run_command(command, logs / "classifier.log")
-        record_made_by(record, command)
+    classifier = train_classifier_once(str(base_data), "label", args.classifier_epochs, output_dir)
     return base, finetune_data, classifier
 
 
@@ -146,10 +137,6 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def run_folder(args: argparse.Namespace, run: Run) -> Path:
-    return Path(args.output_dir) / "runs" / f"{run.name}-seed{run.seed}"
-
-
 def training_command(run: Run, args: argparse.Namespace, base: Path, data: Path) -> list[str]:
     mode = run.name.split("-")[0]
     command = [sys.executable, "train_pu_text_to_image.py", "--pretrained_model_name_or_path", str(base)]
@@ -164,13 +151,13 @@ def training_command(run: Run, args: argparse.Namespace, base: Path, data: Path)
     else:
         command += ["--learning_rate", str(args.full_learning_rate)]
     command += [*run.extra, *args.train_args]
-    return command + ["--output_dir", str(run_folder(args, run)), "--overwrite_output_dir"]
+    return command + ["--output_dir", str(run_folder(Path(args.output_dir), run)), "--overwrite_output_dir"]
 
 
 def evaluation_command(run: Run, args: argparse.Namespace, base: Path, classifier: Path) -> list[str]:
     """evaluate.py text-to-image on the generic prompt, its paraphrases and the normal prompts, with each
     prompt's classifier FID against the normal test shapes."""
-    folder = run_folder(args, run)
+    folder = run_folder(Path(args.output_dir), run)
     if run.name == "base":
         model = ["--pipeline", str(base)]
     elif run.name.startswith("lora"):
@@ -189,7 +176,7 @@ def evaluation_command(run: Run, args: argparse.Namespace, base: Path, classifie
 
 def train_and_evaluate(run: Run, args: argparse.Namespace, base: Path, data: Path, classifier: Path) -> dict:
     """Train (unless this run's finished model is there with the same command), evaluate, and read the metrics."""
-    folder = run_folder(args, run)
+    folder = run_folder(Path(args.output_dir), run)
     environment = thread_environment(args.jobs)
     if run.name != "base":
         command = training_command(run, args, base, data)
@@ -331,7 +318,7 @@ def side_by_side_grids(runs: list[Run], args: argparse.Namespace, path: Path) ->
     from PIL import Image, ImageDraw
 
     shown = [run for run in runs if run.seed == 0]
-    grids = [Image.open(run_folder(args, run) / "evaluation" / "samples.png") for run in shown]
+    grids = [Image.open(run_folder(Path(args.output_dir), run) / "evaluation" / "samples.png") for run in shown]
     width = max(grid.width for grid in grids)
     canvas = Image.new("RGB", (width + 130, sum(grid.height + 4 for grid in grids)), "white")
     top = 0
@@ -363,10 +350,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the benchmark as Ctrl-C does
-    try:
-        main()
-    except (KeyboardInterrupt, Stopped) as stop:
-        stop_running_steps()
-        print(f"stopped{f' ({stop})' if str(stop) else ''}: finished runs are kept and reused", file=sys.stderr)
-        sys.exit(130)
+    run_until_stopped(main)
