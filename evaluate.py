@@ -346,10 +346,9 @@ def text_to_image_fid(args: argparse.Namespace, images, device: str) -> tuple[di
     check_reference_matches(reference, tuple(images.shape[1:]), reference_info["source"])
     classifier = load_classifier(args.classifier, device) if args.fid_features == "classifier" else None
     fid, fid_name = make_fid(args.fid_features, classifier)
-    overall = compute_fid(fid, args.fid_features, images, reference, 500, device)
-    fid, _ = make_fid(args.fid_features, classifier)
-    groups = list(images.split(args.images_per_prompt))
-    per_prompt = fid_of_each_group(fid, args.fid_features, groups, reference, 500, device)
+    # One metric, so the reference's features are computed once: all the images, then each prompt's.
+    groups = [images, *images.split(args.images_per_prompt)]
+    overall, *per_prompt = fid_of_each_group(fid, args.fid_features, groups, reference, 500, device)
     return {fid_name: overall, "reference": reference_info}, [{fid_name: value} for value in per_prompt]
 
 

@@ -13,7 +13,7 @@ from scipy import linalg
 import evaluate
 from pu_diffusion.classifier import ClipJudge, classify_all, images_to_uint8, load_classifier
 from pu_diffusion.errors import InputError
-from pu_diffusion.metrics import compute_fid, make_fid, non_sensitive_rate
+from pu_diffusion.metrics import compute_fid, fid_of_each_group, make_fid, non_sensitive_rate
 from pu_diffusion.pipelines import (
     float_to_uint8,
     generate_from_prompts,
@@ -453,3 +453,32 @@ def test_text_to_image_refuses_an_unconditional_pipeline_and_missing_lora(
     )
     assert code == 1 and "--lora" in stderr
     assert not (tmp_path / "a" / "metrics.json").exists() and not (tmp_path / "b" / "metrics.json").exists()
+
+
+def test_each_prompts_fid_equals_the_fid_of_its_images_alone():
+    """fid_of_each_group computes the reference's features once; each group's value is what a fresh metric
+    gives for that group alone (a reset drops the earlier group's samples, not the reference)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Features(torch.nn.Module):
+        num_features = 8
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 8 * 8, 8)
+
+        def forward(self, images):
+            return self.linear(images.float().flatten(1) / 255)
+
+    torch.manual_seed(0)
+    features = Features()
+
+    def fresh():
+        return FrechetInceptionDistance(feature=features, normalize=False, reset_real_features=False)
+
+    reference = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
+    groups = [images, *images.split(15)]
+    values = fid_of_each_group(fresh(), "classifier", groups, reference, 500)
+    alone = [compute_fid(fresh(), "classifier", group, reference, 500) for group in groups]
+    assert values == pytest.approx(alone, rel=1e-6) and len(set(values)) == 3
