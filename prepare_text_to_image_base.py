@@ -22,10 +22,7 @@ with the same settings is kept, so a second call costs nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pu_diffusion.builtin_datasets import write_builtin_dataset
+from pu_diffusion.builtin_datasets import made_with, replace_folder, write_builtin_dataset
 from pu_diffusion.checks import check_writable
-from pu_diffusion.errors import InputError, read_json
+from pu_diffusion.errors import InputError
 from pu_diffusion.flags import NON_NEGATIVE_INT, POSITIVE_INT, UNIT_INTERVAL, show_ranges
 from pu_diffusion.outputs import finished_model_file
 from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES, write_shapes_dataset
@@ -118,41 +115,32 @@ def build_initial_pipeline(args: argparse.Namespace) -> Path:
     """The pipeline before UNet training (trained VAE, random UNet), or the one already built with these
     settings. Written beside its final place and renamed, so a stopped build leaves nothing that loads."""
     folder = init_folder(args)
-    recorded = folder / INIT_SETTINGS
-    if recorded.is_file() and read_json(recorded, str(recorded)) == init_settings(args):
+    if made_with(folder, init_settings(args), INIT_SETTINGS, str(folder)):
         logger.info("keeping %s: built with the same settings", folder)
         return folder
     from datasets import load_dataset
     from diffusers import StableDiffusionPipeline
 
     train = load_dataset(args.data_dir, split="train")
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.absolute().parent))
-    try:
-        tokenizer = write_word_tokenizer(staging / "tokenizer-files", [*train["text"], *PARAPHRASES])
-        encoder = text_encoder(len(tokenizer), tokenizer.model_max_length, args.seed)
-        vae = autoencoder(args.seed)
-        pixels = np.stack([np.asarray(image.convert("RGB")) for image in train["image"]])
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-        error = train_autoencoder(vae, images, args.vae_steps, args.batch_size, args.seed)
-        logger.info("VAE: squared reconstruction error %.4f, scaling factor %.3f", error, vae.config.scaling_factor)
-        pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=encoder,
-            tokenizer=tokenizer,
-            unet=denoiser(encoder.config.hidden_size, args.seed),
-            scheduler=noise_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        shutil.rmtree(staging / "tokenizer-files")
-        pipeline.save_pretrained(staging)
-        (staging / INIT_SETTINGS).write_text(json.dumps(init_settings(args), indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tokenizer_files:
+        tokenizer = write_word_tokenizer(Path(tokenizer_files), [*train["text"], *PARAPHRASES])
+    encoder = text_encoder(len(tokenizer), tokenizer.model_max_length, args.seed)
+    vae = autoencoder(args.seed)
+    pixels = np.stack([np.asarray(image.convert("RGB")) for image in train["image"]])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    error = train_autoencoder(vae, images, args.vae_steps, args.batch_size, args.seed)
+    logger.info("VAE: squared reconstruction error %.4f, scaling factor %.3f", error, vae.config.scaling_factor)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=denoiser(encoder.config.hidden_size, args.seed),
+        scheduler=noise_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    replace_folder(folder, init_settings(args), INIT_SETTINGS, pipeline.save_pretrained)
     return folder
 
 

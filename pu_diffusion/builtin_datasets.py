@@ -34,8 +34,7 @@ def write_builtin_dataset(output_dir, settings: dict, write, overwrite: bool = F
             raise InputError(f"--output_dir {output_dir} is a file")
         held = {entry.name for entry in target.iterdir()}
         if held:
-            recorded = target / DATASET_SETTINGS
-            if recorded.is_file() and read_json(recorded, f"--output_dir {output_dir}") == settings:
+            if made_with(target, settings, DATASET_SETTINGS, f"--output_dir {output_dir}"):
                 return None
             if not held <= _DATASET_FILES:
                 raise InputError(f"--output_dir {output_dir} holds other files ({', '.join(sorted(held))[:200]})")
@@ -44,17 +43,30 @@ def write_builtin_dataset(output_dir, settings: dict, write, overwrite: bool = F
                     f"--output_dir {output_dir} already holds a dataset written with other settings; pass"
                     " --overwrite to replace it (runs trained on the old one then no longer match its data)"
                 )
+    return replace_folder(target, settings, DATASET_SETTINGS, write)
+
+
+def made_with(folder: Path, settings: dict, settings_file: str, named: str) -> bool:
+    """Whether ``folder`` was written by :func:`replace_folder` with these ``settings``."""
+    recorded = folder / settings_file
+    return recorded.is_file() and read_json(recorded, named) == settings
+
+
+def replace_folder(target: Path, settings: dict, settings_file: str, write):
+    """Write a folder with ``write(staging)`` beside ``target``, record ``settings`` in it, then swap it in for
+    ``target``: a stopped write leaves no folder whose settings file says it is whole. Returns what
+    ``write`` returns."""
     target.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.absolute().parent))
     try:
-        counts = write(staging)
-        (staging / DATASET_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        written = write(staging)
+        (staging / settings_file).write_text(json.dumps(settings, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return counts
+    return written
 
 
 def write_digits_dataset(output_dir: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0) -> dict:

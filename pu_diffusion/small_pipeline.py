@@ -57,9 +57,9 @@ def write_word_tokenizer(folder: Path, captions: list[str]):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocabulary)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    files = (str(folder / "vocab.json"), str(folder / "merges.txt"))
-    longest = max(len(CLIPTokenizer(*files).tokenize(caption)) for caption in captions)
-    tokenizer = CLIPTokenizer(*files, model_max_length=longest + 2)  # + the start and end tokens
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    longest = max(len(tokenizer.tokenize(caption)) for caption in captions)
+    tokenizer.model_max_length = longest + 2  # + the start and end tokens
     logger.info("tokenizer: %d words, %d tokens, captions up to %d tokens", len(words), len(vocabulary), longest)
     return tokenizer
 

@@ -33,7 +33,7 @@ def files_digest(folder: Path) -> dict[str, str]:
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
         # The weights and the tokenizer's files; configs name the folder they were saved from.
-        if path.suffix == ".safetensors" or path.name in ("vocab.json", "merges.txt")
+        if path.suffix == ".safetensors" or path.name in ("vocab.json", "merges.txt", "tokenizer.json")
         if "checkpoint" not in str(path)
     }
 
@@ -59,6 +59,7 @@ def test_the_base_is_the_same_from_the_same_seed_and_another_from_another(tiny_t
     assert_ok(run_script("prepare_text_to_image_base.py", "--output_dir", again, "--data_dir", data, *TINY))
     trained = files_digest(base)
     assert trained == files_digest(again) and "unet/diffusion_pytorch_model.safetensors" in trained
+    assert any(name.startswith("tokenizer/") for name in trained)  # the saved tokenizer is compared too
     initial = prepare_text_to_image_base.parse_args(
         ["--output_dir", str(tmp_path / "other"), "--data_dir", str(data), *TINY, "--seed", "1"]
     )
