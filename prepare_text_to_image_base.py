@@ -10,8 +10,9 @@
    --seed, a VAE trained here on the images, a UNet, a DDIM scheduler; saved
    with save_pretrained in --output_dir's sibling "<name>-init".
 3. Trains the UNet with this project's own train_pu_text_to_image.py
-   --loss_type unsupervised (full fine-tuning), which writes the pipeline to
-   --output_dir.
+   --loss_type unsupervised (full fine-tuning, a tenth of the captions
+   dropped so that classifier-free guidance works), which writes the
+   pipeline to --output_dir.
 
 The result loads with StableDiffusionPipeline.from_pretrained as a Hub model
 does, so the text-to-image script and evaluate.py take it as
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unet_steps", type=POSITIVE_INT, default=5000, help="Steps of UNet training.")
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="Images per step, VAE and UNet.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="The UNet's peak learning rate.")
+    parser.add_argument(
+        "--caption_dropout_rate",
+        type=UNIT_INTERVAL,
+        default=0.1,
+        help="Share of captions dropped in UNet training, so that classifier-free guidance works.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Data, initialisations and training follow from it.")
     parser.add_argument(
         "--train_args",
@@ -154,6 +161,7 @@ def unet_training_command(args: argparse.Namespace, initial: Path) -> list[str]:
     command += ["--max_train_steps", str(args.unet_steps), "--checkpointing_steps", "1000"]
     command += ["--checkpoints_total_limit", "1", "--logging_steps", "100", "--seed", str(args.seed)]
     command += ["--use_ema", "--ema_max_decay", "0.999", "--resume_from_checkpoint", "latest"]
+    command += ["--caption_dropout_rate", str(args.caption_dropout_rate)]
     return command + ["--output_dir", args.output_dir, *args.train_args]
 
 

@@ -189,7 +189,9 @@ class CaptionedImages(TransformedImages):
     ``time_ids``: original size, crop top-left, target size.
 
     Where a caption cell holds several captions, one is picked per access,
-    seeded by ``(seed, epoch, index)`` like the augmentation.
+    seeded by ``(seed, epoch, index)`` like the augmentation; with
+    ``caption_dropout_rate`` that share of accesses, drawn the same way, gets
+    the empty caption instead.
     """
 
     def __init__(
@@ -200,12 +202,14 @@ class CaptionedImages(TransformedImages):
         captions: list,
         tokenize,
         micro_conditioning: bool = False,
+        caption_dropout_rate: float = 0.0,
         **kwargs,
     ):
         super().__init__(dataset, image_column, transform, **kwargs)
         self.captions = captions
         self.tokenize = tokenize
         self.micro_conditioning = micro_conditioning
+        self.caption_dropout_rate = caption_dropout_rate
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -222,11 +226,14 @@ class CaptionedImages(TransformedImages):
         return tokens
 
     def caption_tokens(self, index: int, epoch: int) -> dict:
-        """The tokenized caption of image ``index`` in ``epoch`` (one of several, drawn per epoch)."""
+        """The tokenized caption of image ``index`` in ``epoch`` (one of several, drawn per epoch, or the empty
+        caption at the dropout rate)."""
         caption = self.captions[index]
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
         if not isinstance(caption, str):
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
             caption = caption[int(torch.randint(0, len(caption), (), generator=generator))]
+        if self.caption_dropout_rate and float(torch.rand((), generator=generator)) < self.caption_dropout_rate:
+            caption = ""
         tokens = self.tokenize(caption)
         return dict(tokens) if isinstance(tokens, dict) else {"input_ids": tokens}
 

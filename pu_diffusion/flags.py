@@ -99,6 +99,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = Fa
     if with_captions:
         group.add_argument("--sensitive_caption_column", type=str, default=None, help="The column of S's captions.")
         group.add_argument("--sensitive_prompt", type=str, default=None, help="One caption for every image of S.")
+        group.add_argument(
+            "--caption_dropout_rate",
+            type=UNIT_INTERVAL,
+            default=0.0,
+            help="Share of captions replaced by the empty caption, in U and S alike, so that classifier-free"
+            " guidance keeps working (and PU also acts on the unconditional model guidance starts from).",
+        )
     group.add_argument(
         "--label_column",
         type=str,

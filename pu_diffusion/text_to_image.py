@@ -250,6 +250,7 @@ def captioned_dataset_factory(args, frozen: FrozenModels):
             captions,
             tokenize,
             micro_conditioning=frozen.is_sdxl,
+            caption_dropout_rate=args.caption_dropout_rate,
             seed=seed,
             source=source,
         )

@@ -391,6 +391,31 @@ def test_captions_are_read_per_image_and_bad_cells_are_named():
     assert set(picks) == {ord("b"), ord("c")}
 
 
+def test_caption_dropout_gives_the_empty_caption_at_its_rate_the_same_on_every_access():
+    import datasets
+
+    from pu_diffusion.batches import CaptionedImages, ImageTransform
+
+    images = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 200})
+
+    def captioned(rate: float) -> CaptionedImages:
+        captions = ["a"] * 100 + [["b", "c"]] * 100
+        tokenize = lambda caption: torch.tensor([ord(caption) if caption else 0])  # noqa: E731
+        return CaptionedImages(images, "image", ImageTransform(8, 3), captions, tokenize, caption_dropout_rate=rate)
+
+    def tokens(dataset: CaptionedImages, epoch: int) -> list[int]:
+        return [dataset[(index, epoch)]["input_ids"].item() for index in range(len(dataset))]
+
+    kept, dropped = captioned(0.0), captioned(0.25)
+    assert 0 not in tokens(kept, 0) + tokens(kept, 1)
+    first, again, second = tokens(dropped, 0), tokens(dropped, 0), tokens(dropped, 1)
+    assert first == again  # a resume sees the same captions
+    assert first != second  # a new draw each epoch
+    assert 0.15 < first.count(0) / 200 < 0.35 and 0.15 < second.count(0) / 200 < 0.35
+    # Dropping only blanks captions: the list picks of the kept ones do not move.
+    assert all(d in (0, k) for d, k in zip(first, tokens(kept, 0), strict=True))
+
+
 def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipeline, captioned_data, tmp_path):
     """make_text_to_image_data.py: generated images plus the mixed-in ones, all under the generic prompt."""
     from pu_diffusion.training_data import load_image_dataset
