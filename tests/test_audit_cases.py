@@ -409,7 +409,11 @@ def test_9_an_interrupted_run_stops_the_benchmark_and_nothing_queued_starts(tmp_
 
     def train_and_score(run):
         started.append(run.seed)
-        interrupted = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGINT)"]
+        # SIG_DFL first: a shell that starts pytest in the background has it ignore SIGINT, and children inherit that.
+        interrupt = (
+            "import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGINT)"
+        )
+        interrupted = [sys.executable, "-c", interrupt]
         paper_protocol.run_command(interrupted, tmp_path / f"{run.seed}.log")
         return {"non_sensitive_rate": 1.0}
 
@@ -431,9 +435,11 @@ def test_9_ctrl_c_to_the_benchmark_process_exits_130_without_starting_another_ru
         "import paper_protocol as p\n"
         "def train(run):\n"
         "    print('start', run.seed, flush=True)\n"
-        "    p.run_command([sys.executable, '-c', 'import time; time.sleep(30)'], p.Path(sys.argv[1]) / 'log')\n"
+        "    sleep = 'import signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL); time.sleep(30)'\n"
+        "    p.run_command([sys.executable, '-c', sleep], p.Path(sys.argv[1]) / 'log')\n"
         "    return {'non_sensitive_rate': 1.0}\n"
         "signal.signal(signal.SIGTERM, signal.default_int_handler)\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal\n"
         "try:\n"
         "    p.run_all([p.Run('pu', s, 'pu') for s in range(3)], 1, train)\n"
         "except (KeyboardInterrupt, p.Stopped):\n"
