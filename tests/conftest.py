@@ -122,5 +122,5 @@ def tiny_text_to_image_base(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("text_to_image_base")
     data = root / "data" / "shapes32-captioned"
     argv = ["--output_dir", root / "base", "--data_dir", data, *TINY_BASE_ARGS]
-    assert_ok(run_script("prepare_text_to_image_base.py", *argv))
+    assert_ok(run_script("prepare_text_to_image_base.py", *argv, launcher="python"))  # as a user starts it
     return root / "base", data

@@ -11,7 +11,7 @@ import paper_protocol
 import pytest
 import torch
 
-from tests.helpers import assert_ok, run_script, tiny_unet_kwargs
+from tests.helpers import tiny_unet_kwargs
 
 
 def fake_run(name, seed, rate, fid):
@@ -35,30 +35,17 @@ def test_welch_t_test_by_hand():
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
+def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path, capsys):
+    """The benchmark's main runs in this process; its training and evaluation steps are processes of their own."""
     output_dir = tmp_path / "benchmark"
-    result = run_script(
-        "benchmarks/paper_protocol.py",
-        "--quick",
-        "--data_dir",
-        digits_dir,
-        "--classifier_epochs",
-        "2",
-        "--max_train_steps",
-        "3",
-        "--num_samples",
-        "16",
-        "--output_dir",
-        output_dir,
-        "--jobs",
-        "2",
-        launcher="python",
-    )
-    assert_ok(result)
-    assert "2 runs, 2 at a time" in result.stdout
+    argv = ["--quick", "--data_dir", str(digits_dir), "--output_dir", str(output_dir), "--classifier_epochs", "2"]
+    argv += ["--max_train_steps", "3", "--num_samples", "16"]
+    paper_protocol.main([*argv, "--jobs", "2"])
+    printed = capsys.readouterr().out
+    assert "2 runs, 2 at a time" in printed
     report = (output_dir / "results.md").read_text()
     assert "| unsupervised | 0 |" in report and "| pu | 0 |" in report
-    assert report in result.stdout  # the table is printed
+    assert report in printed  # the table is printed
     # The PU row trains with the training script's defaults, and the report says so.
     assert "PU flags: none (the training script's defaults)." in report
     assert "Dataset digits at 8 px, sensitive labels 1 3 5 7 9." in report
@@ -80,11 +67,7 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path):
     # A second call reuses the finished runs instead of training and evaluating again.
     metrics_file = output_dir / "runs" / "pu-seed0" / "evaluation" / "metrics.json"
     written = metrics_file.stat().st_mtime_ns
-    again = run_script(
-        "benchmarks/paper_protocol.py", "--quick", "--data_dir", digits_dir, "--output_dir", output_dir,
-        "--classifier_epochs", "2", "--max_train_steps", "3", "--num_samples", "16", launcher="python",
-    )  # fmt: skip
-    assert_ok(again)
+    paper_protocol.main(argv)
     assert metrics_file.stat().st_mtime_ns == written
     # Other flags: tests/test_audit_cases.py::test_3_... checks what is trained or evaluated again.
 

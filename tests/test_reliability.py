@@ -76,10 +76,10 @@ def interruptible_args(digits_dir, tiny_unet_config, output_dir, *extra):
 @pytest.fixture(scope="module")
 def uninterrupted_run(digits_dir, tiny_unet_config, tmp_path_factory) -> Path:
     """The run that each interrupted and resumed one must replay, trained once for both signals."""
-    # Every run of these tests starts the same way (plain python, so the signal reaches the training
-    # process): a launcher that sets another CPU thread count changes float rounding from the first step on.
+    # No launcher anywhere in these tests (plain python, so the signal reaches the training process; the
+    # other runs in this process): a launcher that sets another CPU thread count changes float rounding.
     reference = tmp_path_factory.mktemp("uninterrupted") / "reference"
-    assert_ok(run_script(SCRIPT, *interruptible_args(digits_dir, tiny_unet_config, reference), launcher="python"))
+    assert_ok(run_script(SCRIPT, *interruptible_args(digits_dir, tiny_unet_config, reference)))
     return reference
 
 
@@ -102,7 +102,7 @@ def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
     assert not (interrupted / "model_index.json").exists()  # no final model from an interrupted run
     assert not list(interrupted.glob(".tmp-*"))
 
-    assert_ok(run_script(SCRIPT, *args(interrupted, "--resume_from_checkpoint", "latest"), launcher="python"))
+    assert_ok(run_script(SCRIPT, *args(interrupted, "--resume_from_checkpoint", "latest")))  # in this process
     # Same data order, augmentation, noise and state: the same numbers, not merely close ones.
     assert loss_trace(interrupted) == loss_trace(reference)
     assert sorted(loss_trace(interrupted)) == list(range(1, STEPS + 1))
@@ -324,7 +324,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_trains(t
             time.sleep(0.01)
         second_args = [*args, "--resume_from_checkpoint", "latest"]
         second_args[second_args.index("--seed") + 1] = "1"
-        second = run_script(SCRIPT, *second_args, launcher="python", timeout=120)
+        second = run_script(SCRIPT, *second_args)  # in this process: the lock is between processes
         assert first.poll() is None  # still training, so the refusal above was the lock's
     finally:
         first.send_signal(signal.SIGTERM)

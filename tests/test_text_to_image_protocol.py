@@ -7,22 +7,21 @@ import json
 import pytest
 import text_to_image_protocol as protocol  # benchmarks/, on pytest's pythonpath
 
-from tests.helpers import assert_ok, run_script
-
 
 @pytest.mark.slow
-def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path):
-    """One method, one mode, one seed (the fewest launches): the base row, one LoRA run, the report."""
+def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path, capsys):
+    """One method, one mode, one seed (the fewest launches): the base row, one LoRA run, the report. The
+    benchmark's main runs in this process; its training and evaluation steps are processes of their own."""
     base, data = tiny_text_to_image_base
     output_dir = tmp_path / "benchmark"
     argv = ["--methods", "pu", "--modes", "lora", "--seeds", "0"]
     argv += ["--base_dir", base, "--data_root", data.parent, "--output_dir", output_dir]
     argv += ["--max_train_steps", "2", "--images_per_prompt", "2", "--classifier_epochs", "1"]
     argv += ["--allow_weak_classifier"]  # a classifier of 36 images, trained for one epoch
-    result = run_script("benchmarks/text_to_image_protocol.py", *argv, launcher="python")
-    assert_ok(result)
+    argv = [str(arg) for arg in argv]
+    protocol.main(argv)
     report = (output_dir / "results.md").read_text()
-    assert report in result.stdout
+    assert report in capsys.readouterr().out
     for row in ("base", "lora-pu"):
         assert f"| {row} | 1 |" in report
     results = json.loads((output_dir / "results.json").read_text())
@@ -39,8 +38,7 @@ def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_
     assert (output_dir / "chart.png").is_file() and (output_dir / "grids.png").is_file()
 
     trained_at = (run / "train.log").stat().st_mtime
-    again = run_script("benchmarks/text_to_image_protocol.py", *argv, launcher="python")
-    assert_ok(again)
+    protocol.main(argv)
     assert (run / "train.log").stat().st_mtime == trained_at  # reused, not trained again
     assert (output_dir / "results.md").read_text() == report
 

@@ -431,7 +431,7 @@ def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipe
     originals = sorted(captioned_data[1].glob("*.png"))
     assert [p.read_bytes() for p in mixed] == [p.read_bytes() for p in originals]
     assert Image.open(output_dir / "generated-00002.png").size == (32, 32)
-    again = run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python")
+    again = run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir)  # in this process
     assert again.returncode != 0 and "--output_dir" in again.stderr
 
 
