@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -189,14 +190,37 @@ def test_loss_by_noise_level_table_covers_every_group_of_the_label_split(digits_
     assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
 
 
-def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_latent_source():
-    """One row per (mode, latents), counting exactly the LoRA parameters the script trains."""
+def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_latent_source(monkeypatch):
+    """One row per (mode, latents), counting exactly the LoRA parameters the script trains. Each configuration's
+    process runs in this one, Accelerate's state reset after it, as a new process would start without it."""
+    import contextlib
+    import io
+
     import text_to_image_step
+    from accelerate.state import AcceleratorState, GradientState
 
     from pu_diffusion.lora import add_lora
 
+    launch = subprocess.run
+    configurations = []
+
+    def in_this_process(command, **kwargs):
+        if command[:2] != [sys.executable, text_to_image_step.__file__]:
+            return launch(command, **kwargs)
+        configurations.append(command[-2:])
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                text_to_image_step.main(command[2:])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        return subprocess.CompletedProcess(command, 0, printed.getvalue(), "")
+
+    monkeypatch.setattr(subprocess, "run", in_this_process)
     argv = ["--model", "tiny", "--resolution", "32", "--mixed_precision", "no", "bf16", "--steps", "2"]
     report = text_to_image_step.main([*argv, "--warmup", "1", "--gradient_checkpointing"])
+    assert configurations == [["no", "encoded"], ["no", "cached"], ["bf16", "encoded"], ["bf16", "cached"]]
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith(("| no ", "| bf16 "))]
     assert [(row[0], row[1]) for row in rows] == [
         ("| no", "encoded"), ("| no", "cached"), ("| bf16", "encoded"), ("| bf16", "cached")
