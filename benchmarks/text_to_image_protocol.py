@@ -13,7 +13,10 @@ photo of a shape": 64 circles, squares and crosses and 16 triangles, stars
 and rings in U, 20 others of the sensitive shapes in S. Every method trains
 with the same steps and hyperparameters; only the loss differs, as in
 paper_protocol.py: unsupervised, supervised, pu (the text-to-image script's
-defaults), pu-paper (--paper_loss) and the oracle (U's normal part only).
+defaults), pu-paper (--paper_loss) and the oracle (U's normal part only);
+--priors adds pu rows at other --prior values. Every run drops a tenth of
+its captions, as the base did, so that classifier-free guidance (scale 3
+in every evaluation) keeps working.
 
 Each model is scored by evaluate.py text-to-image with the shapes classifier
 (trained once by evaluate.py train-classifier on the captioned shapes):
@@ -54,7 +57,14 @@ from paper_protocol import (
     welch_t_test,
 )
 
-from pu_diffusion.flags import POSITIVE_FLOAT, POSITIVE_INT, show_ranges
+from pu_diffusion.flags import (
+    NON_NEGATIVE_FLOAT,
+    OPEN_UNIT_INTERVAL,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    UNIT_INTERVAL,
+    show_ranges,
+)
 from pu_diffusion.outputs import finished_model_file
 from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES, SENSITIVE_SHAPES, SHAPES
 
@@ -64,8 +74,10 @@ MODES = ("lora", "full")
 NORMAL_PROMPTS = tuple(f"a photo of a {shape}" for shape in SHAPES if shape not in SENSITIVE_SHAPES)
 #: The authors' split: U = 64 normal + 16 sensitive (a share of 0.2), S = 20 other sensitive images.
 SPLIT = ["--num_unlabeled_normal", "64", "--num_unlabeled_sensitive", "16", "--num_labeled_sensitive", "20"]
-#: The evaluation's sampling; guidance 1 (none): the base was not trained with dropped captions.
-SAMPLING = ["--num_inference_steps", "30", "--guidance_scale", "1", "--batch_size", "100", "--seed", "0"]
+#: Classifier-free guidance of every evaluation (the base drops a tenth of its captions; see docs/benchmark.md).
+GUIDANCE_SCALE = 3.0
+#: The evaluation's sampling, but for the guidance scale.
+SAMPLING = ["--num_inference_steps", "30", "--batch_size", "100", "--seed", "0"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,11 +89,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--priors",
+        nargs="+",
+        type=OPEN_UNIT_INTERVAL,
+        default=[],
+        help="Also run pu at each of these --prior values (rows MODE-pu-prior-P); U's true share is 0.2.",
+    )
     parser.add_argument("--max_train_steps", type=POSITIVE_INT, default=400, help="Fine-tuning steps of every run.")
     parser.add_argument("--train_batch_size", type=POSITIVE_INT, default=16, help="U images per step (the authors').")
     parser.add_argument("--lora_learning_rate", type=POSITIVE_FLOAT, default=1e-3)
     parser.add_argument("--full_learning_rate", type=POSITIVE_FLOAT, default=1e-4)
     parser.add_argument("--lora_rank", type=POSITIVE_INT, default=8)
+    parser.add_argument(
+        "--caption_dropout_rate",
+        type=UNIT_INTERVAL,
+        default=0.1,
+        help="Every run's caption dropout, as the base's, so that guidance keeps working after fine-tuning.",
+    )
+    parser.add_argument(
+        "--guidance_scale", type=NON_NEGATIVE_FLOAT, default=GUIDANCE_SCALE, help="The evaluation's guidance."
+    )
     parser.add_argument("--images_per_prompt", type=POSITIVE_INT, default=120, help="Images of each prompt.")
     parser.add_argument("--classifier_epochs", type=POSITIVE_INT, default=15)
     parser.add_argument(
@@ -134,6 +162,8 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
                     "oracle": ("unsupervised", ["--num_unlabeled_sensitive", "0"]),
                 }.get(method, (method, []))
                 runs.append(Run(f"{mode}-{method}", seed, loss_type, extra))
+            for prior in args.priors:
+                runs.append(Run(f"{mode}-pu-prior-{prior:g}", seed, "pu", ["--prior", str(prior)]))
     return runs
 
 
@@ -145,7 +175,7 @@ def training_command(run: Run, args: argparse.Namespace, base: Path, data: Path)
     command += ["--resolution", "32", "--center_crop", "--cache_latents"]
     command += ["--train_batch_size", str(args.train_batch_size)]
     command += ["--max_train_steps", str(args.max_train_steps), "--lr_warmup_steps", "0", "--logging_steps", "50"]
-    command += ["--checkpointing_steps", "100000"]
+    command += ["--checkpointing_steps", "100000", "--caption_dropout_rate", str(args.caption_dropout_rate)]
     if mode == "lora":
         command += ["--use_lora", "--rank", str(args.lora_rank), "--learning_rate", str(args.lora_learning_rate)]
     else:
@@ -165,6 +195,7 @@ def evaluation_command(run: Run, args: argparse.Namespace, base: Path, classifie
     else:
         model = ["--pipeline", str(folder)]
     command = [sys.executable, "evaluate.py", "text-to-image", *model, *SAMPLING]
+    command += ["--guidance_scale", str(args.guidance_scale)]
     command += ["--prompt", GENERIC_CAPTION, *PARAPHRASES, *NORMAL_PROMPTS]
     command += ["--images_per_prompt", str(args.images_per_prompt), "--grid_images_per_prompt", "8"]
     command += ["--classifier", str(classifier), "--sensitive_labels", *SENSITIVE_SHAPES]
@@ -291,7 +322,8 @@ def markdown_report(summary: dict, args: argparse.Namespace, classifier_accuracy
         "",
         f"Shapes classifier test accuracy: {classifier_accuracy:.3f}. Fine-tuning: {args.max_train_steps} steps,"
         f" batch {args.train_batch_size}, LoRA rank {args.lora_rank} at lr {args.lora_learning_rate:g}, full at lr"
-        f" {args.full_learning_rate:g}; sampling: {' '.join(SAMPLING)}.",
+        f" {args.full_learning_rate:g}, caption dropout {args.caption_dropout_rate:g}; sampling: {' '.join(SAMPLING)}"
+        f" --guidance_scale {args.guidance_scale:g}.",
     ]
     return "\n".join(lines)
 
@@ -304,7 +336,7 @@ def bar_chart(summary: dict, args: argparse.Namespace, path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(args.modes), figsize=(5 * len(args.modes), 3.6), squeeze=False)
     for axis, mode in zip(axes[0], args.modes, strict=True):
-        names = ["base", *(f"{mode}-{method}" for method in args.methods if f"{mode}-{method}" in summary)]
+        names = ["base", *(name for name in summary if name.startswith(f"{mode}-"))]
         means = [summary[name]["non_sensitive_rate_mean"] for name in names]
         errors = [summary[name]["non_sensitive_rate_std"] for name in names]
         axis.bar([name.removeprefix(f"{mode}-") for name in names], means, yerr=errors, capsize=3, color="#4c72b0")

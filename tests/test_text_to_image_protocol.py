@@ -35,6 +35,9 @@ def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     training = json.loads((run / "benchmark_run.json").read_text())["command"]
     assert "--use_lora" in training and "--paper_loss" not in training and "--prior" not in training
+    assert training[training.index("--caption_dropout_rate") + 1] == "0.1"  # every method alike, as the base
+    evaluation = json.loads((run / "benchmark_evaluation.json").read_text())["command"]
+    assert evaluation[evaluation.index("--guidance_scale") + 1] == str(protocol.GUIDANCE_SCALE)
     assert (output_dir / "chart.png").is_file() and (output_dir / "grids.png").is_file()
 
     trained_at = (run / "train.log").stat().st_mtime
@@ -48,6 +51,10 @@ def test_quick_is_lora_seed_0_unsupervised_against_pu():
     assert (args.methods, args.modes, args.seeds) == (["unsupervised", "pu"], ["lora"], [0])
     names = [run.name for run in protocol.planned_runs(args)]
     assert names == ["base", "lora-unsupervised", "lora-pu"]
+    args = protocol.parse_args(["--quick", "--priors", "0.2", "0.3"])
+    runs = protocol.planned_runs(args)
+    assert [run.name for run in runs][-2:] == ["lora-pu-prior-0.2", "lora-pu-prior-0.3"]
+    assert runs[-1].loss_type == "pu" and runs[-1].extra == ["--prior", "0.3"]
 
 
 def metrics(rate, paraphrase_rates, normal_counts, fid=10.0):
