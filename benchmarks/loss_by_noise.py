@@ -10,6 +10,16 @@ three bands of timesteps. Every pipeline sees the same noise and timesteps.
 A PU model that learned the concept raises the loss on the sensitive test
 images, not only on S; where it raised it (low t: fine detail, high t: the
 coarse shape that decides the class) tells why samples did or did not change.
+
+With --text_to_image the same table for the text-to-image benchmark's models
+(benchmarks/text_to_image_protocol.py): the groups come from its fine-tuning
+shapes and its split (U = 64 normal + 16 sensitive, S = 20), each image is
+the VAE's latent mean, every loss is conditioned on the generic caption, and
+a NAME=FOLDER that holds LoRA weights is loaded onto --base_dir:
+
+    python benchmarks/loss_by_noise.py --text_to_image --data_dir data/shapes32-finetune \
+        --base_dir outputs/shapes-sd base=outputs/shapes-sd \
+        pu=outputs/benchmark-text-to-image/runs/lora-pu-seed0
 """
 
 from __future__ import annotations
@@ -21,22 +31,31 @@ import numpy as np
 import torch
 
 from pu_diffusion.flags import POSITIVE_INT, show_ranges
+from pu_diffusion.shapes import GENERIC_CAPTION, SENSITIVE_SHAPES
 from pu_diffusion.training_data import sensitive_mask, split_by_label
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SENSITIVE_LABELS = ["1", "3", "5", "7", "9"]
 BANDS = ((0, 100), (100, 400), (400, 1000))
+#: The text-to-image benchmark's split (text_to_image_protocol.SPLIT).
+TEXT_TO_IMAGE_SPLIT = {"num_unlabeled_normal": 64, "num_unlabeled_sensitive": 16, "num_labeled_sensitive": 20}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pipelines", nargs="+", help="NAME=FOLDER of a trained DDPM pipeline, one or more.")
-    parser.add_argument("--data_dir", default=str(ROOT / "data" / "digits"), help="The digits dataset folder.")
+    parser.add_argument("pipelines", nargs="+", help="NAME=FOLDER of a trained pipeline (or LoRA run), one or more.")
+    parser.add_argument("--data_dir", default=str(ROOT / "data" / "digits"), help="The digits dataset.")
     parser.add_argument("--seed", type=int, default=0, help="The --seed the models were trained with (the split).")
     parser.add_argument("--draws", type=POSITIVE_INT, default=8, help="(t, noise) draws per image and band.")
+    parser.add_argument(
+        "--text_to_image", action="store_true", help="Stable Diffusion models of the text-to-image benchmark."
+    )
+    parser.add_argument("--base_dir", default=None, help="With --text_to_image: the base the LoRA runs load onto.")
     show_ranges(parser)
     args = parser.parse_args(argv)
+    if args.text_to_image and args.base_dir is None:
+        parser.error("--text_to_image needs --base_dir, the base its LoRA runs load onto")
     for item in args.pipelines:
         if "=" not in item:
             parser.error(f"{item!r}: give pipelines as NAME=FOLDER")
@@ -44,17 +63,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def digit_groups(data_dir: str, seed: int) -> dict[str, torch.Tensor]:
-    """The five groups as (N, 1, 8, 8) tensors in [-1, 1]."""
+    """The five groups of the digits as (N, 1, 8, 8) tensors in [-1, 1]."""
+    return label_groups(data_dir, seed, SENSITIVE_LABELS, "L", {})
+
+
+def label_groups(data_dir: str, seed: int, sensitive_labels, mode: str, counts: dict) -> dict[str, torch.Tensor]:
+    """The five groups as (N, C, H, W) tensors in [-1, 1]: U's normal and sensitive parts and S, drawn as the
+    training script draws them (``counts``: its --num_* flags), and the test split's normal and sensitive."""
     import datasets
 
     data = datasets.load_dataset(data_dir)
     train, test = data["train"], data["test"]
-    split = split_by_label(sensitive_mask(train, "label", SENSITIVE_LABELS), seed=seed)
-    test_sensitive = sensitive_mask(test, "label", SENSITIVE_LABELS)
+    split = split_by_label(sensitive_mask(train, "label", sensitive_labels), seed=seed, **counts)
+    test_sensitive = sensitive_mask(test, "label", sensitive_labels)
 
     def pixels(dataset, indices) -> torch.Tensor:
-        arrays = [np.asarray(dataset[int(i)]["image"].convert("L"), dtype=np.float32) for i in indices]
-        return torch.from_numpy(np.stack(arrays))[:, None] / 127.5 - 1.0
+        arrays = [np.asarray(dataset[int(i)]["image"].convert(mode), dtype=np.float32) for i in indices]
+        stacked = torch.from_numpy(np.stack(arrays))
+        return (stacked[:, None] if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)) / 127.5 - 1.0
 
     return {
         "U normal": pixels(train, split.unlabeled_normal),
@@ -66,32 +92,69 @@ def digit_groups(data_dir: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def mean_loss(unet, scheduler, images: torch.Tensor, band: tuple[int, int], draws: int, seed: int) -> float:
-    """Mean of l(x) = ||eps - eps_theta(x_t, t)||^2 (summed over pixels) over images and draws, t in ``band``."""
+def mean_loss(
+    unet, scheduler, images: torch.Tensor, band: tuple[int, int], draws: int, seed: int, caption=None
+) -> float:
+    """Mean of l(x) = ||eps - eps_theta(x_t, t)||^2 (summed over pixels) over images and draws, t in ``band``;
+    ``caption``: the text encoder's states of one caption, for every image."""
     generator = torch.Generator().manual_seed(seed)
+    conditioning = {} if caption is None else {"encoder_hidden_states": caption.expand(len(images), -1, -1)}
     losses = []
     for _ in range(draws):
         noise = torch.randn(images.shape, generator=generator)
         timesteps = torch.randint(band[0], band[1], (len(images),), generator=generator)
-        prediction = unet(scheduler.add_noise(images, noise, timesteps), timesteps).sample
+        prediction = unet(scheduler.add_noise(images, noise, timesteps), timesteps, **conditioning).sample
         losses.append(((prediction - noise) ** 2).sum(dim=(1, 2, 3)))
     return torch.cat(losses).mean().item()
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def unconditional_model(folder: str, groups: dict[str, torch.Tensor]):
+    """(unet, scheduler, groups, caption) of a DDPM pipeline: the groups are its inputs as they are."""
     from diffusers import DDPMScheduler, UNet2DModel
 
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+    return unet, DDPMScheduler.from_pretrained(folder, subfolder="scheduler"), groups, None
+
+
+@torch.inference_mode()
+def text_to_image_model(folder: str, base_dir: str | None, groups: dict[str, torch.Tensor]):
+    """(unet, scheduler, latent groups, caption states) of a Stable Diffusion pipeline, or of LoRA weights
+    loaded onto ``base_dir``: each image becomes its VAE latent mean, scaled as in training."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    lora = (Path(folder) / "pytorch_lora_weights.safetensors").is_file()
+    pipeline = StableDiffusionPipeline.from_pretrained(base_dir if lora else folder)
+    if lora:
+        pipeline.load_lora_weights(folder)
+    vae = pipeline.vae
+
+    def latents(images: torch.Tensor) -> torch.Tensor:
+        return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+
+    tokens = pipeline.tokenizer(GENERIC_CAPTION, padding="max_length", return_tensors="pt").input_ids
+    caption = pipeline.text_encoder(tokens)[0]
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)  # the training script's noise
+    latent_groups = {name: latents(images) for name, images in groups.items()}
+    return pipeline.unet.eval(), scheduler, latent_groups, caption
+
+
+def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
-    groups = digit_groups(args.data_dir, args.seed)
+    if args.text_to_image:
+        groups = label_groups(args.data_dir, args.seed, SENSITIVE_SHAPES, "RGB", TEXT_TO_IMAGE_SPLIT)
+    else:
+        groups = digit_groups(args.data_dir, args.seed)
     header = "| model | group | " + " | ".join(f"t in [{low}, {high})" for low, high in BANDS) + " |"
     lines = [header, "|" + " --- |" * (len(BANDS) + 2)]
     print("\n".join(lines), flush=True)
     for item in args.pipelines:
         name, folder = item.split("=", 1)
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        for group, images in groups.items():
-            values = [mean_loss(unet, scheduler, images, band, args.draws, args.seed) for band in BANDS]
+        if args.text_to_image:
+            unet, scheduler, inputs, caption = text_to_image_model(folder, args.base_dir, groups)
+        else:
+            unet, scheduler, inputs, caption = unconditional_model(folder, groups)
+        for group, images in inputs.items():
+            values = [mean_loss(unet, scheduler, images, band, args.draws, args.seed, caption) for band in BANDS]
             lines.append(f"| {name} | {group} ({len(images)}) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
             print(lines[-1], flush=True)
     return lines

@@ -105,3 +105,31 @@ def test_goals_are_checked_against_their_thresholds():
     runs[-1].metrics["classifier_fid"] = 30.0  # the mean FID becomes 26: 1.3x
     lines = protocol.goals(protocol.summarize(runs), "lora")
     assert [line for line in lines if "FID" in line][0].endswith("| **no** |")
+
+
+def test_loss_by_noise_reads_the_text_to_image_models_in_latent_space_under_the_generic_caption(
+    tiny_text_to_image_base, monkeypatch
+):
+    import loss_by_noise
+    import torch
+
+    base, data = tiny_text_to_image_base
+    monkeypatch.setattr(
+        loss_by_noise,
+        "TEXT_TO_IMAGE_SPLIT",
+        {"num_unlabeled_normal": 2, "num_unlabeled_sensitive": 1, "num_labeled_sensitive": 1},
+    )
+    argv = ["--text_to_image", "--base_dir", str(base), "--data_dir", str(data), "--draws", "1", f"base={base}"]
+    lines = loss_by_noise.main(argv)
+    rows = [line.split(" | ") for line in lines[2:]]
+    # The tiny base's shapes: 5 train and 1 test image per shape, three shapes normal and three sensitive.
+    groups = ["U normal (2)", "U sensitive (1)", "S (1)", "test normal (3)", "test sensitive (3)"]
+    assert [row[1] for row in rows] == groups
+    assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
+
+    images = loss_by_noise.label_groups(str(data), 0, protocol.SENSITIVE_SHAPES, "RGB", {})["test normal"]
+    unet, scheduler, latents, caption = loss_by_noise.text_to_image_model(str(base), None, {"x": images})
+    assert latents["x"].shape == (3, 4, 8, 8)  # 32 px through the VAE's 4x downsampling
+    conditioned = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, caption)
+    other = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, torch.zeros_like(caption))
+    assert conditioned != other  # the caption reaches the UNet
