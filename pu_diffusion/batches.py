@@ -229,11 +229,12 @@ class CaptionedImages(TransformedImages):
         """The tokenized caption of image ``index`` in ``epoch`` (one of several, drawn per epoch, or the empty
         caption at the dropout rate)."""
         caption = self.captions[index]
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
-        if not isinstance(caption, str):
-            caption = caption[int(torch.randint(0, len(caption), (), generator=generator))]
-        if self.caption_dropout_rate and float(torch.rand((), generator=generator)) < self.caption_dropout_rate:
-            caption = ""
+        if not isinstance(caption, str) or self.caption_dropout_rate:  # a draw: seed a generator only then
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, 1))
+            if not isinstance(caption, str):
+                caption = caption[int(torch.randint(0, len(caption), (), generator=generator))]
+            if float(torch.rand((), generator=generator)) < self.caption_dropout_rate:
+                caption = ""
         tokens = self.tokenize(caption)
         return dict(tokens) if isinstance(tokens, dict) else {"input_ids": tokens}
 
