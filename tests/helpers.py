@@ -107,8 +107,6 @@ def run_in_process(script: str, *args, mixed_precision: str = "no") -> subproces
     import logging
     import traceback
 
-    from accelerate.state import AcceleratorState, GradientState
-
     module = importlib.import_module(Path(script).stem)
     argv = [str(arg) for arg in args] + (["--mixed_precision", mixed_precision] if mixed_precision != "no" else [])
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -136,9 +134,17 @@ def run_in_process(script: str, *args, mixed_precision: str = "no") -> subproces
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     return subprocess.CompletedProcess([script, *argv], returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process state, as a new process starts without it: the next run in this process
+    sets up its own (mixed precision, device)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def script_env(num_processes: int) -> dict:

@@ -12,7 +12,7 @@ import paper_protocol
 import pytest
 import torch
 
-from tests.helpers import tiny_unet_kwargs
+from tests.helpers import reset_accelerate_state, tiny_unet_kwargs
 
 
 def fake_run(name, seed, rate, fid):
@@ -197,7 +197,6 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
     import io
 
     import text_to_image_step
-    from accelerate.state import AcceleratorState, GradientState
 
     from pu_diffusion.lora import add_lora
 
@@ -213,8 +212,7 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
             with contextlib.redirect_stdout(printed):
                 text_to_image_step.main(command[2:])
         finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+            reset_accelerate_state()
         return subprocess.CompletedProcess(command, 0, printed.getvalue(), "")
 
     monkeypatch.setattr(subprocess, "run", in_this_process)
