@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from text_to_image_protocol import SPLIT_COUNTS  # the text-to-image benchmark's split
 
 from pu_diffusion.flags import POSITIVE_INT, show_ranges
 from pu_diffusion.shapes import GENERIC_CAPTION, SENSITIVE_SHAPES
@@ -38,8 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SENSITIVE_LABELS = ["1", "3", "5", "7", "9"]
 BANDS = ((0, 100), (100, 400), (400, 1000))
-#: The text-to-image benchmark's split (text_to_image_protocol.SPLIT).
-TEXT_TO_IMAGE_SPLIT = {"num_unlabeled_normal": 64, "num_unlabeled_sensitive": 16, "num_labeled_sensitive": 20}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,7 +140,7 @@ def text_to_image_model(folder: str, base_dir: str | None, groups: dict[str, tor
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     if args.text_to_image:
-        groups = label_groups(args.data_dir, args.seed, SENSITIVE_SHAPES, "RGB", TEXT_TO_IMAGE_SPLIT)
+        groups = label_groups(args.data_dir, args.seed, SENSITIVE_SHAPES, "RGB", SPLIT_COUNTS)
     else:
         groups = digit_groups(args.data_dir, args.seed)
     header = "| model | group | " + " | ".join(f"t in [{low}, {high})" for low, high in BANDS) + " |"

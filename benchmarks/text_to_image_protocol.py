@@ -73,7 +73,8 @@ METHODS = ("unsupervised", "supervised", "pu", "pu-paper", "oracle")
 MODES = ("lora", "full")
 NORMAL_PROMPTS = tuple(f"a photo of a {shape}" for shape in SHAPES if shape not in SENSITIVE_SHAPES)
 #: The authors' split: U = 64 normal + 16 sensitive (a share of 0.2), S = 20 other sensitive images.
-SPLIT = ["--num_unlabeled_normal", "64", "--num_unlabeled_sensitive", "16", "--num_labeled_sensitive", "20"]
+SPLIT_COUNTS = {"num_unlabeled_normal": 64, "num_unlabeled_sensitive": 16, "num_labeled_sensitive": 20}
+SPLIT = [part for name, count in SPLIT_COUNTS.items() for part in (f"--{name}", str(count))]
 #: Classifier-free guidance of every evaluation (the base drops a tenth of its captions; see docs/benchmark.md).
 GUIDANCE_SCALE = 3.0
 #: The evaluation's sampling, but for the guidance scale.

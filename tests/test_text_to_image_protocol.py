@@ -116,7 +116,7 @@ def test_loss_by_noise_reads_the_text_to_image_models_in_latent_space_under_the_
     base, data = tiny_text_to_image_base
     monkeypatch.setattr(
         loss_by_noise,
-        "TEXT_TO_IMAGE_SPLIT",
+        "SPLIT_COUNTS",
         {"num_unlabeled_normal": 2, "num_unlabeled_sensitive": 1, "num_labeled_sensitive": 1},
     )
     argv = ["--text_to_image", "--base_dir", str(base), "--data_dir", str(data), "--draws", "1", f"base={base}"]
