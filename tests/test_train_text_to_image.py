@@ -451,6 +451,7 @@ def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
         resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="lanczos", image_column="image",
         caption_column="text",
         label_column=label_column, sensitive_prompt=sensitive_prompt, sensitive_caption_column=None,
+        caption_dropout_rate=0.0,
     )  # fmt: skip
     tokenizer = lambda caption, **kwargs: argparse.Namespace(input_ids=[caption])  # noqa: E731
     make_dataset = captioned_dataset_factory(args, FrozenModels(vae=None, text_encoder=None, tokenizer=tokenizer))
@@ -733,6 +734,7 @@ def test_sdxl_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(tiny_sdxl_pi
         argparse.Namespace(
             resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="lanczos",
             image_column="image", caption_column="text", label_column=None, sensitive_prompt=None,
+            caption_dropout_rate=0.0,
         ),
         frozen,
     )  # fmt: skip
