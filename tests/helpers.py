@@ -315,11 +315,15 @@ def resume_from_a_copy(script: str, run_args, reference: Path, resumed: Path, ch
 def refusal(script_module, argv, capsys) -> str:
     """Run a training script's ``main`` in this process, as ``python script.py ARGV`` runs it, expecting it to
     refuse the input before training; return the message a user reads. A subprocess costs seconds of imports
-    per case; the exit code and message of a real launch are checked once per script elsewhere."""
+    per case; the exit code and message of a real launch are checked once per script elsewhere. A refusal
+    after the accelerator is made leaves Accelerate's state set; it is reset, as run_in_process resets it."""
     import pytest
 
-    with pytest.raises(SystemExit) as stop:
-        exit_on_error(script_module.main, script_module.parse_args([str(arg) for arg in argv]))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            exit_on_error(script_module.main, script_module.parse_args([str(arg) for arg in argv]))
+    finally:
+        reset_accelerate_state()
     assert stop.value.code not in (0, None)
     code = stop.value.code
     return code if isinstance(code, str) else capsys.readouterr().err
