@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--cache_latents",
         action="store_true",
-        help="Encode U and S with the VAE once, before training, instead of at every step (needs --center_crop).",
+        help="Encode U and S with the VAE once, before training, instead of at every step (without --center_crop"
+        " each image keeps one random crop).",
     )
     model.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs a GPU).")
     model.add_argument(
@@ -153,11 +154,6 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--{given[0]} is a LoRA setting: add --use_lora")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
-    if args.cache_latents and not args.center_crop:
-        raise InputError(
-            "--cache_latents encodes each image once, so a random crop would be the same in every epoch: add"
-            " --center_crop (images already at --resolution are not cropped at all)"
-        )
     if args.sensitive_prompt is not None and args.sensitive_caption_column is not None:
         raise InputError("--sensitive_prompt and --sensitive_caption_column: give one")
     own_sensitive_source = args.sensitive_dataset_name or args.sensitive_data_dir

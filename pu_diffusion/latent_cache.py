@@ -5,8 +5,11 @@ variance, ``latent_dist.parameters``), not one sample of it: each step still
 draws its latent with the step's generator, so a run with the cache follows
 the run without it (to float rounding of the batched encoding). With
 --random_flip the mirror image is encoded too and each access draws the flip
-as :class:`batches.ImageTransform` does; random crops cannot be cached
-honestly, so the scripts require --center_crop with --cache_latents.
+as :class:`batches.ImageTransform` does. Without --center_crop each image
+keeps one random window, drawn once from the dataset's seed and the image's
+index (so the same on every process and on a resume), as Diffusers' own
+scripts do when they cache latents; the crop is then no longer redrawn per
+epoch, and the log says so.
 
 S is drawn again at every step, so for PU training the cache saves more VAE
 passes than for plain fine-tuning: without it, each step encodes its S batch
@@ -76,7 +79,7 @@ class CachedLatents(torch.utils.data.Dataset):
     ):
         transform = images.transform
         if not transform.center_crop:
-            raise ValueError("cached latents need a deterministic crop (--center_crop)")
+            logger.info("--cache_latents without --center_crop: one random crop per image of %s, kept", images.source)
         self.images = images
         self.flips = (False, True) if transform.random_flip else (False,)
         self.parameters = None
@@ -89,7 +92,7 @@ class CachedLatents(torch.utils.data.Dataset):
             cropped = []
             for index in indices:
                 image = images.prepared_image(index)
-                top, left = transform.crop_offset(image.shape[-2:])
+                top, left = transform.crop_offset(image.shape[-2:], self.crop_generator(index))
                 cropped.append(transform.window(image, top, left))
                 mirrored = (top, transform.mirrored_left(image.shape[-1], left))
                 self.crop_top_left.append(((top, left), mirrored))
@@ -102,6 +105,11 @@ class CachedLatents(torch.utils.data.Dataset):
                 self.parameters[indices.start : indices.stop, flip_index] = encoded
                 progress.update(len(indices))
         progress.close()
+
+    def crop_generator(self, index: int) -> torch.Generator:
+        """Where image ``index``'s fixed random crop is drawn from: its seed has no epoch, unlike the per-access
+        draws, so it is the same in every epoch, process and resume."""
+        return torch.Generator().manual_seed(derived_seed(self.images.seed, index))
 
     def __len__(self) -> int:
         return len(self.images)

@@ -11,11 +11,11 @@ from pu_diffusion.latent_cache import CachedLatents
 from pu_diffusion.training_data import derived_seed
 
 
-def captioned_images(random_flip: bool) -> CaptionedImages:
+def captioned_images(random_flip: bool, width: int = 8, center_crop: bool = True) -> CaptionedImages:
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(5)]
+    images = [Image.fromarray(rng.integers(0, 256, (8, width, 3), dtype=np.uint8)) for _ in range(5)]
     dataset = datasets.Dataset.from_dict({"image": images})
-    transform = ImageTransform(8, 3, center_crop=True, random_flip=random_flip)
+    transform = ImageTransform(8, 3, center_crop=center_crop, random_flip=random_flip)
     return CaptionedImages(
         dataset, "image", transform, ["a", "b", "c", "d", "e"], lambda caption: torch.tensor([ord(caption)]), seed=3
     )
@@ -47,8 +47,23 @@ def test_cached_items_are_the_encoded_images_with_the_same_flips_and_captions(me
     assert not any(path.exists() for path in on_disk)  # the disk cache goes with the dataset
 
 
-def test_a_random_crop_cannot_be_cached(tmp_path):
-    images = captioned_images(random_flip=False)
-    images.transform.center_crop = False
-    with pytest.raises(ValueError, match="--center_crop"):
-        CachedLatents(images, encode, batch_size=2, folder=str(tmp_path), show_progress=False)
+def test_without_center_crop_each_image_keeps_one_seeded_random_crop(tmp_path, caplog):
+    """8 x 16 px images, 8 px windows: the cache holds one random window per image, the same in every epoch and
+    in a second cache built from the same seed (another process, or a resume)."""
+    images = captioned_images(random_flip=False, width=16, center_crop=False)
+    with caplog.at_level("INFO", logger="pu_diffusion.latent_cache"):
+        cached = CachedLatents(images, encode, batch_size=2, folder=str(tmp_path), show_progress=False)
+    assert "one random crop per image" in caplog.text
+    again = CachedLatents(images, encode, batch_size=3, folder=str(tmp_path), show_progress=False)
+    assert torch.equal(cached.parameters, again.parameters)
+    offsets = set()
+    for index in range(len(images)):
+        prepared = images.prepared_image(index)
+        top, left = images.transform.crop_offset(
+            prepared.shape[-2:], torch.Generator().manual_seed(derived_seed(3, index))
+        )
+        window = images.transform.to_pixels(images.transform.window(prepared, top, left), flip=False)
+        for epoch in range(3):
+            assert torch.equal(cached[(index, epoch)]["latent_parameters"], encode(window[None])[0])
+        offsets.add((top, left))
+    assert len(offsets) > 1  # random windows, not the centre (0, 4) for every image

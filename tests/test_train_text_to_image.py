@@ -334,7 +334,6 @@ BAD_INPUT = {
     "LoRA setting without LoRA": ([], ["--lora_alpha", "8"], "--lora_alpha"),
     "no LoRA layer named": ([], ["--use_lora", "--lora_layers", ","], "--lora_layers"),
     "LoRA layer the UNet lacks": ([], ["--use_lora", "--lora_layers", "to_nothing"], "--lora_layers to_nothing"),
-    "cached latents with random crops": ([], ["--cache_latents"], "--center_crop"),
     "wandb with a Hub token": ([], ["--report_to", "wandb", "--hub_token", "hf_x"], "--hub_token"),
     "interpolation mode unknown": ([], ["--image_interpolation_mode", "cubic"], "--image_interpolation_mode"),
     "prodigy flag not a boolean": ([], ["--prodigy_decouple", "maybe"], "--prodigy_decouple"),
@@ -459,6 +458,7 @@ def test_s_captions_come_from_the_prompt_or_the_shared_caption_column(
     assert make_dataset(images, 0, "S").captions[0] == expected_s_caption
 
 
+@pytest.mark.slow
 def test_two_processes_train_lora_with_validation_and_resume(tiny_sd_pipeline, captioned_data, tmp_path):
     """accelerate launch --num_processes 2 (gloo): U's 8 images give one batch of 4 per process and step.
 
@@ -663,18 +663,20 @@ def test_sdxl_lora_trains_resumes_exactly_and_loads_into_the_sdxl_pipeline(
 def test_sdxl_full_fine_tune_saves_a_complete_sdxl_pipeline_with_its_own_vae(
     tiny_sdxl_pipeline, captioned_data, tmp_path
 ):
-    """Full fine-tuning under bf16 with --pretrained_vae_model_name_or_path, EMA and cached latents: a complete
-    StableDiffusionXLPipeline folder whose VAE is that one, in float32 as it was saved."""
+    """Full fine-tuning under bf16 with --pretrained_vae_model_name_or_path, EMA and cached latents (without
+    --center_crop, as the Diffusers scripts allow): a complete StableDiffusionXLPipeline folder whose VAE is that
+    one, in float32 as it was saved."""
     from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
 
     vae_dir = tmp_path / "vae"
     AutoencoderKL.from_pretrained(tiny_sdxl_pipeline, subfolder="vae").save_pretrained(vae_dir)
     output_dir = tmp_path / "out"
-    flags = ["--pretrained_vae_model_name_or_path", vae_dir, "--use_ema", "--cache_latents", "--center_crop"]
+    flags = ["--pretrained_vae_model_name_or_path", vae_dir, "--use_ema", "--cache_latents"]
     args = run_args(tiny_sdxl_pipeline, captioned_data, output_dir, *flags, "--max_train_steps", "2")
     result = run_script(SCRIPT, *args, mixed_precision="bf16")
     assert_ok(result)
     assert "frozen weights in torch.bfloat16 (VAE torch.bfloat16)" in result.stderr
+    assert "--cache_latents without --center_crop: one random crop per image of U, kept" in result.stderr
 
     pipeline = DiffusionPipeline.from_pretrained(output_dir)
     assert isinstance(pipeline, StableDiffusionXLPipeline)
