@@ -271,6 +271,7 @@ def test_a_finished_model_is_not_overwritten_without_the_flag(tmp_path, digits_d
     assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
 
 
+@pytest.mark.slow
 def test_two_processes_on_cpu_train_checkpoint_and_resume(tmp_path, digits_dir, tiny_unet_config):
     """accelerate launch --num_processes 2 (gloo): U's 6 batches are sharded, 3 per process and epoch."""
     output_dir = tmp_path / "out"
