@@ -14,8 +14,9 @@ with the normal images of a held-out split:
         --reference_dataset_name data/digits --reference_label_column label \\
         --fid_features classifier --output_dir outputs/digits-pu/evaluation
 
-Text-to-image models are scored on images made from prompts, with zero-shot
-CLIP (a normal text against a sensitive one) or any image classifier:
+Text-to-image models are scored on images made from prompts (or from a CSV of
+prompts with I2P's columns), with zero-shot CLIP (a normal text against a
+sensitive one), any image classifier, or NudeNet (--judge nudenet):
 
     python evaluate.py text-to-image --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --lora sd-pu-lora --prompt "a photo of a dog" --images_per_prompt 50 \
@@ -25,8 +26,10 @@ CLIP (a normal text against a sensitive one) or any image classifier:
 The output folder gets ``metrics.json`` (written last, so a folder holding it
 is complete), ``samples.png``, and tables to find what still leaks:
 ``per_class.csv`` (unconditional: samples per predicted class), or
-``per_prompt.csv`` (rate and CLIP score of each prompt) and ``per_image.csv``
-(each image's seed, the judge's sensitive probability and its verdict).
+``per_prompt.csv`` (rate and CLIP score of each prompt), ``per_image.csv``
+(each image's seed, the judge's sensitive probability and its verdict) and
+``results.md`` (the rate with its 95% interval, over all prompts and per
+category, beside --baseline_metrics's).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from pu_diffusion.classifier import (
     sensitive_class_ids,
     train_classifier,
 )
-from pu_diffusion.errors import InputError, read_text
-from pu_diffusion.flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, show_ranges
+from pu_diffusion.errors import InputError, read_json
+from pu_diffusion.flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL, show_ranges
 from pu_diffusion.metrics import (
     channel_conversion,
     check_reference_matches,
@@ -57,6 +60,7 @@ from pu_diffusion.metrics import (
     make_fid,
     score_images,
 )
+from pu_diffusion.nudity import DEFAULT_THRESHOLD, EXPOSED_CLASSES, check_nudenet
 from pu_diffusion.outputs import image_grid, write_json_atomically
 from pu_diffusion.pipelines import (
     DTYPES,
@@ -69,12 +73,15 @@ from pu_diffusion.pipelines import (
     load_unconditional_pipeline,
     sample_shape,
 )
+from pu_diffusion.prompt_sets import Prompt, read_prompt_file
 from pu_diffusion.reports import (
     class_rows,
+    group_rows,
     image_rows,
     package_versions,
     prompt_rows,
     prompt_summaries,
+    results_markdown,
     sampling_settings,
     write_csv,
 )
@@ -85,6 +92,8 @@ SCHEDULERS = ("ddpm", "ddim")
 FID_FEATURES = ("inception", "classifier", "none")
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE, PER_PROMPT_FILE, PER_IMAGE_FILE = "per_class.csv", "per_prompt.csv", "per_image.csv"
+RESULTS_FILE = "results.md"
+JUDGES = ("clip", "classifier", "nudenet")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -181,7 +190,12 @@ def add_text_to_image_parser(commands) -> None:
     parser.add_argument("--pipeline", required=True, help="The base pipeline or a full fine-tune (folder or Hub id).")
     parser.add_argument("--lora", default=None, help="LoRA weights (folder or Hub id) loaded into --pipeline.")
     parser.add_argument("--prompt", nargs="+", default=None, help="Prompts to generate from.")
-    parser.add_argument("--prompt_file", default=None, help="... or a text file, one prompt per line.")
+    parser.add_argument(
+        "--prompt_file",
+        default=None,
+        help="... or a text file, one prompt per line, or a .csv with a prompt column and, as I2P has them,"
+        " sd_seed, sd_guidance_scale and categories (each row drawn with its seed and guidance; rates per category).",
+    )
     parser.add_argument("--images_per_prompt", type=POSITIVE_INT, default=10)
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="Images generated per forward pass.")
     parser.add_argument("--num_inference_steps", type=POSITIVE_INT, default=30)
@@ -190,7 +204,14 @@ def add_text_to_image_parser(commands) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: float16 on cuda, else float32.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    judge = parser.add_argument_group("what counts as sensitive: zero-shot CLIP, or an image classifier")
+    judge = parser.add_argument_group("what counts as sensitive: zero-shot CLIP, an image classifier, or NudeNet")
+    judge.add_argument(
+        "--judge",
+        choices=JUDGES,
+        default=None,
+        help="Default: clip with --clip_model, classifier with --classifier. nudenet: NudeNet's detector"
+        " (pip install -r requirements-nudenet.txt).",
+    )
     judge.add_argument("--clip_model", default=None, help="A CLIP model (folder or Hub id) for the zero-shot rate.")
     judge.add_argument("--normal_text", nargs="+", default=None, help="Texts describing normal images.")
     judge.add_argument("--sensitive_text", nargs="+", default=None, help="Texts describing sensitive images.")
@@ -198,6 +219,25 @@ def add_text_to_image_parser(commands) -> None:
     judge.add_argument("--sensitive_labels", nargs="+", default=None, help="With --classifier: its sensitive labels.")
     add_weak_classifier_flag(judge)
     judge.add_argument("--clip_score", action="store_true", help="Also the CLIP score of each image and its prompt.")
+    judge.add_argument(
+        "--nudenet_classes",
+        nargs="+",
+        default=list(EXPOSED_CLASSES),
+        help="With --judge nudenet: the detector classes that make an image sensitive (default: the eight exposed"
+        " classes erasure papers count).",
+    )
+    judge.add_argument(
+        "--nudenet_threshold",
+        type=UNIT_INTERVAL,
+        default=DEFAULT_THRESHOLD,
+        help="With --judge nudenet: the lowest detection score that counts.",
+    )
+    parser.add_argument(
+        "--baseline_metrics",
+        default=None,
+        help="metrics.json of another text-to-image evaluation on the same prompts (the base model's): results.md"
+        " shows its rates beside these.",
+    )
     parser.add_argument(
         "--grid_images_per_prompt", type=POSITIVE_INT, default=4, help="Images per prompt in samples.png."
     )
@@ -207,18 +247,40 @@ def add_text_to_image_parser(commands) -> None:
 
 
 def check_prompt_and_judge_arguments(args: argparse.Namespace) -> None:
+    """Reads the prompts into ``args.prompt_set`` (and their texts into ``args.prompt``) and settles
+    ``args.judge``."""
     if (args.prompt is None) == (args.prompt_file is None):
         raise InputError("give the prompts with --prompt or --prompt_file (one of them)")
     if args.prompt_file is not None:
         if not Path(args.prompt_file).is_file():
             raise InputError(f"--prompt_file {args.prompt_file}: no such file")
-        prompts = read_text(args.prompt_file, "--prompt_file")
-        args.prompt = [line.strip() for line in prompts.splitlines() if line.strip()]
-        if not args.prompt:
-            raise InputError(f"--prompt_file {args.prompt_file} holds no prompt")
+        args.prompt_set = read_prompt_file(args.prompt_file)
+        args.prompt = [prompt.text for prompt in args.prompt_set]
+    else:
+        args.prompt_set = [Prompt(text) for text in args.prompt]
+    if args.baseline_metrics is not None:
+        read_baseline_groups(args.baseline_metrics)
+    check_judge_arguments(args)
+
+
+def check_judge_arguments(args: argparse.Namespace) -> None:
     uses_clip, uses_classifier = args.clip_model is not None, args.classifier is not None
+    if args.judge == "nudenet":
+        if uses_clip or uses_classifier:
+            raise InputError(f"--judge nudenet and {'--clip_model' if uses_clip else '--classifier'}: give one judge")
+        check_nudenet(args.nudenet_classes)
+        if args.clip_score:
+            raise InputError("--clip_score needs --clip_model (the CLIP judge)")
+        return
     if uses_clip == uses_classifier:
-        raise InputError("the rate needs one judge: --clip_model with --normal_text/--sensitive_text, or --classifier")
+        raise InputError(
+            "the rate needs one judge: --clip_model with --normal_text/--sensitive_text, --classifier, or"
+            " --judge nudenet"
+        )
+    inferred = "clip" if uses_clip else "classifier"
+    if args.judge not in (None, inferred):
+        raise InputError(f"--judge {args.judge} needs --{'clip_model' if args.judge == 'clip' else 'classifier'}")
+    args.judge = inferred
     if uses_clip and not (args.normal_text and args.sensitive_text):
         raise InputError("--clip_model needs --normal_text and --sensitive_text for the zero-shot rate")
     if uses_classifier and not args.sensitive_labels:
@@ -227,6 +289,16 @@ def check_prompt_and_judge_arguments(args: argparse.Namespace) -> None:
         raise InputError("--clip_score needs --clip_model")
     if args.fid_features == "classifier" and has_reference(args) and not uses_classifier:
         raise InputError("--fid_features classifier needs --classifier (its features are the FID's)")
+
+
+def read_baseline_groups(path: str) -> list[dict]:
+    """The rate groups of --baseline_metrics, an earlier evaluation's metrics.json."""
+    if not Path(path).is_file():
+        raise InputError(f"--baseline_metrics {path}: no such file")
+    metrics = read_json(path, "--baseline_metrics")
+    if not isinstance(metrics, dict) or "groups" not in metrics:
+        raise InputError(f"--baseline_metrics {path}: not the metrics.json of an evaluate.py text-to-image run")
+    return metrics["groups"]
 
 
 def has_reference(args: argparse.Namespace) -> bool:
@@ -311,13 +383,16 @@ def evaluate_unconditional(args: argparse.Namespace) -> dict:
 def evaluate_text_to_image(args: argparse.Namespace) -> dict:
     device = default_device(args.device)
     pipeline = load_text_to_image_pipeline(args, device, default_dtype(args.dtype, device))
-    images, images_per_second, origins = generate_from_prompts(pipeline, args, device)
+    images, images_per_second, origins = generate_from_prompts(pipeline, args, device, args.prompt_set)
     prompts = [args.prompt[origin.prompt_index] for origin in origins]
     judgement = judge_images(args, images, prompts, device)
-    per_prompt = prompt_rows(args.prompt, judgement, args.images_per_prompt)
+    per_prompt = prompt_rows(args.prompt_set, judgement, args.images_per_prompt)
+    groups = group_rows(args.prompt_set, judgement, args.images_per_prompt)
     fid, prompt_fids = text_to_image_fid(args, images, device)
     metrics = {
         "non_sensitive_rate": 1.0 - judgement.sensitive.float().mean().item(),
+        "non_sensitive_rate_ci95": [groups[0]["ci95_low"], groups[0]["ci95_high"]],
+        "groups": groups,
         "per_prompt": prompt_summaries(per_prompt, judgement, args.images_per_prompt, prompt_fids),
         **judgement.info,
         **fid,
@@ -332,7 +407,9 @@ def evaluate_text_to_image(args: argparse.Namespace) -> dict:
     grid = images.view(len(args.prompt), args.images_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1)
     image_grid(grid.permute(0, 2, 3, 1).numpy(), columns=shown).save(output_dir / "samples.png")
     write_csv(output_dir / PER_PROMPT_FILE, per_prompt)
-    write_csv(output_dir / PER_IMAGE_FILE, image_rows(args.prompt, origins, judgement))
+    write_csv(output_dir / PER_IMAGE_FILE, image_rows(args.prompt_set, origins, judgement, args.guidance_scale))
+    baseline = read_baseline_groups(args.baseline_metrics) if args.baseline_metrics is not None else None
+    (output_dir / RESULTS_FILE).write_text(results_markdown(groups, baseline))
     write_json_atomically(output_dir / METRICS_FILE, metrics)
     return metrics
 

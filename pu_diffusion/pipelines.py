@@ -12,6 +12,7 @@ import torch
 
 from pu_diffusion.errors import InputError, read_json
 from pu_diffusion.outputs import to_uint8
+from pu_diffusion.prompt_sets import Prompt
 from pu_diffusion.training_data import derived_seed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -165,32 +166,41 @@ class ImageOrigin:
     position: int
 
 
+def noise_seed(args: argparse.Namespace, prompt: Prompt, prompt_index: int, batch_index: int) -> int:
+    """The seed of a batch's noise: (--seed, p, b) for prompt p's batch b; for a prompt whose row gives a seed
+    (an I2P CSV), that seed for its first batch, as those benchmarks draw their image, then (seed, b)."""
+    if prompt.seed is None:
+        return derived_seed(args.seed, prompt_index, batch_index)
+    return prompt.seed if batch_index == 0 else derived_seed(prompt.seed, batch_index)
+
+
 @torch.inference_mode()
-def generate_from_prompts(pipeline, args: argparse.Namespace, device: str):
-    """--images_per_prompt images of each prompt, prompt after prompt; batch b of prompt p draws its
-    noise from a generator seeded with (seed, p, b). Returns (N, C, H, W) uint8 images, images/s and
-    each image's :class:`ImageOrigin`."""
+def generate_from_prompts(pipeline, args: argparse.Namespace, device: str, prompts: list[Prompt] | None = None):
+    """--images_per_prompt images of each prompt, prompt after prompt, each batch seeded by :func:`noise_seed`
+    and guided by the prompt's own guidance scale if its row gives one, else --guidance_scale. ``prompts``
+    default to --prompt's. Returns (N, C, H, W) uint8 images, images/s and each image's :class:`ImageOrigin`."""
     from tqdm.auto import tqdm
 
+    prompts = prompts if prompts is not None else [Prompt(text) for text in args.prompt]
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     batches, origins = [], []
     start = time.perf_counter()
-    for prompt_index, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
+    for prompt_index, prompt in enumerate(tqdm(prompts, desc="prompts")):
         for batch_index, first in enumerate(range(0, args.images_per_prompt, args.batch_size)):
-            batch_seed = derived_seed(args.seed, prompt_index, batch_index)
+            seed = noise_seed(args, prompt, prompt_index, batch_index)
             batch_size = min(args.batch_size, args.images_per_prompt - first)
             images = pipeline(
-                prompt,
+                prompt.text,
                 num_images_per_prompt=batch_size,
                 num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                generator=torch.Generator(device).manual_seed(batch_seed),
+                guidance_scale=prompt.guidance_or(args.guidance_scale),
+                generator=torch.Generator(device).manual_seed(seed),
                 output_type="np",
                 **size,
             ).images
             batches.append(float_to_uint8(images))
             origins += [
-                ImageOrigin(prompt_index, first + position, batch_seed, batch_size, position)
+                ImageOrigin(prompt_index, first + position, seed, batch_size, position)
                 for position in range(batch_size)
             ]
     images = torch.cat(batches)

@@ -9,22 +9,75 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from pu_diffusion.metrics import Judgement, clip_score
 from pu_diffusion.pipelines import ImageOrigin
+from pu_diffusion.prior import wilson_bounds
+from pu_diffusion.prompt_sets import Prompt, prompt_groups
 
 logger = logging.getLogger(__name__)
 
 
-def prompt_rows(prompts: list[str], judgement: Judgement, images_per_prompt: int) -> list[dict]:
-    """per_prompt.csv: each prompt's image count, non-sensitive rate and (with --clip_score) CLIP score."""
+#: The normal quantile of a two-sided 95% interval.
+Z_95 = 1.959964
+
+
+def rate_with_interval(normal: int, images: int) -> dict:
+    """The non-sensitive rate of ``images`` images, ``normal`` of them judged normal, with its 95% Wilson
+    interval (the images taken as independent draws)."""
+    low, high = wilson_bounds(np.array(normal), images, Z_95)
+    return {"non_sensitive_rate": normal / images, "ci95_low": float(low), "ci95_high": float(high)}
+
+
+def prompt_rows(prompts: list[Prompt], judgement: Judgement, images_per_prompt: int) -> list[dict]:
+    """per_prompt.csv: each prompt's image count, non-sensitive rate with its 95% interval, categories (from a
+    CSV of prompts) and (with --clip_score) CLIP score."""
     sensitive = judgement.sensitive.view(len(prompts), images_per_prompt)
     cosines = None if judgement.clip_cosines is None else judgement.clip_cosines.view(len(prompts), -1)
     rows = []
     for index, prompt in enumerate(prompts):
-        rate = 1.0 - sensitive[index].float().mean().item()
+        normal = images_per_prompt - int(sensitive[index].sum())
         score = "" if cosines is None else round(clip_score(cosines[index]), 4)
-        rows.append({"prompt": prompt, "images": images_per_prompt, "non_sensitive_rate": rate, "clip_score": score})
+        rows.append(
+            {
+                "prompt": prompt.text,
+                "images": images_per_prompt,
+                **rate_with_interval(normal, images_per_prompt),
+                "categories": ", ".join(prompt.categories),
+                "clip_score": score,
+            }
+        )
     return rows
+
+
+def group_rows(prompts: list[Prompt], judgement: Judgement, images_per_prompt: int) -> list[dict]:
+    """metrics.json's ``groups`` and results.md: the rate with its 95% interval over all the prompts, then over
+    each category's (a CSV of prompts with a ``categories`` column)."""
+    sensitive = judgement.sensitive.view(len(prompts), images_per_prompt)
+    rows = []
+    for group, indices in prompt_groups(prompts).items():
+        images = len(indices) * images_per_prompt
+        normal = images - int(sensitive[indices].sum())
+        rows.append({"group": group, "prompts": len(indices), "images": images, **rate_with_interval(normal, images)})
+    return rows
+
+
+def results_markdown(groups: list[dict], baseline: list[dict] | None = None) -> str:
+    """results.md: each group's rate and 95% interval; with --baseline_metrics, the baseline's beside it."""
+
+    def shown(row: dict | None) -> str:
+        return "" if row is None else f"{row['non_sensitive_rate']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]"
+
+    before = {row["group"]: row for row in baseline or []}
+    header = ["group", "prompts", "images", *(["baseline rate [95% CI]"] if baseline else []), "rate [95% CI]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in groups:
+        cells = [row["group"], str(row["prompts"]), str(row["images"])]
+        cells += [shown(before.get(row["group"]))] if baseline else []
+        lines.append("| " + " | ".join([*cells, shown(row)]) + " |")
+    note = "Non-sensitive rate: the share of images the judge does not find sensitive; 95% Wilson intervals."
+    return "\n".join([note, "", *lines]) + "\n"
 
 
 def prompt_summaries(
@@ -43,19 +96,24 @@ def prompt_summaries(
     return summaries
 
 
-def image_rows(prompts: list[str], origins: list[ImageOrigin], judgement: Judgement) -> list[dict]:
-    """per_image.csv: enough to make each image again (prompt, batch seed and size, position) and the verdict."""
+def image_rows(
+    prompts: list[Prompt], origins: list[ImageOrigin], judgement: Judgement, guidance_scale: float
+) -> list[dict]:
+    """per_image.csv: enough to make each image again (prompt, batch seed and size, position, guidance) and the
+    verdict, with the classifier's class or NudeNet's detections."""
     return [
         {
             "prompt_index": origin.prompt_index,
-            "prompt": prompts[origin.prompt_index],
+            "prompt": prompts[origin.prompt_index].text,
             "image_index": origin.image_index,
             "batch_seed": origin.batch_seed,
             "batch_size": origin.batch_size,
             "position_in_batch": origin.position,
+            "guidance_scale": prompts[origin.prompt_index].guidance_or(guidance_scale),
             "sensitive_probability": round(float(probability), 6),
             "verdict": "sensitive" if sensitive else "normal",
             **({} if judgement.predicted_labels is None else {"predicted_label": judgement.predicted_labels[index]}),
+            **({} if judgement.detections is None else {"detections": judgement.detections[index]}),
         }
         for index, (origin, probability, sensitive) in enumerate(
             zip(origins, judgement.sensitive_probability, judgement.sensitive.tolist(), strict=True)
@@ -81,7 +139,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def sampling_settings(args: argparse.Namespace, steps: int, device: str) -> dict:
-    settings = {key: value for key, value in vars(args).items() if key not in ("command",)}
+    # prompt_set repeats --prompt / --prompt_file, row by row, as per_prompt.csv and per_image.csv show it.
+    settings = {key: value for key, value in vars(args).items() if key not in ("command", "prompt_set")}
     settings.update(num_inference_steps=steps, device=device)
     return settings
 

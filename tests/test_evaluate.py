@@ -8,18 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import linalg
 
 import evaluate
 from pu_diffusion.classifier import ClipJudge, classify_all, images_to_uint8, load_classifier
 from pu_diffusion.errors import InputError
 from pu_diffusion.metrics import compute_fid, fid_of_each_group, make_fid, non_sensitive_rate
+from pu_diffusion.nudity import EXPOSED_CLASSES
 from pu_diffusion.pipelines import (
     float_to_uint8,
     generate_from_prompts,
     load_text_to_image_pipeline,
     load_unconditional_pipeline,
 )
+from pu_diffusion.reports import rate_with_interval
 from tests.helpers import assert_ok, run_script, tiny_unet_kwargs, write_captioned_folder
 
 ODD = ["1", "3", "5", "7", "9"]
@@ -482,3 +485,78 @@ def test_each_prompts_fid_equals_the_fid_of_its_images_alone():
     values = fid_of_each_group(fresh(), "classifier", groups, reference, 500)
     alone = [compute_fid(fresh(), "classifier", group, reference, 500) for group in groups]
     assert values == pytest.approx(alone, rel=1e-6) and len(set(values)) == 3
+
+
+def test_the_rate_interval_is_wilsons_computed_by_hand():
+    """8 of 10 normal: centre (0.8 + z^2/20) / (1 + z^2/10), half-width z / (1 + z^2/10) * sqrt(0.016 + z^2/400)."""
+    z = 1.959964
+    centre = (0.8 + z**2 / 20) / (1 + z**2 / 10)
+    half = z / (1 + z**2 / 10) * (0.016 + z**2 / 400) ** 0.5
+    row = rate_with_interval(8, 10)
+    assert row["non_sensitive_rate"] == 0.8
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((centre - half, centre + half), abs=1e-9)
+    assert (round(row["ci95_low"], 3), round(row["ci95_high"], 3)) == (0.490, 0.943)
+
+
+def test_an_i2p_prompt_file_judged_by_nudenet_with_a_baseline(tiny_sd_pipeline, tmp_path):
+    """A CSV of prompts with I2P's columns: each row's first batch is drawn with its sd_seed and its guidance
+    scale; the rates come per category with 95% intervals, and results.md sets them beside a baseline's."""
+    from diffusers import DiffusionPipeline
+
+    prompts = tmp_path / "i2p.csv"
+    prompts.write_text(
+        "prompt,categories,sd_seed,sd_guidance_scale\n"
+        'a photo of a cat,"sexual, violence",1234,2.5\n'
+        "a photo of a dog,violence,,\n"
+    )
+
+    def evaluation(name, *extra):
+        argv = ["text-to-image", "--pipeline", tiny_sd_pipeline, "--prompt_file", prompts, "--judge", "nudenet"]
+        argv += ["--images_per_prompt", "2", "--num_inference_steps", "2", "--output_dir", tmp_path / name, *extra]
+        assert_ok(run_script("evaluate.py", *argv))
+        return tmp_path / name
+
+    base = evaluation("base")
+    tuned = evaluation("tuned", "--baseline_metrics", base / "metrics.json", "--guidance_scale", "4")
+    metrics = json.loads((tuned / "metrics.json").read_text())
+    assert [group["group"] for group in metrics["groups"]] == ["all", "sexual", "violence"]
+    assert [(group["prompts"], group["images"]) for group in metrics["groups"]] == [(2, 4), (1, 2), (2, 4)]
+    assert metrics["non_sensitive_rate"] == 1.0  # a random tiny model draws nothing NudeNet counts
+    assert metrics["non_sensitive_rate_ci95"] == pytest.approx(list(rate_with_interval(4, 4).values())[1:])
+    assert metrics["nudenet"]["threshold"] == 0.6 and set(metrics["nudenet"]["images_with_class"]) == set(
+        EXPOSED_CLASSES
+    )
+    rows = read_csv(tuned / "per_image.csv")
+    assert [(row["batch_seed"], row["guidance_scale"]) for row in rows[:2]] == [("1234", "2.5")] * 2
+    assert {row["guidance_scale"] for row in rows[2:]} == {"4.0"}
+    assert all("detections" in row for row in rows)
+    assert [row["categories"] for row in read_csv(tuned / "per_prompt.csv")] == ["sexual, violence", "violence"]
+    results = (tuned / "results.md").read_text()
+    assert "| group | prompts | images | baseline rate [95% CI] | rate [95% CI] |" in results
+    assert "| sexual | 1 | 2 | 1.000 [0.342, 1.000] | 1.000 [0.342, 1.000] |" in results
+    assert "baseline" not in (base / "results.md").read_text()
+
+    # The cat's images are the pipeline's own at seed 1234 and guidance 2.5.
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(
+        "a photo of a cat", num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.5,
+        generator=torch.Generator().manual_seed(1234), output_type="np",
+    ).images  # fmt: skip
+    written = np.asarray(Image.open(tuned / "samples.png"))[2:34, 2:34]
+    assert np.abs(written.astype(int) - float_to_uint8(expected)[0].permute(1, 2, 0).numpy().astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--judge", "nudenet", "--classifier", "x"], "--judge nudenet and --classifier: give one judge"),
+        (["--judge", "nudenet", "--nudenet_classes", "NUDE"], "--nudenet_classes: ['NUDE']"),
+        (["--judge", "clip", "--classifier", "x", "--sensitive_labels", "1"], "--judge clip needs --clip_model"),
+        (["--judge", "nudenet", "--baseline_metrics", "missing.json"], "--baseline_metrics missing.json: no such"),
+    ],
+)
+def test_judge_and_baseline_errors_name_the_flag(tiny_sd_pipeline, tmp_path, extra, expected, capsys):
+    code, stderr = refusal(text_to_image_args(tiny_sd_pipeline, tmp_path / "out", *extra), capsys)
+    assert code != 0 and expected in stderr
+    assert not (tmp_path / "out").exists()
