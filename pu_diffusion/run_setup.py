@@ -137,6 +137,9 @@ def make_accelerator(args: argparse.Namespace):
         project_config=project_config,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Every process says what it runs as (the official examples' first log line): a launcher config that the
+    # machine cannot honour (FSDP on CPUs runs as plain DDP) shows here.
+    logger.info("process %d of %d: %s", accelerator.process_index, accelerator.num_processes, accelerator.state)
     if args.allow_tf32:
         allow_tf32()
     import datasets
