@@ -10,9 +10,9 @@
    --seed, a VAE trained here on the images, a UNet, a DDIM scheduler; saved
    with save_pretrained in --output_dir's sibling "<name>-init".
 3. Trains the UNet with this project's own train_pu_text_to_image.py
-   --loss_type unsupervised (full fine-tuning, a tenth of the captions
-   dropped so that classifier-free guidance works), which writes the
-   pipeline to --output_dir.
+   --loss_type unsupervised (full fine-tuning, Min-SNR weighting, a tenth of
+   the captions dropped so that classifier-free guidance works), which
+   writes the pipeline to --output_dir.
 
 The result loads with StableDiffusionPipeline.from_pretrained as a Hub model
 does, so the text-to-image script and evaluate.py take it as
@@ -35,7 +35,7 @@ import torch
 from pu_diffusion.builtin_datasets import made_with, replace_folder, write_builtin_dataset
 from pu_diffusion.checks import check_writable
 from pu_diffusion.errors import InputError
-from pu_diffusion.flags import NON_NEGATIVE_INT, POSITIVE_INT, UNIT_INTERVAL, show_ranges
+from pu_diffusion.flags import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL, show_ranges
 from pu_diffusion.outputs import finished_model_file
 from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES, write_shapes_dataset
 from pu_diffusion.small_pipeline import (
@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=UNIT_INTERVAL,
         default=0.1,
         help="Share of captions dropped in UNet training, so that classifier-free guidance works.",
+    )
+    parser.add_argument(
+        "--snr_gamma",
+        type=POSITIVE_FLOAT,
+        default=5.0,
+        help="Min-SNR weighting of the UNet's loss (Hang et al., 2023): the noisy steps, where the shape is"
+        " decided, weigh more than the fine detail.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Data, initialisations and training follow from it.")
     parser.add_argument(
@@ -161,7 +168,7 @@ def unet_training_command(args: argparse.Namespace, initial: Path) -> list[str]:
     command += ["--max_train_steps", str(args.unet_steps), "--checkpointing_steps", "1000"]
     command += ["--checkpoints_total_limit", "1", "--logging_steps", "100", "--seed", str(args.seed)]
     command += ["--use_ema", "--ema_max_decay", "0.999", "--resume_from_checkpoint", "latest"]
-    command += ["--caption_dropout_rate", str(args.caption_dropout_rate)]
+    command += ["--caption_dropout_rate", str(args.caption_dropout_rate), "--snr_gamma", str(args.snr_gamma)]
     return command + ["--output_dir", args.output_dir, *args.train_args]
 
 

@@ -75,3 +75,19 @@ def test_a_finished_base_is_kept(tiny_text_to_image_base):
     assert_ok(result)
     assert "kept" in result.stdout and files_digest(base) == before
     assert (REPO_ROOT / "prepare_text_to_image_base.py").is_file()
+
+
+def test_the_unet_is_trained_by_the_text_to_image_script_with_min_snr_and_caption_dropout(tmp_path):
+    """The base's UNet training is a run of train_pu_text_to_image.py: unsupervised, Min-SNR 5 and a tenth of the
+    captions dropped by default; --train_args come last, so they override."""
+    args = prepare_text_to_image_base.parse_args(
+        ["--output_dir", str(tmp_path / "base"), "--train_args", "--snr_gamma", "1.5"]
+    )
+    command = prepare_text_to_image_base.unet_training_command(args, tmp_path / "base-init")
+    assert command[1].endswith("train_pu_text_to_image.py")
+
+    def value_of(flag: str) -> str:  # its first occurrence
+        return command[command.index(flag) + 1]
+
+    assert value_of("--loss_type") == "unsupervised" and value_of("--caption_dropout_rate") == "0.1"
+    assert value_of("--snr_gamma") == "5.0" and command[-2:] == ["--snr_gamma", "1.5"]
