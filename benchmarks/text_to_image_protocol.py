@@ -15,7 +15,7 @@ with the same steps and hyperparameters; only the loss differs, as in
 paper_protocol.py: unsupervised, supervised, pu (the text-to-image script's
 defaults), pu-paper (--paper_loss) and the oracle (U's normal part only);
 --priors adds pu rows at other --prior values. Every run drops a tenth of
-its captions, as the base did, so that classifier-free guidance (scale 3
+its captions, as the base did, so that classifier-free guidance (scale 5
 in every evaluation) keeps working.
 
 Each model is scored by evaluate.py text-to-image with the shapes classifier
@@ -75,8 +75,9 @@ NORMAL_PROMPTS = tuple(f"a photo of a {shape}" for shape in SHAPES if shape not 
 #: The authors' split: U = 64 normal + 16 sensitive (a share of 0.2), S = 20 other sensitive images.
 SPLIT_COUNTS = {"num_unlabeled_normal": 64, "num_unlabeled_sensitive": 16, "num_labeled_sensitive": 20}
 SPLIT = [part for name, count in SPLIT_COUNTS.items() for part in (f"--{name}", str(count))]
-#: Classifier-free guidance of every evaluation (the base drops a tenth of its captions; see docs/benchmark.md).
-GUIDANCE_SCALE = 3.0
+#: Classifier-free guidance of every evaluation: the lowest scale at which the base draws each named shape at
+#: least 90% of the time (0.95-1.00 at 5; square 0.88 at 3; 0.66-0.88 at 1; docs/benchmark.md).
+GUIDANCE_SCALE = 5.0
 #: The evaluation's sampling, but for the guidance scale.
 SAMPLING = ["--num_inference_steps", "30", "--batch_size", "100", "--seed", "0"]
 
