@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 DEMO_DIR ?= outputs/digits-benchmark
-# pytest-xdist workers for make test (tests/conftest.py keeps each file's tests on one worker).
+# pytest-xdist workers for make test; --dist loadfile keeps a file's tests, and its shared runs, on one worker.
 TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
@@ -34,7 +34,7 @@ demo: install
 	PYTHON=$(RUN_PYTHON) bash scripts/demo.sh $(DEMO_DIR)
 
 test: install-dev
-	$(RUN_PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
+	$(RUN_PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-dev
 	$(RUN_PYTHON) -m ruff check . && $(RUN_PYTHON) -m ruff format --check .

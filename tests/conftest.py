@@ -20,19 +20,6 @@ import text_to_image_step  # benchmarks/, on pytest's pythonpath
 
 from tests.helpers import assert_ok, run_script, tiny_unet_kwargs, write_tiny_clip_tokenizer
 
-#: Files whose tests share a session fixture too slow to build on both workers: make test runs them on one.
-SAME_WORKER = {
-    "test_text_to_image_base.py": "tiny_text_to_image_base",
-    "test_text_to_image_protocol.py": "tiny_text_to_image_base",
-}
-
-
-def pytest_collection_modifyitems(items):
-    """Under make test's ``--dist loadgroup`` each file's tests stay on one worker, which builds the file's
-    shared runs once; the files of SAME_WORKER share theirs too."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(item.path.name, item.path.name)))
-
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
