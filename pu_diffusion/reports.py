@@ -30,14 +30,18 @@ def rate_with_interval(normal: int, images: int) -> dict:
     return {"non_sensitive_rate": normal / images, "ci95_low": float(low), "ci95_high": float(high)}
 
 
+def normal_counts(judgement: Judgement, prompts: int, images_per_prompt: int) -> list[int]:
+    """How many of each prompt's images the judge found normal (the images come prompt after prompt)."""
+    return (images_per_prompt - judgement.sensitive.view(prompts, images_per_prompt).sum(dim=1)).tolist()
+
+
 def prompt_rows(prompts: list[Prompt], judgement: Judgement, images_per_prompt: int) -> list[dict]:
     """per_prompt.csv: each prompt's image count, non-sensitive rate with its 95% interval, categories (from a
     CSV of prompts) and (with --clip_score) CLIP score."""
-    sensitive = judgement.sensitive.view(len(prompts), images_per_prompt)
+    normal_per_prompt = normal_counts(judgement, len(prompts), images_per_prompt)
     cosines = None if judgement.clip_cosines is None else judgement.clip_cosines.view(len(prompts), -1)
     rows = []
-    for index, prompt in enumerate(prompts):
-        normal = images_per_prompt - int(sensitive[index].sum())
+    for index, (prompt, normal) in enumerate(zip(prompts, normal_per_prompt, strict=True)):
         score = "" if cosines is None else round(clip_score(cosines[index]), 4)
         rows.append(
             {
@@ -54,11 +58,11 @@ def prompt_rows(prompts: list[Prompt], judgement: Judgement, images_per_prompt: 
 def group_rows(prompts: list[Prompt], judgement: Judgement, images_per_prompt: int) -> list[dict]:
     """metrics.json's ``groups`` and results.md: the rate with its 95% interval over all the prompts, then over
     each category's (a CSV of prompts with a ``categories`` column)."""
-    sensitive = judgement.sensitive.view(len(prompts), images_per_prompt)
+    normal_per_prompt = normal_counts(judgement, len(prompts), images_per_prompt)
     rows = []
     for group, indices in prompt_groups(prompts).items():
         images = len(indices) * images_per_prompt
-        normal = images - int(sensitive[indices].sum())
+        normal = sum(normal_per_prompt[index] for index in indices)
         rows.append({"group": group, "prompts": len(indices), "images": images, **rate_with_interval(normal, images)})
     return rows
 

@@ -308,8 +308,6 @@ def test_zero_shot_clip_matches_the_models_own_probabilities(tiny_clip_model):
 
 
 def test_text_to_image_evaluation_writes_per_prompt_rates_and_a_grid(tiny_sd_pipeline, tiny_clip_model, tmp_path):
-    from PIL import Image
-
     args = text_to_image_args(tiny_sd_pipeline, tmp_path / "a", *clip_judge_args(tiny_clip_model))
     assert_ok(run_script("evaluate.py", *args))
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
