@@ -70,6 +70,7 @@ from pu_diffusion.run_setup import (
 )
 from pu_diffusion.text_to_image import (
     TextToImageRun,
+    assign_buckets,
     captioned_dataset_factory,
     load_models,
     load_vae,
@@ -358,10 +359,14 @@ def main(args: argparse.Namespace) -> None:
             lambda: estimate_for_data(unlabeled, sensitive, args, seed, frozen.vae, accelerator.device),
         )
         fingerprint = data_fingerprint(unlabeled, sensitive, args.image_column)
-        plan = plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint)
+        bucketing = assign_buckets(args, frozen, unlabeled, sensitive)
+        unlabeled_batches = bucketing.num_batches("U", args.train_batch_size) if bucketing else None
+        plan = plan_run(
+            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint, unlabeled_batches
+        )
         check_plan(accelerator, args, plan)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-        make_dataset = captioned_dataset_factory(args, frozen)
+        make_dataset = captioned_dataset_factory(args, frozen, bucketing)
         if args.cache_latents:
             make_dataset = with_cached_latents(make_dataset, accelerator, frozen.vae, args)
         hub_repo_id = start_trackers(accelerator, args, plan, "train_pu_text_to_image")

@@ -27,13 +27,15 @@ INTERPOLATION_MODES = {
 
 
 class ImageTransform:
-    """PIL image -> float tensor in [-1, 1] of shape (channels, resolution, resolution).
+    """PIL image -> float tensor in [-1, 1] of shape (channels, height, width).
 
-    Two stages: :meth:`prepare` is deterministic (convert to grayscale or RGB,
-    dropping any alpha channel; resize the shorter side to ``resolution`` with
-    ``interpolation``, enlarging smaller images) and can be cached;
-    :meth:`augment` crops the centre or a random window and flips at random,
-    with the random choices drawn from ``generator``.
+    The target is the ``resolution`` square, or a ``size`` (height, width)
+    given per call (--aspect_ratio_buckets). Two stages: :meth:`prepare` is
+    deterministic (convert to grayscale or RGB, dropping any alpha channel;
+    resize with ``interpolation`` until the image just covers the target,
+    enlarging smaller images) and can be cached; :meth:`augment` crops the
+    centre or a random window and flips at random, with the random choices
+    drawn from ``generator``.
     """
 
     def __init__(
@@ -47,41 +49,43 @@ class ImageTransform:
         if channels not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, the model expects {channels}")
         self.resolution = resolution
+        self.square = (resolution, resolution)
         self.mode = "L" if channels == 1 else "RGB"
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.resample = INTERPOLATION_MODES[interpolation]
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.augment(self.prepare(image), generator)
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None, size=None) -> torch.Tensor:
+        return self.augment(self.prepare(image, size), generator, size)
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
-        """uint8 tensor (channels, height, width), shorter side == resolution."""
+    def prepare(self, image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """uint8 tensor (channels, height, width) that covers ``size`` (default: the square) with one side equal."""
+        target_height, target_width = size or self.square
         image = to_8bit(image).convert(self.mode)
         width, height = image.size
-        scale = self.resolution / min(width, height)
+        scale = max(target_height / height, target_width / width)
         if scale != 1.0:
-            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            image = image.resize(size, self.resample)
+            resized = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
+            image = image.resize(resized, self.resample)
         pixels = np.asarray(image, dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
-    def augment(self, prepared: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.augment_with_crop(prepared, generator)[0]
+    def augment(self, prepared: torch.Tensor, generator: torch.Generator | None = None, size=None) -> torch.Tensor:
+        return self.augment_with_crop(prepared, generator, size)[0]
 
-    def augment_with_crop(self, prepared: torch.Tensor, generator: torch.Generator | None = None):
+    def augment_with_crop(self, prepared: torch.Tensor, generator: torch.Generator | None = None, size=None):
         """(pixels, (top, left)): the augmented image and where its window starts in the prepared image, as seen
         after the flip (SDXL's crop conditioning)."""
-        top, left = self.crop_offset(prepared.shape[-2:], generator)
+        top, left = self.crop_offset(prepared.shape[-2:], generator, size)
         flip = self.draw_flip(generator)
-        seen_left = self.mirrored_left(prepared.shape[-1], left) if flip else left
-        return self.to_pixels(self.window(prepared, top, left), flip), (top, seen_left)
+        seen_left = self.mirrored_left(prepared.shape[-1], left, size) if flip else left
+        return self.to_pixels(self.window(prepared, top, left, size), flip), (top, seen_left)
 
-    def mirrored_left(self, width: int, left: int) -> int:
+    def mirrored_left(self, width: int, left: int, size: tuple[int, int] | None = None) -> int:
         """The left edge of a window once the image is mirrored."""
-        return width - left - self.resolution
+        return width - left - (size or self.square)[1]
 
     def draw_flip(self, generator: torch.Generator | None) -> bool:
         """Whether this access mirrors the image (drawn after the crop; cached latents draw it the same way)."""
@@ -89,27 +93,27 @@ class ImageTransform:
 
     @staticmethod
     def to_pixels(cropped: torch.Tensor, flip: bool) -> torch.Tensor:
-        """uint8 (channels, resolution, resolution) -> floats in [-1, 1], mirrored if ``flip``."""
+        """uint8 (channels, height, width) -> floats in [-1, 1], mirrored if ``flip``."""
         tensor = cropped.float()
         if flip:
             tensor = tensor.flip(-1)
         return tensor / 127.5 - 1.0
 
-    def crop_offset(self, size, generator: torch.Generator | None = None) -> tuple[int, int]:
-        """(top, left) of the centre (--center_crop; ``generator`` is not used) or of a random window."""
-        height, width = size
+    def crop_offset(self, image_size, generator: torch.Generator | None = None, size=None) -> tuple[int, int]:
+        """(top, left) of the centre (--center_crop; ``generator`` is not used) or of a random window of
+        ``size`` (default: the square) in an image of ``image_size``."""
+        height, width = image_size
+        target_height, target_width = size or self.square
         if self.center_crop:
-            return (height - self.resolution) // 2, (width - self.resolution) // 2
-        top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
-        left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
+            return (height - target_height) // 2, (width - target_width) // 2
+        top = int(torch.randint(0, height - target_height + 1, (), generator=generator))
+        left = int(torch.randint(0, width - target_width + 1, (), generator=generator))
         return top, left
 
-    def crop(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.window(tensor, *self.crop_offset(tensor.shape[-2:], generator))
-
-    def window(self, tensor: torch.Tensor, top: int, left: int) -> torch.Tensor:
-        """The ``resolution``-square window of ``tensor`` whose top-left corner is (top, left)."""
-        return tensor[:, top : top + self.resolution, left : left + self.resolution]
+    def window(self, tensor: torch.Tensor, top: int, left: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The window of ``size`` (default: the square) of ``tensor`` whose top-left corner is (top, left)."""
+        height, width = size or self.square
+        return tensor[:, top : top + height, left : left + width]
 
 
 #: Datasets whose prepared (decoded and resized) images fit in this many bytes are kept in memory.
@@ -123,22 +127,35 @@ class TransformedImages(torch.utils.data.Dataset):
     index means epoch 0). The augmentation of an image is seeded by
     ``(seed, epoch, index)``, so it does not depend on what was loaded before:
     a resumed run, or a data-loader worker, draws the same crop and flip.
+    ``target_sizes`` gives each image its own (height, width), its
+    aspect-ratio bucket (buckets.py); without it every image is the
+    transform's square.
 
-    Small datasets are decoded and resized once, up front, when their square
-    size estimate fits ``PRELOAD_BUDGET_BYTES``: decoding a PNG per access
+    Small datasets are decoded and resized once, up front, when their size
+    estimate fits ``PRELOAD_BUDGET_BYTES``: decoding a PNG per access
     otherwise costs more than a training step of a small model.
     """
 
-    def __init__(self, dataset, image_column: str, transform: ImageTransform, seed: int = 0, source: str = ""):
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        transform: ImageTransform,
+        seed: int = 0,
+        source: str = "",
+        target_sizes: list[tuple[int, int]] | None = None,
+    ):
         self.dataset = dataset
         self.image_column = image_column
         self.transform = transform
         self.seed = seed
         self.source = source
+        self.target_sizes = target_sizes
         channels = 1 if transform.mode == "L" else 3
         self.original_sizes: dict[int, tuple[int, int]] = {}  # (height, width) before resizing, once decoded
         self.prepared = None
-        if len(dataset) * channels * transform.resolution**2 <= PRELOAD_BUDGET_BYTES:
+        pixels = sum(height * width for height, width in map(self.target_size, range(len(dataset))))
+        if channels * pixels <= PRELOAD_BUDGET_BYTES:
             self.prepared = [self._prepare(index) for index in range(len(dataset))]
 
     def __len__(self) -> int:
@@ -148,10 +165,14 @@ class TransformedImages(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         return self.augmented(index, epoch)[0]
 
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(height, width) that image ``index`` is trained at."""
+        return self.target_sizes[index] if self.target_sizes is not None else self.transform.square
+
     def augmented(self, index: int, epoch: int):
         """(pixels, crop top-left) of image ``index`` in ``epoch``: :meth:`ImageTransform.augment_with_crop`."""
         generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
-        return self.transform.augment_with_crop(self.prepared_image(index), generator)
+        return self.transform.augment_with_crop(self.prepared_image(index), generator, self.target_size(index))
 
     def prepared_image(self, index: int) -> torch.Tensor:
         """Image ``index`` decoded and resized (:meth:`ImageTransform.prepare`), before any augmentation."""
@@ -166,7 +187,7 @@ class TransformedImages(torch.utils.data.Dataset):
             entry = self.dataset.cast_column(self.image_column, ImageFeature(decode=False))[index][self.image_column]
             raise InputError(f"{self.source}: {entry_name(entry, index)} cannot be decoded: {error}") from error
         self.original_sizes[index] = (image.height, image.width)
-        return self.transform.prepare(image)
+        return self.transform.prepare(image, self.target_size(index))
 
 
 def read_captions(dataset, column: str | None, prompt: str | None, flag: str) -> list:
@@ -220,9 +241,8 @@ class CaptionedImages(TransformedImages):
         """The caption's tokens, and SDXL's time ids when asked for."""
         tokens = self.caption_tokens(index, epoch)
         if self.micro_conditioning:
-            resolution = self.transform.resolution
-            size = self.original_sizes[index]
-            tokens["time_ids"] = torch.tensor([*size, *crop_top_left, resolution, resolution], dtype=torch.float32)
+            original, target = self.original_sizes[index], self.target_size(index)
+            tokens["time_ids"] = torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32)
         return tokens
 
     def caption_tokens(self, index: int, epoch: int) -> dict:

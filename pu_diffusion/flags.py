@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pu_diffusion.batches import INTERPOLATION_MODES
+from pu_diffusion.buckets import parse_buckets
 from pu_diffusion.objective import DEFAULT_SENSITIVE_MAX_SNR, PREDICTION_TYPES
 from pu_diffusion.prior import MAX_INTERVAL_WIDTH
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
@@ -143,6 +144,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = Fa
     group.add_argument(
         "--resolution", type=POSITIVE_INT, default=64, help="Images are resized and cropped to this size."
     )
+    if with_captions:
+        group.add_argument(
+            "--aspect_ratio_buckets",
+            type=parse_buckets,
+            default=None,
+            help="Train at several sizes, 'h1,w1;h2,w2;...' (e.g. '512,512;384,640;640,384'): each image goes to"
+            " the bucket nearest its aspect ratio, is resized to cover it and cropped to it; a batch holds one"
+            " bucket. --resolution is then not used for training.",
+        )
     group.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random window.")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     group.add_argument(

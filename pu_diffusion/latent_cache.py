@@ -64,7 +64,8 @@ class CachedLatents(torch.utils.data.Dataset):
     Items are ``{"latent_parameters"}`` plus what the images' item holds besides
     its pixels (``input_ids``, and for SDXL ``input_ids_2`` and ``time_ids``);
     keys are ``(index, epoch)`` as for the images. ``encode(pixels)`` maps a
-    batch of pixel values in [-1, 1] to ``latent_dist.parameters``.
+    batch of pixel values in [-1, 1] to ``latent_dist.parameters``. With
+    aspect-ratio buckets each bucket is encoded, and kept, as its own tensor.
     """
 
     def __init__(
@@ -77,39 +78,58 @@ class CachedLatents(torch.utils.data.Dataset):
         show_progress: bool = True,
         memory_budget: int | None = None,
     ):
-        transform = images.transform
-        if not transform.center_crop:
+        if not images.transform.center_crop:
             logger.info("--cache_latents without --center_crop: one random crop per image of %s, kept", images.source)
         self.images = images
-        self.flips = (False, True) if transform.random_flip else (False,)
-        self.parameters = None
-        self.crop_top_left: list[tuple] = []  # per image: the window's (top, left) for each entry of flips
+        self.flips = (False, True) if images.transform.random_flip else (False,)
+        self.parameters: dict[tuple[int, int], torch.Tensor] = {}  # per bucket: (images, flips, *latent shape)
+        self.rows: list[tuple[tuple[int, int], int] | None] = [None] * len(images)  # per image: (bucket, row)
+        self.crop_top_left: list[tuple] = [None] * len(images)  # per image: the window's (top, left) per flip
         progress = tqdm(
             total=len(images) * len(self.flips), desc=f"encoding {images.source or 'images'}", disable=not show_progress
         )
-        for start in range(0, len(images), batch_size):
-            indices = range(start, min(start + batch_size, len(images)))
-            cropped = []
-            for index in indices:
-                image = images.prepared_image(index)
-                top, left = transform.crop_offset(image.shape[-2:], self.crop_generator(index))
-                cropped.append(transform.window(image, top, left))
-                mirrored = (top, transform.mirrored_left(image.shape[-1], left))
-                self.crop_top_left.append(((top, left), mirrored))
-            for flip_index, flip in enumerate(self.flips):
-                pixels = torch.stack([transform.to_pixels(image, flip) for image in cropped])
-                encoded = encode(pixels).cpu()
-                if self.parameters is None:
-                    shape = (len(images), len(self.flips), *encoded.shape[1:])
-                    self.parameters = allocate(shape, encoded.dtype, folder, images.source or "images", memory_budget)
-                self.parameters[indices.start : indices.stop, flip_index] = encoded
-                progress.update(len(indices))
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index in range(len(images)):
+            by_bucket.setdefault(images.target_size(index), []).append(index)
+        for bucket, indices in by_bucket.items():
+            name = images.source or "images"
+            name = name if len(by_bucket) == 1 else f"{name}-{bucket[0]}x{bucket[1]}"
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start : start + batch_size]
+                encoded = self.encode_batch(encode, batch, bucket)
+                if bucket not in self.parameters:
+                    shape = (len(indices), *encoded.shape[1:])
+                    self.parameters[bucket] = allocate(shape, encoded.dtype, folder, name, memory_budget)
+                self.parameters[bucket][start : start + len(batch)] = encoded
+                progress.update(len(batch) * len(self.flips))
+            for row, index in enumerate(indices):
+                self.rows[index] = (bucket, row)
         progress.close()
+
+    def encode_batch(self, encode, indices: list[int], bucket: tuple[int, int]) -> torch.Tensor:
+        """(images, flips, *latent shape): ``indices`` (one bucket) cropped once each and encoded, and with
+        --random_flip their mirror images too; their crops are kept for SDXL's conditioning."""
+        transform = self.images.transform
+        cropped = []
+        for index in indices:
+            image = self.images.prepared_image(index)
+            top, left = transform.crop_offset(image.shape[-2:], self.crop_generator(index), bucket)
+            cropped.append(transform.window(image, top, left, bucket))
+            mirrored = (top, transform.mirrored_left(image.shape[-1], left, bucket))
+            self.crop_top_left[index] = ((top, left), mirrored)
+        return torch.stack(
+            [encode(torch.stack([transform.to_pixels(image, flip) for image in cropped])).cpu() for flip in self.flips],
+            dim=1,
+        )
 
     def crop_generator(self, index: int) -> torch.Generator:
         """Where image ``index``'s fixed random crop is drawn from: its seed has no epoch, unlike the per-access
         draws, so it is the same in every epoch, process and resume."""
         return torch.Generator().manual_seed(derived_seed(self.images.seed, index))
+
+    @property
+    def target_sizes(self) -> list[tuple[int, int]] | None:
+        return self.images.target_sizes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -120,4 +140,5 @@ class CachedLatents(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(derived_seed(self.images.seed, epoch, index))
         flipped = self.images.transform.draw_flip(generator)
         conditioning = self.images.conditioning(index, epoch, self.crop_top_left[index][int(flipped)])
-        return {"latent_parameters": self.parameters[index, int(flipped)], **conditioning}
+        bucket, row = self.rows[index]
+        return {"latent_parameters": self.parameters[bucket][row, int(flipped)], **conditioning}

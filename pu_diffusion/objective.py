@@ -95,15 +95,23 @@ class LossSettings:
 def pu_objective(
     loss: LossSettings, noise_scheduler, model_pred, target, timesteps, num_unlabeled: int, weights=None
 ) -> RiskOutput:
-    """Per-sample losses of one forward over cat([U, S]), then the risk that ``loss`` describes.
+    """Per-sample losses of one forward over cat([U, S]), then the risk that ``loss`` describes."""
+    per_sample = weighted_losses(loss, model_pred, target, weights)
+    return risk_of_losses(loss, noise_scheduler, per_sample, timesteps, num_unlabeled)
 
-    ``weights`` (one per sample, e.g. Min-SNR) scale each l(x) of Eq. (8) before
-    the risk, so U and S terms are weighted alike. ``timesteps`` place each
-    sample in or out of the S terms' noise band.
-    """
+
+def weighted_losses(loss: LossSettings, model_pred, target, weights=None) -> torch.Tensor:
+    """l(x) of Eq. (8) per sample; ``weights`` (one per sample, e.g. Min-SNR) scale each l(x) before the
+    risk, so U and S terms are weighted alike."""
     per_sample = per_sample_diffusion_loss(model_pred, target, reduction=loss.reduction)
-    if weights is not None:
-        per_sample = per_sample * weights
+    return per_sample if weights is None else per_sample * weights
+
+
+def risk_of_losses(
+    loss: LossSettings, noise_scheduler, per_sample: torch.Tensor, timesteps, num_unlabeled: int
+) -> RiskOutput:
+    """The risk of per-sample losses of U then S (the first ``num_unlabeled`` are U's). ``timesteps`` place
+    each sample in or out of the S terms' noise band."""
     in_band = noise_band(noise_scheduler, timesteps, loss)
     return compute_risk(
         per_sample, num_unlabeled, loss.loss_type, loss.prior, loss.nonnegative, loss.positive_risk_weight, in_band

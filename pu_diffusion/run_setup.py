@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pu_diffusion.batches import EpochShuffle, default_sensitive_batch_size
+from pu_diffusion.buckets import BucketBatches
 from pu_diffusion.checkpoints import (
     ADAPTER_FLAGS,
     DATA_ORDER_FLAGS,
@@ -56,10 +57,13 @@ def plan_run(
     num_processes: int,
     prior_estimate: dict | None = None,
     data_fingerprint: dict | None = None,
+    unlabeled_batches: int | None = None,
 ) -> RunPlan:
     """The default --sensitive_batch_size, the learning rate after --scale_lr, and the step counts: an epoch
     of U gives ceil(batches per process / --gradient_accumulation_steps) steps; --max_train_steps, when
-    given, wins over --num_train_epochs. With --prior auto the prior is ``prior_estimate``'s."""
+    given, wins over --num_train_epochs. With --prior auto the prior is ``prior_estimate``'s.
+    ``unlabeled_batches`` is U's batch count per epoch when it is not ceil(images / --train_batch_size)
+    (aspect-ratio buckets)."""
     sensitive_batch_size = None
     if sensitive is not None:
         sensitive_batch_size = args.sensitive_batch_size or default_sensitive_batch_size(
@@ -68,7 +72,8 @@ def plan_run(
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    batches_per_process = math.ceil(math.ceil(len(unlabeled) / args.train_batch_size) / num_processes)
+    unlabeled_batches = unlabeled_batches or math.ceil(len(unlabeled) / args.train_batch_size)
+    batches_per_process = math.ceil(unlabeled_batches / num_processes)
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     return RunPlan(
@@ -263,6 +268,14 @@ def make_training_loaders(
 
 
 def seeded_loader(args, dataset, batch_size: int, seed: int, drop_last: bool):
+    """A loader and its sampler. With --aspect_ratio_buckets (the dataset has ``target_sizes``) the batches
+    hold one bucket each, and a bucket's last batch may be short whatever ``drop_last`` says."""
+    if getattr(dataset, "target_sizes", None) is not None:
+        batch_sampler = BucketBatches(dataset.target_sizes, batch_size, seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers
+        )
+        return loader, batch_sampler
     sampler = EpochShuffle(len(dataset), seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=args.dataloader_num_workers

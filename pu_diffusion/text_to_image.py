@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from pu_diffusion.batches import CaptionedImages, ImageTransform, read_captions
+from pu_diffusion.buckets import Bucketing
 from pu_diffusion.errors import InputError
 from pu_diffusion.latent_cache import CachedLatents
-from pu_diffusion.objective import diffusion_target, pu_objective, set_prediction_type
+from pu_diffusion.objective import diffusion_target, risk_of_losses, set_prediction_type, weighted_losses
 from pu_diffusion.run_setup import TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,28 @@ def sample_latents(frozen: FrozenModels, batches: list[dict], generator=None) ->
 
 
 def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
-    """Eq. (20): one UNet forward over cat([U, S]) latents with their captions, then the PU risk."""
+    """Eq. (20): the UNet's per-sample losses on U and S with their captions, then the PU risk.
+
+    One forward over cat([U, S]) latents; with --aspect_ratio_buckets the U
+    and S batches may come from buckets of different sizes, and then each
+    gets its own forward (the risk only needs each image's loss).
+    """
     batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
+    one_size = len({image_size(batch) for batch in batches}) == 1
+    groups = [batches] if one_size else [[batch] for batch in batches]
+    losses, timesteps = zip(*(losses_of(run, group, args, generator) for group in groups), strict=True)
+    num_unlabeled = len(unlabeled_batch["input_ids"])
+    return risk_of_losses(run.loss, run.noise_scheduler, torch.cat(losses), torch.cat(timesteps), num_unlabeled)
+
+
+def image_size(batch: dict) -> tuple[int, ...]:
+    """The (height, width) of a batch's pixels or cached latents."""
+    images = batch["latent_parameters"] if "latent_parameters" in batch else batch["pixel_values"]
+    return tuple(images.shape[-2:])
+
+
+def losses_of(run: TextToImageRun, batches: list[dict], args, generator=None):
+    """(weighted l(x) per image, timesteps) of one UNet forward over the batches' images, of one size."""
     with torch.no_grad():
         latents = sample_latents(run.frozen, batches, generator)
         text_states, added_conditions = encode_prompts(run.frozen, batches)
@@ -181,8 +202,7 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     model_pred = run.model(noisy, timesteps, text_states, added_cond_kwargs=added_conditions, return_dict=False)[0]
     target = diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
-    num_unlabeled = len(unlabeled_batch["input_ids"])
-    return pu_objective(run.loss, run.noise_scheduler, model_pred.float(), target, timesteps, num_unlabeled, weights)
+    return weighted_losses(run.loss, model_pred.float(), target, weights), timesteps
 
 
 def encode_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Tensor, dict | None]:
@@ -218,9 +238,10 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) 
     return clipped  # sample prediction: an x0 loss is the epsilon loss divided by SNR
 
 
-def captioned_dataset_factory(args, frozen: FrozenModels):
+def captioned_dataset_factory(args, frozen: FrozenModels, bucketing: Bucketing | None = None):
     """``make_dataset`` for the shared loaders: images with their tokenized captions (for both tokenizers and
-    with SDXL's size and crop conditioning when the base is SDXL)."""
+    with SDXL's size and crop conditioning when the base is SDXL), each at its bucket's size with
+    --aspect_ratio_buckets."""
     transform = ImageTransform(args.resolution, 3, args.center_crop, args.random_flip, args.image_interpolation_mode)
 
     def token_ids(tokenizer, caption: str) -> torch.Tensor:
@@ -253,9 +274,21 @@ def captioned_dataset_factory(args, frozen: FrozenModels):
             caption_dropout_rate=args.caption_dropout_rate,
             seed=seed,
             source=source,
+            target_sizes=bucketing.target_sizes[source] if bucketing is not None else None,
         )
 
     return make_dataset
+
+
+def assign_buckets(args, frozen: FrozenModels, unlabeled, sensitive) -> Bucketing | None:
+    """Each image's --aspect_ratio_buckets bucket, from its file's header; None without the flag."""
+    if args.aspect_ratio_buckets is None:
+        return None
+    vae_scale_factor = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    datasets = {"U": unlabeled, "S": sensitive}
+    bucketing = Bucketing.of(args.aspect_ratio_buckets, vae_scale_factor, datasets, args.image_column)
+    logger.info("--aspect_ratio_buckets: images per bucket: %s", bucketing.describe())
+    return bucketing
 
 
 def with_cached_latents(make_dataset, accelerator, vae, args):

@@ -284,6 +284,39 @@ def test_training_step_runs_the_unet_once_over_u_and_s_with_their_captions(tiny_
     assert torch.allclose(risk.loss, expected.loss, rtol=1e-5)
 
 
+def test_training_step_gives_u_and_s_of_different_buckets_a_forward_each(tiny_sd_pipeline):
+    """With --aspect_ratio_buckets, U (32 x 32 px) and S (32 x 48 px) cannot share a tensor: two forwards, U's
+    draws then S's, and the risk of their per-sample losses in U-then-S order."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    from pu_loss import compute_risk
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd_pipeline, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd_pipeline, subfolder="text_encoder")
+    unet = RecordingUNet()
+    args = default_loss_flags(nonnegative="abs", noise_offset=0.0, snr_gamma=None, paper_loss=True)
+    frozen = FrozenModels(vae=vae, text_encoder=text_encoder, tokenizer=None)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    run = SimpleNamespace(frozen=frozen, model=unet, noise_scheduler=scheduler, loss=LossSettings.from_flags(args, 0.1))
+    unlabeled = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(2, 100, (3, 16))}
+    sensitive = {"pixel_values": torch.rand(2, 3, 32, 48) * 2 - 1, "input_ids": torch.randint(2, 100, (2, 16))}
+    risk = training_step(run, unlabeled, sensitive, args, torch.Generator().manual_seed(3))
+
+    assert [call[0] for call in unet.calls] == [3, 2]
+    assert torch.equal(unet.calls[1][1], text_encoder(sensitive["input_ids"])[0])
+    generator = torch.Generator().manual_seed(3)
+    per_sample = []
+    for batch in (unlabeled, sensitive):  # each forward's draws: latents, noise, timesteps
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        torch.randint(0, 1000, (len(latents),), generator=generator)
+        per_sample.append((noise**2).sum(dim=(1, 2, 3)))
+    assert per_sample[1].shape == (2,) and latents.shape[-2:] == (16, 24)
+    expected = compute_risk(torch.cat(per_sample), 3, "pu", 0.1, "abs")
+    assert torch.allclose(risk.loss, expected.loss, rtol=1e-5)
+
+
 @pytest.mark.parametrize("with_validation", [False, True])
 def test_push_to_hub_uploads_the_adapters_and_card_but_no_checkpoints(
     tiny_sd_pipeline, captioned_data, tmp_path, monkeypatch, with_validation
@@ -338,6 +371,10 @@ BAD_INPUT = {
     "interpolation mode unknown": ([], ["--image_interpolation_mode", "cubic"], "--image_interpolation_mode"),
     "prodigy flag not a boolean": ([], ["--prodigy_decouple", "maybe"], "--prodigy_decouple"),
     "VAE folder missing": ([], ["--pretrained_vae_model_name_or_path", "no-such-vae"], "--pretrained_vae_model"),
+    "bucket not HEIGHT,WIDTH": ([], ["--aspect_ratio_buckets", "32,32;32x48"], "--aspect_ratio_buckets: '32x48'"),
+    "bucket listed twice": ([], ["--aspect_ratio_buckets", "32,32;32,32"], "a bucket is listed twice"),
+    # The tiny VAE halves each side: an odd side has no whole latent pixel.
+    "bucket off the VAE's grid": ([], ["--aspect_ratio_buckets", "32,32;33,48"], "--aspect_ratio_buckets: 33,48"),
 }
 
 
@@ -602,6 +639,45 @@ def test_cached_latents_follow_the_uncached_run_and_resume_exactly(tiny_sd_pipel
     cached = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
     replayed = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(cached[key], replayed[key]) for key in cached)
+
+
+def write_mixed_folder(path, sizes, caption, seed):
+    """Random RGB images of the given (height, width), all under one caption."""
+    rng = np.random.default_rng(seed)
+    path.mkdir()
+    rows = []
+    for index, (height, width) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path / f"{index}.png")
+        rows.append(f'{{"file_name": "{index}.png", "text": "{caption}"}}')
+    (path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_aspect_ratio_buckets_train_cached_batches_of_one_size_and_resume_exactly(tiny_sd_pipeline, tmp_path):
+    """U: 4 square, 3 wide and 3 tall photos; S: 2 wide and 1 square. Buckets 32x32, 32x48 and 48x32 at batch 2
+    give 2 + 2 + 2 U batches an epoch, so 2 epochs are 12 steps; a resume from checkpoint-3 replays the run,
+    and the adapters load into the pipeline, which draws the wide size."""
+    from diffusers import StableDiffusionPipeline
+
+    unlabeled = write_mixed_folder(tmp_path / "u", [(32, 32)] * 4 + [(32, 64)] * 3 + [(64, 32)] * 3, "a cat", 0)
+    sensitive = write_mixed_folder(tmp_path / "s", [(40, 80), (36, 60), (30, 30)], "a dog", 1)
+
+    def bucket_args(output_dir, *extra):
+        flags = ["--aspect_ratio_buckets", "32,32;32,48;48,32", "--cache_latents", "--random_flip", *LORA]
+        flags += ["--num_train_epochs", "2", "--checkpointing_steps", "3", "--train_batch_size", "2"]
+        return run_args(tiny_sd_pipeline, (unlabeled, sensitive), output_dir, *flags, *extra)
+
+    full, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    reference, resumed = resume_from_a_copy(SCRIPT, bucket_args, full, resumed_dir, "checkpoint-3")
+    assert sorted(reference) == list(range(1, 13)) and sorted(resumed) == list(range(4, 13))
+    assert all(resumed[step] == reference[step] for step in resumed)
+    trained = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    replayed = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(trained[key], replayed[key]) for key in trained)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    pipeline.load_lora_weights(tmp_path / "full")
+    image = pipeline("a cat", height=32, width=48, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 48, 3)
 
 
 def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd_pipeline, tmp_path):
