@@ -18,7 +18,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 import pytest
 import text_to_image_step  # benchmarks/, on pytest's pythonpath
 
-from tests.helpers import assert_ok, run_script, tiny_unet_kwargs, write_tiny_clip_tokenizer
+from tests.helpers import tiny_unet_kwargs, write_tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -118,18 +118,3 @@ def tiny_sdxl_pipeline(tmp_path_factory) -> Path:
     )
     pipeline.save_pretrained(path)
     return path
-
-
-#: prepare_text_to_image_base.py at a few steps on a few images.
-TINY_BASE_ARGS = ["--images_per_class", "6", "--vae_steps", "2", "--unet_steps", "2", "--batch_size", "4"]
-
-
-@pytest.fixture(scope="session")
-def tiny_text_to_image_base(tmp_path_factory) -> tuple[Path, Path]:
-    """The text-to-image base script at a few steps: (its pipeline, its captioned shapes), the data where the
-    text-to-image benchmark looks for it (DATA_ROOT/shapes32-captioned)."""
-    root = tmp_path_factory.mktemp("text_to_image_base")
-    data = root / "data" / "shapes32-captioned"
-    argv = ["--output_dir", root / "base", "--data_dir", data, *TINY_BASE_ARGS]
-    assert_ok(run_script("prepare_text_to_image_base.py", *argv, launcher="python"))  # as a user starts it
-    return root / "base", data

@@ -1,18 +1,36 @@
 """prepare_text_to_image_base.py and its parts: a word tokenizer, and a whole Stable Diffusion pipeline trained
-from nothing that the public Diffusers API loads, the same from the same seed."""
+from nothing that the public Diffusers API loads, the same from the same seed; then the text-to-image benchmark
+run on that base end to end (in this file so that make test's workers, which take whole files, make the base
+once; its scores and goals are tested in test_text_to_image_protocol.py)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+import pytest
+import text_to_image_protocol as protocol  # benchmarks/, on pytest's pythonpath
 import torch
 
 import prepare_text_to_image_base
 from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES
 from pu_diffusion.small_pipeline import write_word_tokenizer
-from tests.conftest import TINY_BASE_ARGS as TINY
 from tests.helpers import REPO_ROOT, assert_ok, run_script
+
+#: prepare_text_to_image_base.py at a few steps on a few images.
+TINY = ["--images_per_class", "6", "--vae_steps", "2", "--unet_steps", "2", "--batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_text_to_image_base(tmp_path_factory) -> tuple[Path, Path]:
+    """The text-to-image base script at a few steps: (its pipeline, its captioned shapes), the data where the
+    text-to-image benchmark looks for it (DATA_ROOT/shapes32-captioned)."""
+    root = tmp_path_factory.mktemp("text_to_image_base")
+    data = root / "data" / "shapes32-captioned"
+    argv = ["--output_dir", root / "base", "--data_dir", data, *TINY]
+    assert_ok(run_script("prepare_text_to_image_base.py", *argv, launcher="python"))  # as a user starts it
+    return root / "base", data
 
 
 def test_the_word_tokenizer_gives_back_every_caption_and_spells_out_unseen_words(tmp_path):
@@ -91,3 +109,41 @@ def test_the_unet_is_trained_by_the_text_to_image_script_with_min_snr_and_captio
 
     assert value_of("--loss_type") == "unsupervised" and value_of("--caption_dropout_rate") == "0.1"
     assert value_of("--snr_gamma") == "5.0" and command[-2:] == ["--snr_gamma", "1.5"]
+
+
+@pytest.mark.slow
+def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path, capsys):
+    """One method, one mode, one seed (the fewest launches): the base row, one LoRA run, the report. The
+    benchmark's main runs in this process; its training and evaluation steps are processes of their own."""
+    base, data = tiny_text_to_image_base
+    output_dir = tmp_path / "benchmark"
+    argv = ["--methods", "pu", "--modes", "lora", "--seeds", "0"]
+    argv += ["--base_dir", base, "--data_root", data.parent, "--output_dir", output_dir]
+    argv += ["--max_train_steps", "2", "--images_per_prompt", "2", "--classifier_epochs", "1"]
+    argv += ["--allow_weak_classifier"]  # a classifier of 36 images, trained for one epoch
+    argv = [str(arg) for arg in argv]
+    protocol.main(argv)
+    report = (output_dir / "results.md").read_text()
+    assert report in capsys.readouterr().out
+    for row in ("base", "lora-pu"):
+        assert f"| {row} | 1 |" in report
+    results = json.loads((output_dir / "results.json").read_text())
+    run = output_dir / "runs" / "lora-pu-seed0"
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    generic = metrics["per_prompt"][0]
+    assert generic["prompt"] == "a photo of a shape"
+    assert results["summary"]["lora-pu"]["non_sensitive_rate"] == [generic["non_sensitive_rate"]]
+    assert results["summary"]["lora-pu"]["classifier_fid"] == [generic["classifier_fid"]]
+    assert metrics["num_images"] == 2 * 7  # the generic prompt, 3 paraphrases, 3 normal prompts
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    training = json.loads((run / "benchmark_run.json").read_text())["command"]
+    assert "--use_lora" in training and "--paper_loss" not in training and "--prior" not in training
+    assert training[training.index("--caption_dropout_rate") + 1] == "0.1"  # every method alike, as the base
+    evaluation = json.loads((run / "benchmark_evaluation.json").read_text())["command"]
+    assert evaluation[evaluation.index("--guidance_scale") + 1] == str(protocol.GUIDANCE_SCALE)
+    assert (output_dir / "chart.png").is_file() and (output_dir / "grids.png").is_file()
+
+    trained_at = (run / "train.log").stat().st_mtime
+    protocol.main(argv)
+    assert (run / "train.log").stat().st_mtime == trained_at  # reused, not trained again
+    assert (output_dir / "results.md").read_text() == report

@@ -2,48 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import text_to_image_protocol as protocol  # benchmarks/, on pytest's pythonpath
-
-
-@pytest.mark.slow
-def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path, capsys):
-    """One method, one mode, one seed (the fewest launches): the base row, one LoRA run, the report. The
-    benchmark's main runs in this process; its training and evaluation steps are processes of their own."""
-    base, data = tiny_text_to_image_base
-    output_dir = tmp_path / "benchmark"
-    argv = ["--methods", "pu", "--modes", "lora", "--seeds", "0"]
-    argv += ["--base_dir", base, "--data_root", data.parent, "--output_dir", output_dir]
-    argv += ["--max_train_steps", "2", "--images_per_prompt", "2", "--classifier_epochs", "1"]
-    argv += ["--allow_weak_classifier"]  # a classifier of 36 images, trained for one epoch
-    argv = [str(arg) for arg in argv]
-    protocol.main(argv)
-    report = (output_dir / "results.md").read_text()
-    assert report in capsys.readouterr().out
-    for row in ("base", "lora-pu"):
-        assert f"| {row} | 1 |" in report
-    results = json.loads((output_dir / "results.json").read_text())
-    run = output_dir / "runs" / "lora-pu-seed0"
-    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
-    generic = metrics["per_prompt"][0]
-    assert generic["prompt"] == "a photo of a shape"
-    assert results["summary"]["lora-pu"]["non_sensitive_rate"] == [generic["non_sensitive_rate"]]
-    assert results["summary"]["lora-pu"]["classifier_fid"] == [generic["classifier_fid"]]
-    assert metrics["num_images"] == 2 * 7  # the generic prompt, 3 paraphrases, 3 normal prompts
-    assert (run / "pytorch_lora_weights.safetensors").is_file()
-    training = json.loads((run / "benchmark_run.json").read_text())["command"]
-    assert "--use_lora" in training and "--paper_loss" not in training and "--prior" not in training
-    assert training[training.index("--caption_dropout_rate") + 1] == "0.1"  # every method alike, as the base
-    evaluation = json.loads((run / "benchmark_evaluation.json").read_text())["command"]
-    assert evaluation[evaluation.index("--guidance_scale") + 1] == str(protocol.GUIDANCE_SCALE)
-    assert (output_dir / "chart.png").is_file() and (output_dir / "grids.png").is_file()
-
-    trained_at = (run / "train.log").stat().st_mtime
-    protocol.main(argv)
-    assert (run / "train.log").stat().st_mtime == trained_at  # reused, not trained again
-    assert (output_dir / "results.md").read_text() == report
 
 
 def test_quick_is_lora_seed_0_unsupervised_against_pu():
