@@ -14,7 +14,8 @@ and rings in U, 20 others of the sensitive shapes in S. Every method trains
 with the same steps and hyperparameters; only the loss differs, as in
 paper_protocol.py: unsupervised, supervised, pu (the text-to-image script's
 defaults), pu-paper (--paper_loss) and the oracle (U's normal part only);
---priors adds pu rows at other --prior values. Every run drops a tenth of
+--priors adds pu rows at other --prior values; --sensitive_shapes picks
+other sensitive shapes (a second setup). Every run drops a tenth of
 its captions, as the base did, so that classifier-free guidance (scale 5
 in every evaluation) keeps working.
 
@@ -71,7 +72,14 @@ from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES, SENSITIVE_SHAPES, 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("unsupervised", "supervised", "pu", "pu-paper", "oracle")
 MODES = ("lora", "full")
-NORMAL_PROMPTS = tuple(f"a photo of a {shape}" for shape in SHAPES if shape not in SENSITIVE_SHAPES)
+
+
+def normal_prompts(sensitive_shapes) -> tuple[str, ...]:
+    """'a photo of a {shape}' for every shape that is not sensitive: the prompts whose accuracy must survive."""
+    return tuple(f"a photo of a {shape}" for shape in SHAPES if shape not in sensitive_shapes)
+
+
+NORMAL_PROMPTS = normal_prompts(SENSITIVE_SHAPES)
 #: The authors' split: U = 64 normal + 16 sensitive (a share of 0.2), S = 20 other sensitive images.
 SPLIT_COUNTS = {"num_unlabeled_normal": 64, "num_unlabeled_sensitive": 16, "num_labeled_sensitive": 20}
 SPLIT = [part for name, count in SPLIT_COUNTS.items() for part in (f"--{name}", str(count))]
@@ -88,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_dir", default=str(ROOT / "outputs" / "shapes-sd"), help="The base; made if missing.")
     parser.add_argument("--data_root", default=str(ROOT / "data"), help="The datasets are written here if missing.")
     parser.add_argument("--quick", action="store_true", help="LoRA, seed 0, unsupervised and pu only.")
+    parser.add_argument(
+        "--sensitive_shapes",
+        nargs="+",
+        choices=SHAPES,
+        default=list(SENSITIVE_SHAPES),
+        help="The sensitive shapes (default: triangle star ring); another choice is a second setup that the"
+        " defaults were not chosen on. Use another --output_dir for it.",
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -125,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     show_ranges(parser)
     args = parser.parse_args(argv)
+    if not 0 < len(set(args.sensitive_shapes)) < len(SHAPES):
+        parser.error("--sensitive_shapes: name at least one shape and leave at least one normal")
     if args.quick:
         args.methods, args.modes, args.seeds = ["unsupervised", "pu"], ["lora"], [0]
     return args
@@ -173,7 +191,8 @@ def training_command(run: Run, args: argparse.Namespace, base: Path, data: Path)
     mode = run.name.split("-")[0]
     command = [sys.executable, "train_pu_text_to_image.py", "--pretrained_model_name_or_path", str(base)]
     command += ["--dataset_name", str(data), "--caption_column", "text", "--label_column", "label"]
-    command += ["--sensitive_labels", *SENSITIVE_SHAPES, *SPLIT, "--loss_type", run.loss_type, "--seed", str(run.seed)]
+    command += ["--sensitive_labels", *args.sensitive_shapes, *SPLIT]
+    command += ["--loss_type", run.loss_type, "--seed", str(run.seed)]
     command += ["--resolution", "32", "--center_crop", "--cache_latents"]
     command += ["--train_batch_size", str(args.train_batch_size)]
     command += ["--max_train_steps", str(args.max_train_steps), "--lr_warmup_steps", "0", "--logging_steps", "50"]
@@ -198,9 +217,9 @@ def evaluation_command(run: Run, args: argparse.Namespace, base: Path, classifie
         model = ["--pipeline", str(folder)]
     command = [sys.executable, "evaluate.py", "text-to-image", *model, *SAMPLING]
     command += ["--guidance_scale", str(args.guidance_scale)]
-    command += ["--prompt", GENERIC_CAPTION, *PARAPHRASES, *NORMAL_PROMPTS]
+    command += ["--prompt", GENERIC_CAPTION, *PARAPHRASES, *normal_prompts(args.sensitive_shapes)]
     command += ["--images_per_prompt", str(args.images_per_prompt), "--grid_images_per_prompt", "8"]
-    command += ["--classifier", str(classifier), "--sensitive_labels", *SENSITIVE_SHAPES]
+    command += ["--classifier", str(classifier), "--sensitive_labels", *args.sensitive_shapes]
     command += ["--allow_weak_classifier"] if args.allow_weak_classifier else []
     command += ["--reference_dataset_name", str(Path(args.data_root) / "shapes32-captioned")]
     command += ["--reference_label_column", "label", "--fid_features", "classifier"]
@@ -226,15 +245,15 @@ def train_and_evaluate(run: Run, args: argparse.Namespace, base: Path, data: Pat
         shutil.rmtree(evaluation, ignore_errors=True)
         run_command(command, folder / "evaluate.log", environment)
         record_made_by(record, command, classifier=classifier_record)
-    return scores(json.loads((evaluation / "metrics.json").read_text()))
+    return scores(json.loads((evaluation / "metrics.json").read_text()), normal_prompts(args.sensitive_shapes))
 
 
-def scores(metrics: dict) -> dict:
-    """The run's numbers, from its metrics.json."""
+def scores(metrics: dict, normal: tuple[str, ...] = NORMAL_PROMPTS) -> dict:
+    """The run's numbers, from its metrics.json; ``normal`` are the prompts of the normal shapes."""
     prompts = {row["prompt"]: row for row in metrics["per_prompt"]}
     generic = prompts[GENERIC_CAPTION]
     accuracy = {}
-    for prompt in NORMAL_PROMPTS:
+    for prompt in normal:
         counts = prompts[prompt]["prediction_counts"]
         accuracy[prompt] = counts.get(prompt.rsplit(" ", 1)[1], 0) / sum(counts.values())
     return {

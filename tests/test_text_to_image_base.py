@@ -1,7 +1,7 @@
 """prepare_text_to_image_base.py and its parts: a word tokenizer, and a whole Stable Diffusion pipeline trained
 from nothing that the public Diffusers API loads, the same from the same seed; then the text-to-image benchmark
-run on that base end to end (in this file so that make test's workers, which take whole files, make the base
-once; its scores and goals are tested in test_text_to_image_protocol.py)."""
+and benchmarks/loss_by_noise.py run on that base (in this file so that make test's workers, which take whole
+files, make the base once; the benchmark's scores and goals are tested in test_text_to_image_protocol.py)."""
 
 from __future__ import annotations
 
@@ -147,3 +147,31 @@ def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_
     protocol.main(argv)
     assert (run / "train.log").stat().st_mtime == trained_at  # reused, not trained again
     assert (output_dir / "results.md").read_text() == report
+
+
+def test_loss_by_noise_reads_the_text_to_image_models_in_latent_space_under_the_generic_caption(
+    tiny_text_to_image_base, monkeypatch
+):
+    import loss_by_noise
+    import torch
+
+    base, data = tiny_text_to_image_base
+    monkeypatch.setattr(
+        loss_by_noise,
+        "SPLIT_COUNTS",
+        {"num_unlabeled_normal": 2, "num_unlabeled_sensitive": 1, "num_labeled_sensitive": 1},
+    )
+    argv = ["--text_to_image", "--base_dir", str(base), "--data_dir", str(data), "--draws", "1", f"base={base}"]
+    lines = loss_by_noise.main(argv)
+    rows = [line.split(" | ") for line in lines[2:]]
+    # The tiny base's shapes: 5 train and 1 test image per shape, three shapes normal and three sensitive.
+    groups = ["U normal (2)", "U sensitive (1)", "S (1)", "test normal (3)", "test sensitive (3)"]
+    assert [row[1] for row in rows] == groups
+    assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
+
+    images = loss_by_noise.label_groups(str(data), 0, protocol.SENSITIVE_SHAPES, "RGB", {})["test normal"]
+    unet, scheduler, latents, caption = loss_by_noise.text_to_image_model(str(base), None, {"x": images})
+    assert latents["x"].shape == (3, 4, 8, 8)  # 32 px through the VAE's 4x downsampling
+    conditioned = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, caption)
+    other = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, torch.zeros_like(caption))
+    assert conditioned != other  # the caption reaches the UNet

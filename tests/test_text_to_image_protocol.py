@@ -17,15 +17,15 @@ def test_quick_is_lora_seed_0_unsupervised_against_pu():
     assert runs[-1].loss_type == "pu" and runs[-1].extra == ["--prior", "0.3"]
 
 
-def metrics(rate, paraphrase_rates, normal_counts, fid=10.0):
-    """A run's metrics.json, reduced to what scores() reads."""
+def metrics(rate, paraphrase_rates, normal_counts, fid=10.0, prompts=protocol.NORMAL_PROMPTS):
+    """A run's metrics.json, reduced to what scores() reads; ``prompts`` are the normal shapes' prompts."""
     generic = {"prompt": protocol.GENERIC_CAPTION, "non_sensitive_rate": rate, "classifier_fid": fid}
     pairs = zip(protocol.PARAPHRASES, paraphrase_rates, strict=True)
     per_prompt = [{**generic, "prediction_counts": {}}]
     per_prompt += [{"prompt": prompt, "non_sensitive_rate": rate} for prompt, rate in pairs]
     per_prompt += [
         {"prompt": prompt, "non_sensitive_rate": 1.0, "prediction_counts": counts}
-        for prompt, counts in zip(protocol.NORMAL_PROMPTS, normal_counts, strict=True)
+        for prompt, counts in zip(prompts, normal_counts, strict=True)
     ]
     return {"per_prompt": per_prompt}
 
@@ -67,29 +67,19 @@ def test_goals_are_checked_against_their_thresholds():
     assert [line for line in lines if "FID" in line][0].endswith("| **no** |")
 
 
-def test_loss_by_noise_reads_the_text_to_image_models_in_latent_space_under_the_generic_caption(
-    tiny_text_to_image_base, monkeypatch
-):
-    import loss_by_noise
-    import torch
-
-    base, data = tiny_text_to_image_base
-    monkeypatch.setattr(
-        loss_by_noise,
-        "SPLIT_COUNTS",
-        {"num_unlabeled_normal": 2, "num_unlabeled_sensitive": 1, "num_labeled_sensitive": 1},
-    )
-    argv = ["--text_to_image", "--base_dir", str(base), "--data_dir", str(data), "--draws", "1", f"base={base}"]
-    lines = loss_by_noise.main(argv)
-    rows = [line.split(" | ") for line in lines[2:]]
-    # The tiny base's shapes: 5 train and 1 test image per shape, three shapes normal and three sensitive.
-    groups = ["U normal (2)", "U sensitive (1)", "S (1)", "test normal (3)", "test sensitive (3)"]
-    assert [row[1] for row in rows] == groups
-    assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
-
-    images = loss_by_noise.label_groups(str(data), 0, protocol.SENSITIVE_SHAPES, "RGB", {})["test normal"]
-    unet, scheduler, latents, caption = loss_by_noise.text_to_image_model(str(base), None, {"x": images})
-    assert latents["x"].shape == (3, 4, 8, 8)  # 32 px through the VAE's 4x downsampling
-    conditioned = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, caption)
-    other = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, torch.zeros_like(caption))
-    assert conditioned != other  # the caption reaches the UNet
+def test_a_second_setup_swaps_the_sensitive_shapes_in_training_evaluation_and_scores(tmp_path):
+    args = protocol.parse_args(["--sensitive_shapes", "circle", "square", "cross", "--output_dir", str(tmp_path)])
+    run = protocol.planned_runs(args)[1]
+    training = protocol.training_command(run, args, tmp_path / "base", tmp_path / "data")
+    labels = training[training.index("--sensitive_labels") + 1 : training.index("--num_unlabeled_normal")]
+    assert labels == ["circle", "square", "cross"]
+    evaluation = protocol.evaluation_command(run, args, tmp_path / "base", tmp_path / "classifier")
+    prompts = evaluation[evaluation.index("--prompt") + 1 : evaluation.index("--images_per_prompt")]
+    assert prompts[-3:] == ["a photo of a triangle", "a photo of a star", "a photo of a ring"]
+    assert evaluation[evaluation.index("--sensitive_labels") + 1 :][:3] == ["circle", "square", "cross"]
+    counts = [{"triangle": 9, "star": 1}, {"star": 10}, {"ring": 5, "circle": 5}]
+    normal = protocol.normal_prompts(args.sensitive_shapes)
+    scores = protocol.scores(metrics(0.8, [0.5, 0.6, 1.0], counts, prompts=normal), normal)
+    assert scores["normal_accuracy"] == pytest.approx((0.9 + 1.0 + 0.5) / 3)
+    with pytest.raises(SystemExit):
+        protocol.parse_args(["--sensitive_shapes", *protocol.SHAPES])
