@@ -27,7 +27,13 @@ OBJECTIVE_FLAGS = (
 #: The adapters a checkpoint holds (train_pu_text_to_image.py): a resume must build the same ones.
 ADAPTER_FLAGS = ("use_lora", "rank", "lora_alpha", "lora_dropout", "lora_layers", "use_dora")
 #: Flags that define the data order: a resume that changes them trains on, but does not replay the run.
-DATA_ORDER_FLAGS = ("seed", "train_batch_size", "sensitive_batch_size", "gradient_accumulation_steps")
+DATA_ORDER_FLAGS = (
+    "seed",
+    "train_batch_size",
+    "sensitive_batch_size",
+    "gradient_accumulation_steps",
+    "aspect_ratio_buckets",  # train_pu_text_to_image.py only
+)
 CHECKPOINT_CONFIG = "training_config.json"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -185,11 +186,12 @@ def _check_resumed_run(args: argparse.Namespace) -> None:
                 " resume continues the same objective and model (start a new --output_dir to train another)"
             )
     for key in DATA_ORDER_FLAGS:
-        if saved.get(key) is not None and getattr(args, key) is not None and saved[key] != getattr(args, key):
+        now = json.loads(json.dumps(getattr(args, key, None)))  # as the checkpoint stored it: tuples as lists
+        if saved.get(key) is not None and now is not None and saved[key] != now:
             logger.warning(
                 "--%s %s differs from %s's %s: the data order will not replay the interrupted run",
                 key,
-                getattr(args, key),
+                now,
                 checkpoint.name,
                 saved[key],
             )

@@ -418,5 +418,5 @@ def checkpoint_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     # --prior auto is resolved once, at the start; a resume reuses this estimate.
     config.update(prior_value=plan.prior, prior_estimate=plan.prior_estimate, data_fingerprint=plan.data_fingerprint)
     # The data order as run: the plan's value where it settled one (seed, S batch size), else the flag.
-    config.update({key: getattr(plan, key) if hasattr(plan, key) else getattr(args, key) for key in DATA_ORDER_FLAGS})
+    config.update({key: getattr(plan, key, getattr(args, key, None)) for key in DATA_ORDER_FLAGS})
     return config

@@ -653,10 +653,12 @@ def write_mixed_folder(path, sizes, caption, seed):
     return path
 
 
-def test_aspect_ratio_buckets_train_cached_batches_of_one_size_and_resume_exactly(tiny_sd_pipeline, tmp_path):
+def test_aspect_ratio_buckets_train_cached_batches_of_one_size_and_resume_exactly(tiny_sd_pipeline, tmp_path, caplog):
     """U: 4 square, 3 wide and 3 tall photos; S: 2 wide and 1 square. Buckets 32x32, 32x48 and 48x32 at batch 2
     give 2 + 2 + 2 U batches an epoch, so 2 epochs are 12 steps; a resume from checkpoint-3 replays the run,
     and the adapters load into the pipeline, which draws the wide size."""
+    import shutil
+
     from diffusers import StableDiffusionPipeline
 
     unlabeled = write_mixed_folder(tmp_path / "u", [(32, 32)] * 4 + [(32, 64)] * 3 + [(64, 32)] * 3, "a cat", 0)
@@ -678,6 +680,14 @@ def test_aspect_ratio_buckets_train_cached_batches_of_one_size_and_resume_exactl
     pipeline.load_lora_weights(tmp_path / "full")
     image = pipeline("a cat", height=32, width=48, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 48, 3)
+
+    other = tmp_path / "other"  # resumed with other buckets: it trains on, but is told it will not replay
+    shutil.copytree(full / "checkpoint-3", other / "checkpoint-3")
+    argv = [str(arg) for arg in bucket_args(other, "--resume_from_checkpoint", "latest")]
+    argv[argv.index("--aspect_ratio_buckets") + 1] = "32,32"
+    with caplog.at_level("WARNING", logger="pu_diffusion.checks"):
+        t2i.parse_args(argv)
+    assert "--aspect_ratio_buckets [[32, 32]] differs from checkpoint-3's [[32, 32], [32, 48], [48, 32]]" in caplog.text
 
 
 def test_lora_checkpoint_is_saved_from_the_gathered_weights_when_sharded(tiny_sd_pipeline, tmp_path):
