@@ -31,6 +31,7 @@ from pu_diffusion.image_files import entry_name
 from pu_diffusion.training_data import derived_seed
 
 FLAG = "--aspect_ratio_buckets"
+EXIF_ORIENTATION = 0x0112
 EXAMPLE = "write for example '512,512;384,640;640,384'"
 
 
@@ -66,7 +67,8 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def image_sizes(dataset, column: str, source: str) -> list[tuple[int, int]]:
-    """(height, width) of every image, read from the files' headers without decoding the pixels."""
+    """(height, width) of every image as it will be decoded, read from the files' headers without decoding the
+    pixels."""
     from datasets import Image as ImageFeature
 
     if not isinstance(dataset.features.get(column), ImageFeature):
@@ -79,6 +81,10 @@ def image_sizes(dataset, column: str, source: str) -> list[tuple[int, int]]:
             try:
                 with Image.open(file) as image:
                     width, height = image.size
+                    # datasets turns photos upright by their EXIF orientation when it decodes them; 5 to 8 are
+                    # the quarter turns, which swap the sides.
+                    if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                        width, height = height, width
             except Exception as error:  # PIL raises many types for a corrupt file
                 raise InputError(f"{source}: {entry_name(entry, len(sizes))} cannot be read: {error}") from error
             sizes.append((height, width))

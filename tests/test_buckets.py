@@ -54,6 +54,22 @@ def test_buckets_come_from_the_file_headers_of_a_folder_and_of_images_held_in_th
     assert bucketing.num_batches("U", 2) == 3  # 16x16: one full batch; 8x16 and 16x8: one short batch each
 
 
+def test_a_phone_photo_turned_by_its_exif_orientation_gets_the_bucket_of_the_way_it_is_decoded(tmp_path):
+    """Stored 40 x 20 (landscape) with orientation 6 (turn a quarter): decoded, and so trained, 20 x 40."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20)).save(folder / "turned.jpg", exif=exif)
+    Image.new("RGB", (40, 20)).save(folder / "upright.jpg")
+    dataset = load_image_dataset(None, str(folder), name_flag="--dataset_name", dir_flag="--train_data_dir")
+    decoded = [(image.height, image.width) for image in dataset["image"]]
+    bucketing = Bucketing.of(BUCKETS, 8, {"U": dataset}, "image")
+    assert sorted(decoded) == [(20, 40), (40, 20)]
+    expected = [nearest_bucket(*size, BUCKETS) for size in decoded]
+    assert bucketing.target_sizes["U"] == expected and sorted(expected) == [(8, 16), (16, 8)]
+
+
 def test_a_bucket_off_the_vae_grid_is_refused_before_any_image_is_read():
     with pytest.raises(InputError, match="--aspect_ratio_buckets: 12,16 not a multiple of 8"):
         Bucketing.of([(16, 16), (12, 16)], 8, {"U": None}, "image")
