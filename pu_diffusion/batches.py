@@ -279,10 +279,14 @@ class EpochShuffle(torch.utils.data.Sampler):
         return self.size
 
     def __iter__(self):
-        epoch = self.epoch
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
-        for index in torch.randperm(self.size, generator=generator).tolist():
+        epoch, order, _ = self.draw()
+        for index in order:
             yield index, epoch
+
+    def draw(self) -> tuple[int, list[int], torch.Generator]:
+        """(the epoch, its shuffled indices, the generator they came from, for any further draw of the epoch)."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        return self.epoch, torch.randperm(self.size, generator=generator).tolist(), generator
 
 
 def default_sensitive_batch_size(train_batch_size: int, num_unlabeled: int, num_sensitive: int) -> int:

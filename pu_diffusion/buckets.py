@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from pu_diffusion.batches import EpochShuffle
 from pu_diffusion.errors import InputError
 from pu_diffusion.image_files import entry_name
-from pu_diffusion.training_data import derived_seed
 
 FLAG = "--aspect_ratio_buckets"
 EXIF_ORIENTATION = 0x0112
@@ -124,46 +124,45 @@ def count_batches(target_sizes: list[tuple[int, int]], batch_size: int) -> int:
     return sum(math.ceil(count / batch_size) for count in Counter(target_sizes).values())
 
 
-def bucket_batches(target_sizes: list, batch_size: int, order: list[int]) -> list[list[int]]:
-    """``order`` cut into batches of one bucket each: per bucket, its images in ``order``, ``batch_size`` at a
-    time (the last batch of a bucket may be short)."""
+def group_by_bucket(target_sizes: list, order) -> dict[tuple[int, int], list[int]]:
+    """The indices of ``order`` per bucket, each list in ``order``'s order, the buckets in the order first met."""
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index in order:
         by_bucket.setdefault(target_sizes[index], []).append(index)
+    return by_bucket
+
+
+def bucket_batches(target_sizes: list, batch_size: int, order: list[int]) -> list[list[int]]:
+    """``order`` cut into batches of one bucket each: per bucket, its images in ``order``, ``batch_size`` at a
+    time (the last batch of a bucket may be short)."""
     return [
         indices[start : start + batch_size]
-        for indices in by_bucket.values()
+        for indices in group_by_bucket(target_sizes, order).values()
         for start in range(0, len(indices), batch_size)
     ]
 
 
-class BucketBatches:
+class BucketBatches(EpochShuffle):
     """A batch sampler whose batches each hold one bucket, yielding lists of ``(index, epoch)`` keys.
 
-    Like :class:`batches.EpochShuffle`, a pure function of ``(seed, epoch)``:
-    the images are shuffled, cut into batches per bucket, and the batches
-    shuffled, so a resumed run replays the same batches. It has no
-    ``batch_size`` attribute on purpose: Accelerate then shards whole batches
-    of any length across processes instead of refilling short ones from
-    other buckets.
+    The epoch's shuffle of :class:`batches.EpochShuffle`, a pure function of
+    ``(seed, epoch)``, cut into batches per bucket; then the batches are
+    shuffled with the same generator, so a resumed run replays the same
+    batches. It has no ``batch_size`` attribute on purpose: Accelerate then
+    shards whole batches of any length across processes instead of refilling
+    short ones from other buckets.
     """
 
     def __init__(self, target_sizes: list[tuple[int, int]], batch_size: int, seed: int):
+        super().__init__(len(target_sizes), seed)
         self.target_sizes = target_sizes
         self.size_of_batch = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return count_batches(self.target_sizes, self.size_of_batch)
 
     def __iter__(self):
-        epoch = self.epoch
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
-        order = torch.randperm(len(self.target_sizes), generator=generator).tolist()
+        epoch, order, generator = self.draw()
         batches = bucket_batches(self.target_sizes, self.size_of_batch, order)
         for position in torch.randperm(len(batches), generator=generator).tolist():
             yield [(index, epoch) for index in batches[position]]

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pu_diffusion.batches import CaptionedImages
+from pu_diffusion.buckets import group_by_bucket
 from pu_diffusion.training_data import derived_seed
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,8 @@ class CachedLatents(torch.utils.data.Dataset):
         progress = tqdm(
             total=len(images) * len(self.flips), desc=f"encoding {images.source or 'images'}", disable=not show_progress
         )
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index in range(len(images)):
-            by_bucket.setdefault(images.target_size(index), []).append(index)
+        every = range(len(images))
+        by_bucket = group_by_bucket([images.target_size(index) for index in every], every)
         for bucket, indices in by_bucket.items():
             name = images.source or "images"
             name = name if len(by_bucket) == 1 else f"{name}-{bucket[0]}x{bucket[1]}"
