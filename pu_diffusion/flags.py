@@ -203,7 +203,7 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
         "--sensitive_batch_size",
         type=POSITIVE_INT,
         default=None,
-        help="S images per step (default: train_batch_size * |S| / |U|, at least 1).",
+        help="S images per step (default: train_batch_size * |S| / |U|, at least 4 but not above the U batch or |S|).",
     )
     group.add_argument(
         "--loss_reduction",

@@ -130,8 +130,16 @@ def test_random_flip_is_seeded_by_torch():
 
 
 def test_default_sensitive_batch_size_is_the_mixed_loader_average():
-    assert default_sensitive_batch_size(128, num_unlabeled=792, num_sensitive=72) == 12
-    assert default_sensitive_batch_size(4, num_unlabeled=1000, num_sensitive=10) == 1
+    assert default_sensitive_batch_size(128, num_unlabeled=792, num_sensitive=72) == 12  # round(11.6)
+    assert default_sensitive_batch_size(16, num_unlabeled=80, num_sensitive=20) == 4
+
+
+def test_default_sensitive_batch_size_has_a_floor_of_four_within_the_u_batch_and_s():
+    assert default_sensitive_batch_size(16, num_unlabeled=240, num_sensitive=20) == 4  # 1.33 alone
+    assert default_sensitive_batch_size(4, num_unlabeled=1000, num_sensitive=10) == 4  # 0.04 alone
+    assert default_sensitive_batch_size(2, num_unlabeled=1000, num_sensitive=10) == 2  # not above the U batch
+    assert default_sensitive_batch_size(16, num_unlabeled=1000, num_sensitive=3) == 3  # not above |S|
+    assert default_sensitive_batch_size(1, num_unlabeled=1000, num_sensitive=10) == 1
 
 
 class IndexOf(torch.utils.data.Dataset):
