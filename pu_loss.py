@@ -46,6 +46,27 @@ def per_sample_diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, re
     return squared_error.sum(dim=1) if reduction == "sum" else squared_error.mean(dim=1)
 
 
+def flow_matching_snr(sigmas: torch.Tensor) -> torch.Tensor:
+    """The signal-to-noise ratio of a flow-matching draw, for the noise band on SD3-style models.
+
+    The rectified-flow path of Stable Diffusion 3 and Flux is
+    ``x_sigma = (1 - sigma) x_0 + sigma * noise``, so its SNR is
+    ``((1 - sigma) / sigma)^2``: the same quantity as DDPM's
+    ``alpha_bar / (1 - alpha_bar)``, and one SNR bound means one noise level
+    under both. SNR <= 8.6 (the default band) is ``sigma >= 1 / (1 + sqrt(8.6))
+    = 0.254``. The band then goes to ``compute_risk`` as ``in_band``.
+
+    For the per-sample loss of flow matching, ``per_sample_diffusion_loss``
+    takes the velocity target ``noise - x_0``, times the scheme's weight.
+    Such weighted losses are ELBOs of noise-augmented data under monotone
+    weightings (Kingma and Gao, NeurIPS 2023), so the negative risk keeps its
+    meaning; the positive risk's ``-log(1 - exp(-l))`` reads ``l`` as a
+    likelihood bound, which holds only approximately under other weightings.
+    """
+    sigmas = sigmas.double()
+    return ((1 - sigmas) / sigmas).pow(2).float()
+
+
 def bce_normal(per_sample_loss: torch.Tensor) -> torch.Tensor:
     """Eq. (11) with y = 0: ``-log p(y=0|x) = -log exp(-l) = l``."""
     return per_sample_loss

@@ -9,6 +9,7 @@ from pu_loss import (
     bce_normal,
     bce_sensitive,
     compute_risk,
+    flow_matching_snr,
     per_sample_diffusion_loss,
     pu_risk,
     supervised_risk,
@@ -257,3 +258,22 @@ def test_empty_sensitive_batch_is_rejected(loss_type):
 def test_prior_outside_the_open_unit_interval_is_rejected(prior):
     with pytest.raises(ValueError, match="prior"):
         pu_risk(leaf([1.0]), leaf([1.0]), prior=prior)
+
+
+def test_flow_matching_snr_is_the_squared_signal_to_noise_amplitude_ratio():
+    sigmas = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.0])
+    # (1 - sigma)^2 / sigma^2 by hand: 0, 1, (0.75 / 0.25)^2 = 9, (0.9 / 0.1)^2 = 81, infinite without noise.
+    assert flow_matching_snr(sigmas).tolist() == pytest.approx([0.0, 1.0, 9.0, 81.0, math.inf])
+
+
+def test_the_default_band_is_the_same_noise_level_under_ddpm_and_flow_matching():
+    """A DDPM draw and a flow-matching draw at SNR 8.6 mix their sample and noise in the same ratio."""
+    max_snr = 8.6
+    sigma_edge = 1 / (1 + math.sqrt(max_snr))
+    assert sigma_edge == pytest.approx(0.2543, abs=1e-4)
+    just_inside, just_outside = torch.tensor([sigma_edge + 1e-4]), torch.tensor([sigma_edge - 1e-4])
+    assert flow_matching_snr(just_inside).item() <= max_snr < flow_matching_snr(just_outside).item()
+    alpha_bar = max_snr / (1 + max_snr)  # DDPM's SNR alpha_bar / (1 - alpha_bar) = 8.6
+    ddpm_ratio = math.sqrt(alpha_bar) / math.sqrt(1 - alpha_bar)
+    flow_ratio = (1 - sigma_edge) / sigma_edge
+    assert ddpm_ratio == pytest.approx(flow_ratio)
