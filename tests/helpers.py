@@ -138,6 +138,29 @@ def run_in_process(script: str, *args, mixed_precision: str = "no") -> subproces
     return subprocess.CompletedProcess([script, *argv], returncode, stdout.getvalue(), stderr.getvalue())
 
 
+def steps_in_this_process(monkeypatch, protocol) -> None:
+    """Make a benchmark module's ``run_command`` run each step that is one of our scripts in this process (one at
+    a time, even with --jobs 2) and write its output to the step's log, as the real one does; any other command
+    still gets a process. The real ``run_command`` (processes, logs, Ctrl-C) is tested on its own."""
+    import threading
+
+    launch = protocol.run_command
+    one_at_a_time = threading.Lock()
+
+    def run_here(command: list[str], log: Path, env: dict | None = None) -> None:
+        script = Path(command[1]).name if len(command) > 1 else ""
+        if command[0] != sys.executable or script not in IN_PROCESS_SCRIPTS:
+            return launch(command, log, env)
+        with one_at_a_time:
+            result = run_in_process(script, *command[2:])
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-3000:]}")
+
+    monkeypatch.setattr(protocol, "run_command", run_here)
+
+
 def reset_accelerate_state() -> None:
     """Forget Accelerate's process state, as a new process starts without it: the next run in this process
     sets up its own (mixed precision, device)."""

@@ -12,7 +12,7 @@ import paper_protocol
 import pytest
 import torch
 
-from tests.helpers import reset_accelerate_state, tiny_unet_kwargs
+from tests.helpers import reset_accelerate_state, steps_in_this_process, tiny_unet_kwargs
 
 
 def fake_run(name, seed, rate, fid):
@@ -36,8 +36,9 @@ def test_welch_t_test_by_hand():
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path, capsys):
-    """The benchmark's main runs in this process; its training and evaluation steps are processes of their own."""
+def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path, capsys, monkeypatch):
+    """The benchmark and its training and evaluation steps run in this process (the steps one at a time)."""
+    steps_in_this_process(monkeypatch, paper_protocol)
     output_dir = tmp_path / "benchmark"
     argv = ["--quick", "--data_dir", str(digits_dir), "--output_dir", str(output_dir), "--classifier_epochs", "2"]
     argv += ["--max_train_steps", "3", "--num_samples", "16"]

@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import paper_protocol  # benchmarks/, on pytest's pythonpath
 import pytest
 import text_to_image_protocol as protocol  # benchmarks/, on pytest's pythonpath
 import torch
@@ -16,7 +17,7 @@ import torch
 import prepare_text_to_image_base
 from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES
 from pu_diffusion.small_pipeline import write_word_tokenizer
-from tests.helpers import REPO_ROOT, assert_ok, run_script
+from tests.helpers import REPO_ROOT, assert_ok, run_script, steps_in_this_process
 
 #: prepare_text_to_image_base.py at a few steps on a few images.
 TINY = ["--images_per_class", "6", "--vae_steps", "2", "--unet_steps", "2", "--batch_size", "4"]
@@ -112,9 +113,13 @@ def test_the_unet_is_trained_by_the_text_to_image_script_with_min_snr_and_captio
 
 
 @pytest.mark.slow
-def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(tiny_text_to_image_base, tmp_path, capsys):
-    """One method, one mode, one seed (the fewest launches): the base row, one LoRA run, the report. The
-    benchmark's main runs in this process; its training and evaluation steps are processes of their own."""
+def test_the_text_to_image_benchmark_trains_scores_reports_and_reuses(
+    tiny_text_to_image_base, tmp_path, capsys, monkeypatch
+):
+    """One method, one mode, one seed: the base row, one LoRA run, the report. The benchmark and its training
+    and evaluation steps run in this process."""
+    steps_in_this_process(monkeypatch, paper_protocol)
+    steps_in_this_process(monkeypatch, protocol)
     base, data = tiny_text_to_image_base
     output_dir = tmp_path / "benchmark"
     argv = ["--methods", "pu", "--modes", "lora", "--seeds", "0"]
