@@ -60,6 +60,7 @@ def test_the_plan_takes_the_estimated_prior_for_prior_auto():
     estimate = {"estimate": 0.07, "low": 0.05, "high": 0.09}
     plan = plan_run(flags, 0, range(40), range(8), 1, prior_estimate=estimate)
     assert plan.prior == 0.07 and plan.prior_estimate == estimate
-    assert (plan.sensitive_batch_size, plan.steps_per_epoch, plan.max_train_steps) == (1, 10, 20)
+    # S batch: 4 * 8 / 40 = 0.8, raised to the floor of 4
+    assert (plan.sensitive_batch_size, plan.steps_per_epoch, plan.max_train_steps) == (4, 10, 20)
     flags.prior = 0.2
     assert plan_run(flags, 0, range(40), range(8), 1).prior == 0.2
