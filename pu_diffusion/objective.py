@@ -112,7 +112,12 @@ def risk_of_losses(
 ) -> RiskOutput:
     """The risk of per-sample losses of U then S (the first ``num_unlabeled`` are U's). ``timesteps`` place
     each sample in or out of the S terms' noise band."""
-    in_band = noise_band(noise_scheduler, timesteps, loss)
+    return risk_in_band(loss, per_sample, noise_band(noise_scheduler, timesteps, loss), num_unlabeled)
+
+
+def risk_in_band(loss: LossSettings, per_sample: torch.Tensor, in_band, num_unlabeled: int) -> RiskOutput:
+    """The risk ``loss`` describes of per-sample losses of U then S; ``in_band`` (or None) marks the draws the
+    S terms use."""
     return compute_risk(
         per_sample, num_unlabeled, loss.loss_type, loss.prior, loss.nonnegative, loss.positive_risk_weight, in_band
     )

@@ -12,7 +12,7 @@ PACKAGE = Path(pu_diffusion.__file__).parent
 
 #: The package's layers, lowest first. A module imports from its own layer or a lower one, never a higher.
 LAYERS = {
-    "foundation": ["errors", "image_files", "shapes", "objective", "prompt_sets"],
+    "foundation": ["errors", "image_files", "shapes", "objective", "flow_matching", "prompt_sets"],
     "data": ["training_data", "batches", "buckets", "builtin_datasets", "latent_cache", "prior"],
     "artefacts": ["checkpoints", "outputs", "classifier", "nudity", "pipelines", "metrics", "reports"],
     "command line": ["flags", "checks"],
