@@ -1,4 +1,4 @@
-"""Fine-tune Stable Diffusion (SD 1.x/2.x or SDXL) with the positive-unlabeled (PU) loss, LoRA or full.
+"""Fine-tune Stable Diffusion (SD 1.x/2.x, SDXL or SD3/3.5) with the positive-unlabeled (PU) loss, LoRA or full.
 
     accelerate launch --mixed_precision fp16 train_pu_text_to_image.py \
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -7,7 +7,8 @@
         --max_train_steps 1000 --validation_prompt "a photo of a dog" "a photo of a cat" --output_dir sd-pu-lora
 
 The conditional ELBO of Eq. (20) in the latent space of the frozen VAE, the
-text condition from the frozen text encoder; U's captions come from
+text condition from the frozen text encoder(s); SD3 is trained by flow
+matching (pu_diffusion/flow_matching.py). U's captions come from
 --caption_column, S's from --sensitive_caption_column or one --sensitive_prompt.
 See README.md and pu_loss.py.
 """
@@ -38,6 +39,8 @@ from pu_diffusion.flags import (
 )
 from pu_diffusion.loop import ema_weights, end_training, exit_on_error, model_to_save, train
 from pu_diffusion.lora import (
+    LORA_TARGET_MODULES,
+    SD3_LORA_LAYERS,
     add_lora,
     add_lora_arguments,
     lora_description,
@@ -56,6 +59,7 @@ from pu_diffusion.outputs import (
     upload_to_hub,
     write_model_card,
 )
+from pu_diffusion.pipelines import absent_components
 from pu_diffusion.prior import estimate_for_data
 from pu_diffusion.run_setup import (
     check_plan,
@@ -70,10 +74,13 @@ from pu_diffusion.run_setup import (
 )
 from pu_diffusion.text_to_image import (
     TextToImageRun,
+    add_sd3_arguments,
     assign_buckets,
     captioned_dataset_factory,
+    flow_settings,
     load_models,
     load_vae,
+    pipeline_config,
     place_models,
     training_step,
     with_cached_latents,
@@ -90,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         model, "The Stable Diffusion pipeline to fine-tune (folder or Hub id).", required=True
     )
     add_lora_arguments(parser)
+    add_sd3_arguments(parser)
     model.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
@@ -169,12 +177,13 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def register_checkpoint_hooks(accelerator, unet, ema_model, use_lora: bool) -> None:
-    """checkpoint-N holds the LoRA adapters, or the UNet (and its EMA) in Diffusers format."""
+def register_checkpoint_hooks(accelerator, model, ema_model, use_lora: bool, folder: str) -> None:
+    """checkpoint-N holds the LoRA adapters, or the UNet or SD3 transformer (``folder``, and its EMA) in
+    Diffusers format."""
     if use_lora:
-        register_lora_hooks(accelerator, unet)
+        register_lora_hooks(accelerator, model)
     else:
-        register_model_hooks(accelerator, type(unet), ema_model)
+        register_model_hooks(accelerator, type(model), ema_model, subfolder=folder)
 
 
 # --------------------------------------------------------------------------- data
@@ -185,6 +194,9 @@ def register_checkpoint_hooks(accelerator, unet, ema_model, use_lora: bool) -> N
 
 # --------------------------------------------------------------------------- validation and saving
 
+FAMILY_NAMES = {"sd": "Stable Diffusion", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3"}
+
 
 def validation_pipeline(args, run: TextToImageRun, unet):
     """The base pipeline around the models being trained, sampling with the training parameterisation."""
@@ -192,7 +204,7 @@ def validation_pipeline(args, run: TextToImageRun, unet):
 
     pipeline = DiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
-        unet=unet,
+        **{run.frozen.model_folder: unet},
         **run.frozen.components(),
         revision=args.revision,
         variant=args.variant,
@@ -204,7 +216,10 @@ def validation_pipeline(args, run: TextToImageRun, unet):
 
 def match_training_scheduler(pipeline, noise_scheduler) -> None:
     """The pipeline's sampler keeps its kind (PNDM, DDIM, ...) but takes what the model was trained to predict
-    (--prediction_type) and the training schedule's zero-terminal-SNR setting."""
+    (--prediction_type) and the training schedule's zero-terminal-SNR setting. SD3's flow-matching sampler
+    is kept as it is."""
+    if "prediction_type" not in noise_scheduler.config:
+        return
     overrides = {"prediction_type": noise_scheduler.config.prediction_type}
     if "rescale_betas_zero_snr" in pipeline.scheduler.config:
         overrides["rescale_betas_zero_snr"] = noise_scheduler.config.get("rescale_betas_zero_snr", False)
@@ -271,7 +286,12 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
         vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
         with model_to_save(accelerator, run, state) as unet:
             pipeline = run.frozen.pipeline_class.from_pretrained(
-                args.pretrained_model_name_or_path, unet=unet, **vae, revision=args.revision, variant=args.variant
+                args.pretrained_model_name_or_path,
+                **{run.frozen.model_folder: unet},
+                **absent_components(pipeline_config(args)),  # e.g. the T5 of an SD3 base saved without it
+                **vae,
+                revision=args.revision,
+                variant=args.variant,
             )
             match_training_scheduler(pipeline, run.noise_scheduler)
             save(pipeline.save_pretrained)
@@ -281,12 +301,15 @@ def write_text_to_image_card(folder: Path, args, run: TextToImageRun, has_sample
     """The model card, written into ``folder`` (the save's staging folder)."""
     repo = model_reference(args, run.hub_repo_id)
     base = public_reference(args.pretrained_model_name_or_path)
+    # An SD3 base saved without T5 loads only when told so; optional components (a safety checker) need not be.
+    optional = run.frozen.pipeline_class._optional_components
+    absent = "".join(f", {name}=None" for name in absent_components(pipeline_config(args)) if name not in optional)
     if args.use_lora:
-        load = f'pipeline = DiffusionPipeline.from_pretrained("{base}")\npipeline.load_lora_weights("{repo}")\n'
+        load = f'pipeline = DiffusionPipeline.from_pretrained("{base}"{absent})\npipeline.load_lora_weights("{repo}")\n'
         if args.prediction_type:  # a LoRA file cannot carry the scheduler's setting
             load += f'pipeline.scheduler.register_to_config(prediction_type="{args.prediction_type}")\n'
     else:
-        load = f'pipeline = DiffusionPipeline.from_pretrained("{repo}")\n'
+        load = f'pipeline = DiffusionPipeline.from_pretrained("{repo}"{absent})\n'
     prompt = args.validation_prompt[0] if args.validation_prompt else "a photo"
     body = "## Use\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
     body += f"{load}image = pipeline({prompt!r}).images[0]\n```\n"
@@ -300,12 +323,8 @@ def write_text_to_image_card(folder: Path, args, run: TextToImageRun, has_sample
         args,
         run.plan,
         base_model=args.pretrained_model_name_or_path,
-        tags=[
-            "stable-diffusion-xl" if run.frozen.is_sdxl else "stable-diffusion",
-            "text-to-image",
-            *(["lora"] if args.use_lora else []),
-        ],
-        title=f"PU diffusion: Stable Diffusion{' XL' if run.frozen.is_sdxl else ''} "
+        tags=[FAMILY_TAGS[run.frozen.family], "text-to-image", *(["lora"] if args.use_lora else [])],
+        title=f"PU diffusion: {FAMILY_NAMES[run.frozen.family]} "
         + (f"LoRA ({lora_description(args)})" if args.use_lora else "fine-tune"),
         image=SAMPLES_FILE if has_samples else None,
         body=body,
@@ -335,9 +354,11 @@ def main(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args)
     with output_dir_lock(args.output_dir, accelerator.is_main_process):
         seed = settle_seed(args)
-        frozen, unet, noise_scheduler = load_models(args)
-        check_noise_band(noise_scheduler, args)
+        frozen, unet, noise_scheduler = load_models(args)  # SD3: unet is its transformer
+        if not frozen.is_sd3:
+            check_noise_band(noise_scheduler, args)
         if args.use_lora:
+            args.lora_layers = args.lora_layers or (SD3_LORA_LAYERS if frozen.is_sd3 else LORA_TARGET_MODULES)
             add_lora(
                 unet,
                 args.rank,
@@ -349,7 +370,7 @@ def main(args: argparse.Namespace) -> None:
         enable_memory_savers(unet, args)
         place_models(unet, frozen, accelerator.device, accelerator.mixed_precision, args)
         ema_model = make_ema(unet, args) if args.use_ema else None
-        register_checkpoint_hooks(accelerator, unet, ema_model, args.use_lora)
+        register_checkpoint_hooks(accelerator, unet, ema_model, args.use_lora, frozen.model_folder)
 
         with accelerator.main_process_first():
             unlabeled, sensitive = load_training_sets(args, seed)
@@ -375,6 +396,7 @@ def main(args: argparse.Namespace) -> None:
                 accelerator, args, plan, unet, trainable, unlabeled, sensitive, make_dataset, ema_model
             ),
             frozen=frozen,
+            flow=flow_settings(args) if frozen.is_sd3 else None,
             noise_scheduler=noise_scheduler,
             loss=LossSettings.from_flags(args, plan.prior),  # what the objective reads, fixed here
             base_model=args.pretrained_model_name_or_path,

@@ -179,6 +179,8 @@ def _check_resumed_run(args: argparse.Namespace) -> None:
             "%s has no %s: cannot check that the resume continues the same run", checkpoint, CHECKPOINT_CONFIG
         )
         return
+    if saved.get("lora_layers") is not None and getattr(args, "lora_layers", False) is None:
+        args.lora_layers = saved["lora_layers"]  # not given: the checkpoint's (its model's default, SD or SD3)
     for key in OBJECTIVE_FLAGS + ADAPTER_FLAGS:
         if key in saved and saved[key] != getattr(args, key, None):
             raise InputError(

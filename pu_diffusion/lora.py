@@ -18,6 +18,11 @@ from pu_diffusion.flags import POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: The attention projections that get LoRA adapters, as in the official LoRA example.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+#: --lora_layers on SD3 unless given: the SD3 LoRA script's, every projection of the joint attention.
+SD3_LORA_LAYERS = [
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+]  # fmt: skip
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +34,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lora_layers",
         type=module_names,
-        default=",".join(LORA_TARGET_MODULES),
-        help="Comma-separated names of the UNet modules that get adapters (default: the attention projections).",
+        default=None,
+        help="Comma-separated names of the modules that get adapters (default: the attention projections,"
+        f" {','.join(LORA_TARGET_MODULES)}; on SD3 those of the SD3 LoRA script, the joint attention's eight).",
     )
     group.add_argument("--use_dora", action="store_true", help="Weight-decomposed LoRA (DoRA, Liu et al., 2024).")
     group.add_argument(
@@ -76,9 +82,10 @@ def check_layer_names(model, layers) -> None:
     paths = [name for name, _ in model.named_modules()]
     unmatched = [layer for layer in layers if not any(path == layer or path.endswith("." + layer) for path in paths)]
     if unmatched:
+        default = SD3_LORA_LAYERS if lora_format(model)[1] == "transformer" else LORA_TARGET_MODULES
         raise InputError(
             f"--lora_layers {','.join(layers)}: {', '.join(unmatched)} names no module of the {type(model).__name__}"
-            f" (its attention projections are {','.join(LORA_TARGET_MODULES)})"
+            f" (its attention projections are {','.join(default)})"
         )
 
 
@@ -91,8 +98,20 @@ def lora_state_dict(unet, state_dict: dict | None = None, dtype: torch.dtype | N
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+    state = get_peft_model_state_dict(unet, state_dict=state_dict)
+    if lora_format(unet)[1] == "unet":  # SD's loader reads the Diffusers names; SD3's reads PEFT's, unconverted
+        state = convert_state_dict_to_diffusers(state)
     return {name: tensor.to(dtype) if dtype else tensor for name, tensor in state.items()}
+
+
+def lora_format(model) -> tuple[object, str]:
+    """(the pipeline class whose save_lora_weights / lora_state_dict we use, the key prefix): SD3's transformer,
+    or a UNet (SD and SDXL read the same file)."""
+    import diffusers
+
+    if type(model).__name__ == "SD3Transformer2DModel":
+        return diffusers.StableDiffusion3Pipeline, "transformer"
+    return diffusers.StableDiffusionPipeline, "unet"
 
 
 def write_lora(folder, unet, state: dict) -> None:
@@ -102,15 +121,15 @@ def write_lora(folder, unet, state: dict) -> None:
     The metadata's dropout is 0: it is a training setting, and ``load_lora_weights`` would build dropout
     layers that a pipeline never switches to eval mode, so the same seed would give other images each time.
     """
-    from diffusers import StableDiffusionPipeline
-
+    pipeline_class, prefix = lora_format(unet)
     metadata = {**unet.peft_config["default"].to_dict(), "lora_dropout": 0.0}
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    pipeline_class.save_lora_weights(
+        folder, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": metadata}
+    )
 
 
 def register_lora_hooks(accelerator, unet) -> None:
     """checkpoint-N holds the adapters as pytorch_lora_weights.safetensors; a resume loads them back exactly."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import cast_training_params
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -127,16 +146,22 @@ def register_lora_hooks(accelerator, unet) -> None:
     def load_model_hook(models, input_dir):
         while models:
             model = accelerator.unwrap_model(models.pop())
-            state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
-            unet_state = {
-                key.removeprefix("unet."): value for key, value in state_dict.items() if key.startswith("unet.")
+            pipeline_class, prefix = lora_format(model)
+            state_dict = pipeline_class.lora_state_dict(input_dir)
+            state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD: (weights, alphas)
+            model_state = {
+                key.removeprefix(f"{prefix}."): value
+                for key, value in state_dict.items()
+                if key.startswith(f"{prefix}.")
             }
             result = set_peft_model_state_dict(
-                model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+                model, convert_unet_state_dict_to_peft(model_state), adapter_name="default"
             )
             unexpected = getattr(result, "unexpected_keys", None)
             if unexpected:
-                raise InputError(f"{input_dir}: LoRA weights that fit no adapter of this UNet: {unexpected[:5]}")
+                raise InputError(
+                    f"{input_dir}: LoRA weights that fit no adapter of this {type(model).__name__}: {unexpected[:5]}"
+                )
             cast_training_params(model, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)

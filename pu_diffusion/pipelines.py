@@ -41,6 +41,16 @@ def check_pipeline_folder(name_or_path: str) -> None:
         )
 
 
+def absent_components(config: dict) -> dict:
+    """None for each component model_index.json lists as absent ([null, null]), such as the T5 of an SD3 base
+    saved without it: ``DiffusionPipeline.from_pretrained`` refuses such a folder unless it is told so."""
+    return {
+        name: None
+        for name, value in config.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is None
+    }
+
+
 def load_unconditional_pipeline(name_or_path: str, scheduler: str, device: str):
     """A pipeline with a ``unet`` and a ``scheduler``, with the sampling scheduler swapped in."""
     from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
@@ -103,7 +113,8 @@ def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: to
     check_pipeline_folder(args.pipeline)
     try:
         # Cast after loading: the loading keyword changed name (torch_dtype -> dtype) across Diffusers versions.
-        pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
+        config = DiffusionPipeline.load_config(args.pipeline)
+        pipeline = DiffusionPipeline.from_pretrained(args.pipeline, **absent_components(config))
     except (OSError, ValueError) as error:
         raise InputError(f"--pipeline {args.pipeline}: not a diffusion pipeline: {error}") from error
     if not hasattr(pipeline, "tokenizer"):

@@ -8,41 +8,81 @@ from dataclasses import dataclass
 
 import torch
 
+from pu_diffusion import flow_matching
 from pu_diffusion.batches import CaptionedImages, ImageTransform, read_captions
 from pu_diffusion.buckets import Bucketing
 from pu_diffusion.errors import InputError
+from pu_diffusion.flags import POSITIVE_FLOAT, POSITIVE_INT
+from pu_diffusion.flow_matching import FlowMatchingSettings, draw_sigmas
 from pu_diffusion.latent_cache import CachedLatents
-from pu_diffusion.objective import diffusion_target, risk_of_losses, set_prediction_type, weighted_losses
+from pu_diffusion.objective import diffusion_target, noise_band, risk_in_band, set_prediction_type, weighted_losses
 from pu_diffusion.run_setup import TrainingRun
 
 logger = logging.getLogger(__name__)
+
+#: T5's tokens per caption on SD3 (--max_sequence_length), as in Diffusers' SD3 scripts.
+DEFAULT_MAX_SEQUENCE_LENGTH = 77
+
+
+#: The pipelines this script fine-tunes, by model_index.json's class name: (family, the trained model's folder).
+FAMILIES = {
+    "StableDiffusionPipeline": ("sd", "unet"),
+    "StableDiffusionXLPipeline": ("sdxl", "unet"),
+    "StableDiffusion3Pipeline": ("sd3", "transformer"),
+}
 
 
 @dataclass(kw_only=True)
 class FrozenModels:
     """What turns a batch into latents and text states: the VAE, the text encoder(s) and their tokenizer(s).
-    SDXL has a second tokenizer and text encoder (with projection), which SD lacks."""
+    SDXL adds a second CLIP (with projection); SD3 has two CLIPs with projection and an optional T5."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
+    family: str = "sd"  # sd, sdxl or sd3
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
+    text_encoder_3: torch.nn.Module | None = None  # SD3's T5, absent from bases saved without it
+    tokenizer_3: object | None = None
     weight_dtype: torch.dtype = torch.float32
+    joint_attention_dim: int = 0  # SD3: the width of the transformer's text states
+    patch_size: int = 1  # SD3: latent pixels per side of one transformer token
+    max_sequence_length: int = 77  # SD3: T5's tokens (zeros in their place without T5)
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.family == "sdxl"
+
+    @property
+    def is_sd3(self) -> bool:
+        return self.family == "sd3"
+
+    @property
+    def model_folder(self) -> str:
+        """The trained model's folder and keyword in the pipeline: unet, or SD3's transformer."""
+        return "transformer" if self.is_sd3 else "unet"
 
     @property
     def pipeline_class(self):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
-        return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+        return getattr(diffusers, next(name for name, (family, _) in FAMILIES.items() if family == self.family))
+
+    def encoders(self) -> list[torch.nn.Module]:
+        return [model for model in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if model is not None]
 
     def components(self) -> dict:
         """The frozen parts as pipeline components (``from_pretrained`` keyword arguments)."""
         parts = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        if self.is_sd3:
+            return {
+                **parts,
+                "text_encoder_2": self.text_encoder_2,
+                "tokenizer_2": self.tokenizer_2,
+                "text_encoder_3": self.text_encoder_3,
+                "tokenizer_3": self.tokenizer_3,
+            }
         if self.is_sdxl:
             return {**parts, "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
         return {**parts, "safety_checker": None}
@@ -50,57 +90,190 @@ class FrozenModels:
 
 @dataclass(kw_only=True)
 class TextToImageRun(TrainingRun):
-    """The shared loop's parts plus the frozen models."""
+    """The shared loop's parts plus the frozen models (and SD3's flow-matching flags)."""
 
     frozen: FrozenModels
+    flow: FlowMatchingSettings | None = None
 
 
-def is_sdxl_pipeline(args: argparse.Namespace) -> bool:
-    """Whether --pretrained_model_name_or_path is an SDXL pipeline (it has a second text encoder)."""
+#: Flags of the UNet families (SD, SDXL) that mean nothing on SD3, with the value that counts as not given.
+UNET_ONLY_FLAGS = {"snr_gamma": None, "prediction_type": None, "noise_offset": 0.0, "sensitive_min_timestep": 0}
+#: SD3's flags (Diffusers' SD3 scripts' names), None unless given.
+SD3_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "max_sequence_length")
+
+
+def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flow-matching flags of Diffusers' SD3 scripts, same names and defaults; refused on SD and SDXL."""
+    group = parser.add_argument_group("Stable Diffusion 3 (refused on SD and SDXL)")
+    group.add_argument(
+        "--weighting_scheme",
+        choices=flow_matching.WEIGHTING_SCHEMES,
+        default=None,
+        help="How sigma is drawn (logit_normal, mode) or each error weighted (sigma_sqrt, cosmap). Default:"
+        " logit_normal.",
+    )
+    group.add_argument("--logit_mean", type=float, default=None, help="logit_normal's mean (default 0.0).")
+    group.add_argument("--logit_std", type=POSITIVE_FLOAT, default=None, help="logit_normal's std (default 1.0).")
+    group.add_argument("--mode_scale", type=float, default=None, help="The mode scheme's scale (default 1.29).")
+    group.add_argument(
+        "--precondition_outputs",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="1 (default): regress x_0 from the output, as in EDM; 0: the velocity.",
+    )
+    group.add_argument(
+        "--max_sequence_length",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"T5's tokens per caption (default {DEFAULT_MAX_SEQUENCE_LENGTH}); refused without T5.",
+    )
+
+
+def check_family_flags(args: argparse.Namespace, family: str) -> None:
+    """A flag that means nothing for the base's family is refused, naming it, before any weights load."""
+    if family == "sd3":
+        given = [flag for flag, unset in UNET_ONLY_FLAGS.items() if getattr(args, flag, unset) != unset]
+        if given:
+            raise InputError(
+                f"--{given[0]} is for DDPM-trained UNets (SD, SDXL); {args.pretrained_model_name_or_path} is SD3,"
+                " trained by flow matching (its flags: --weighting_scheme, --precondition_outputs; the S terms'"
+                " band: --sensitive_max_snr)"
+            )
+        return
+    given = [flag for flag in SD3_FLAGS if getattr(args, flag, None) is not None]
+    if given:
+        raise InputError(
+            f"--{given[0]} is a Stable Diffusion 3 flag; {args.pretrained_model_name_or_path} is {family.upper()}"
+        )
+
+
+def flow_settings(args: argparse.Namespace) -> FlowMatchingSettings:
+    """The SD3 flags given, the SD3 scripts' defaults for the rest."""
+    given = {
+        flag: getattr(args, flag)
+        for flag in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+        if getattr(args, flag) is not None
+    }
+    if args.precondition_outputs is not None:
+        given["precondition_outputs"] = bool(args.precondition_outputs)
+    return FlowMatchingSettings(**given)
+
+
+def pipeline_config(args: argparse.Namespace) -> dict:
+    """--pretrained_model_name_or_path's model_index.json."""
     from diffusers import DiffusionPipeline
 
     try:
-        config = DiffusionPipeline.load_config(
+        return DiffusionPipeline.load_config(
             args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
         )
     except (OSError, ValueError) as error:
         raise InputError(
             f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no model_index.json: {error}"
         ) from error
-    return "text_encoder_2" in config
+
+
+def pipeline_family(config: dict, source: str) -> str:
+    """sd, sdxl or sd3, from model_index.json; another pipeline is refused, naming the ones we train."""
+    name = config.get("_class_name", "")
+    if name in FAMILIES:
+        return FAMILIES[name][0]
+    if "transformer" not in config:  # a pipeline saved under a custom class name: SD or SDXL by its encoders
+        return "sdxl" if "text_encoder_2" in config else "sd"
+    raise InputError(
+        f"--pretrained_model_name_or_path {source}: a {name or 'transformer'} pipeline; this script fine-tunes"
+        f" {', '.join(FAMILIES)}"
+    )
+
+
+def has_component(config: dict, name: str) -> bool:
+    """Whether model_index.json lists ``name`` with a class (SD3 saved without T5 lists [null, null])."""
+    entry = config.get(name)
+    return bool(entry) and entry[0] is not None
 
 
 def load_models(args: argparse.Namespace) -> tuple[FrozenModels, torch.nn.Module, object]:
-    """(frozen models, UNet, DDPM noise scheduler) of the pretrained SD or SDXL pipeline; the VAE from
+    """(frozen models, trained model, noise scheduler) of the pretrained SD, SDXL or SD3 pipeline: the UNet and
+    DDPM's scheduler, or SD3's transformer and flow-matching scheduler. The VAE from
     --pretrained_vae_model_name_or_path when given."""
+    source = args.pretrained_model_name_or_path
+    config = pipeline_config(args)
+    family = pipeline_family(config, source)
+    check_family_flags(args, family)
+    try:
+        if family == "sd3":
+            return load_sd3_models(args, config)
+        return load_unet_models(args, family)
+    except (OSError, ValueError) as error:
+        parts = {
+            "sd": "tokenizer/, text_encoder/, vae/, unet/",
+            "sdxl": "tokenizer(_2)/, text_encoder(_2)/, vae/, unet/",
+            "sd3": "tokenizer(_2, _3)/, text_encoder(_2, _3)/, vae/, transformer/",
+        }[family]
+        raise InputError(
+            f"--pretrained_model_name_or_path {source}: not a complete {family.upper()} pipeline with {parts}"
+            f" and scheduler/: {error}"
+        ) from error
+
+
+def load_unet_models(args: argparse.Namespace, family: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = args.pretrained_model_name_or_path
-    sdxl = is_sdxl_pipeline(args)
     hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
     weights = {**hub_kwargs, "variant": args.variant}
-    try:
-        frozen = FrozenModels(
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
-            vae=load_vae(args),
+    frozen = FrozenModels(
+        family=family,
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        vae=load_vae(args),
+    )
+    if family == "sdxl":
+        frozen.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub_kwargs)
+        frozen.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", **weights
         )
-        if sdxl:
-            frozen.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub_kwargs)
-            frozen.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", **weights
-            )
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
-    except (OSError, ValueError) as error:
-        parts = "tokenizer(_2)/, text_encoder(_2)/" if sdxl else "tokenizer/, text_encoder/"
-        raise InputError(
-            f"--pretrained_model_name_or_path {source}: not a Stable Diffusion{' XL' if sdxl else ''} pipeline"
-            f" with {parts}, vae/, unet/ and scheduler/: {error}"
-        ) from error
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
     set_prediction_type(noise_scheduler, args)
     return frozen, unet, noise_scheduler
+
+
+def load_sd3_models(args: argparse.Namespace, config: dict):
+    """SD3's two CLIPs (with projection), its T5 when the base has one, the transformer and the flow-matching
+    scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    source = args.pretrained_model_name_or_path
+    hub_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    weights = {**hub_kwargs, "variant": args.variant}
+    transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", **weights)
+    frozen = FrozenModels(
+        family="sd3",
+        vae=load_vae(args),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", **weights),
+        tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub_kwargs),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **weights),
+        joint_attention_dim=transformer.config.joint_attention_dim,
+        patch_size=transformer.config.patch_size,
+        max_sequence_length=args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+    )
+    if has_component(config, "text_encoder_3"):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        frozen.tokenizer_3 = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", **hub_kwargs)
+        frozen.text_encoder_3 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **weights)
+    elif args.max_sequence_length is not None:
+        raise InputError(
+            f"--max_sequence_length {args.max_sequence_length}: it sets T5's tokens, and"
+            f" {source} has no text_encoder_3 (T5)"
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **hub_kwargs)
+    return frozen, transformer, scheduler
 
 
 def load_vae(args: argparse.Namespace):
@@ -132,25 +305,25 @@ def place_models(unet, frozen: FrozenModels, device, mixed_precision: str, args)
     or ``--mixed_precision``), so either way of asking works. Trainable
     parameters stay float32 because the optimizer cannot update float16
     weights under a gradient scaler, and bfloat16 ones lose small updates.
-    SDXL's own VAE stays float32, as in the official SDXL script (it
-    overflows in float16); a --pretrained_vae_model_name_or_path one is cast.
+    SDXL's and SD3's own VAEs stay float32, as in the official SDXL and SD3
+    scripts (SDXL's overflows in float16); a --pretrained_vae_model_name_or_path
+    one is cast.
     """
     from diffusers.training_utils import cast_training_params
 
     weight_dtype = weight_dtype_for(mixed_precision)
     frozen.weight_dtype = weight_dtype
-    for model in (frozen.vae, frozen.text_encoder, frozen.text_encoder_2):
-        if model is not None:
-            model.requires_grad_(False)
-            model.to(device, dtype=weight_dtype)
-    if frozen.is_sdxl and args.pretrained_vae_model_name_or_path is None:
+    for model in (frozen.vae, *frozen.encoders()):
+        model.requires_grad_(False)
+        model.to(device, dtype=weight_dtype)
+    if frozen.family in ("sdxl", "sd3") and args.pretrained_vae_model_name_or_path is None:
         frozen.vae.to(dtype=torch.float32)
     if args.use_lora:
         unet.to(device, dtype=weight_dtype)
         cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(device)
-    trained = f"LoRA rank {unet.peft_config['default'].r}" if args.use_lora else "the full UNet"
+    trained = f"LoRA rank {unet.peft_config['default'].r}" if args.use_lora else f"the full {type(unet).__name__}"
     logger.info("%s trained in float32, frozen weights in %s (VAE %s)", trained, weight_dtype, frozen.vae.dtype)
 
 
@@ -163,11 +336,13 @@ def sample_latents(frozen: FrozenModels, batches: list[dict], generator=None) ->
     else:
         pixel_values = torch.cat([batch["pixel_values"] for batch in batches])
         latent_dist = frozen.vae.encode(pixel_values.to(frozen.vae.dtype)).latent_dist
-    return latent_dist.sample(generator=generator).float() * frozen.vae.config.scaling_factor
+    # SD3's VAE centres its latents (shift_factor) before scaling them; SD's and SDXL's have no shift.
+    shift = frozen.vae.config.get("shift_factor") or 0.0
+    return (latent_dist.sample(generator=generator).float() - shift) * frozen.vae.config.scaling_factor
 
 
 def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, generator=None):
-    """Eq. (20): the UNet's per-sample losses on U and S with their captions, then the PU risk.
+    """Eq. (20): the model's per-sample losses on U and S with their captions, then the PU risk.
 
     One forward over cat([U, S]) latents; with --aspect_ratio_buckets the U
     and S batches may come from buckets of different sizes, and then each
@@ -176,9 +351,10 @@ def training_step(run: TextToImageRun, unlabeled_batch, sensitive_batch, args, g
     batches = [unlabeled_batch] if sensitive_batch is None else [unlabeled_batch, sensitive_batch]
     one_size = len({image_size(batch) for batch in batches}) == 1
     groups = [batches] if one_size else [[batch] for batch in batches]
-    losses, timesteps = zip(*(losses_of(run, group, args, generator) for group in groups), strict=True)
-    num_unlabeled = len(unlabeled_batch["input_ids"])
-    return risk_of_losses(run.loss, run.noise_scheduler, torch.cat(losses), torch.cat(timesteps), num_unlabeled)
+    losses_of = flow_losses_of if run.frozen.is_sd3 else diffusion_losses_of
+    losses, bands = zip(*(losses_of(run, group, args, generator) for group in groups), strict=True)
+    in_band = None if bands[0] is None else torch.cat(bands)
+    return risk_in_band(run.loss, torch.cat(losses), in_band, num_unlabeled=len(unlabeled_batch["input_ids"]))
 
 
 def image_size(batch: dict) -> tuple[int, ...]:
@@ -187,8 +363,9 @@ def image_size(batch: dict) -> tuple[int, ...]:
     return tuple(images.shape[-2:])
 
 
-def losses_of(run: TextToImageRun, batches: list[dict], args, generator=None):
-    """(weighted l(x) per image, timesteps) of one UNet forward over the batches' images, of one size."""
+def diffusion_losses_of(run: TextToImageRun, batches: list[dict], args, generator=None):
+    """(weighted l(x) per image, which are in the S terms' noise band) of one UNet forward over the batches'
+    images, of one size."""
     with torch.no_grad():
         latents = sample_latents(run.frozen, batches, generator)
         text_states, added_conditions = encode_prompts(run.frozen, batches)
@@ -202,13 +379,39 @@ def losses_of(run: TextToImageRun, batches: list[dict], args, generator=None):
     model_pred = run.model(noisy, timesteps, text_states, added_cond_kwargs=added_conditions, return_dict=False)[0]
     target = diffusion_target(run.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(run.noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
-    return weighted_losses(run.loss, model_pred.float(), target, weights), timesteps
+    losses = weighted_losses(run.loss, model_pred.float(), target, weights)
+    return losses, noise_band(run.noise_scheduler, timesteps, run.loss)
+
+
+def flow_losses_of(run: TextToImageRun, batches: list[dict], args, generator=None):
+    """The same for SD3's transformer, by flow matching (pu_diffusion/flow_matching.py): sigma drawn by
+    --weighting_scheme, the velocity (or, preconditioned, x_0) regressed, each error weighted by the scheme."""
+    with torch.no_grad():
+        latents = sample_latents(run.frozen, batches, generator)
+        text_states, pooled = encode_prompts(run.frozen, batches)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    timesteps, sigmas = draw_sigmas(run.noise_scheduler, len(latents), run.flow, generator, latents.device)
+    noisy = flow_matching.noisy_latents(latents, noise, sigmas)
+    output = run.model(
+        hidden_states=noisy.to(run.frozen.weight_dtype),
+        timestep=timesteps,
+        encoder_hidden_states=text_states,
+        pooled_projections=pooled["pooled_projections"],
+        return_dict=False,
+    )[0]
+    prediction, target = flow_matching.prediction_and_target(
+        output.float(), noisy, latents, noise, sigmas, run.flow.precondition_outputs
+    )
+    weights = flow_matching.loss_weights(run.flow.weighting_scheme, sigmas)
+    return weighted_losses(run.loss, prediction, target, weights), flow_matching.noise_band(sigmas, run.loss)
 
 
 def encode_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Tensor, dict | None]:
-    """(text states, SDXL's added conditions). SD: the text encoder's last hidden states. SDXL, as its pipeline
+    """(text states, added conditions). SD: the text encoder's last hidden states. SDXL, as its pipeline
     does: both encoders' penultimate hidden states side by side, the second's pooled projection, and the
-    batch's time ids (original size, crop top-left, target size)."""
+    batch's time ids (original size, crop top-left, target size). SD3: see ``encode_sd3_prompts``."""
+    if frozen.is_sd3:
+        return encode_sd3_prompts(frozen, batches)
     input_ids = torch.cat([batch["input_ids"] for batch in batches])
     if not frozen.is_sdxl:
         return frozen.text_encoder(input_ids, return_dict=False)[0], None
@@ -217,6 +420,27 @@ def encode_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Ten
     states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
     time_ids = torch.cat([batch["time_ids"] for batch in batches]).to(states.device)
     return states, {"text_embeds": second.text_embeds, "time_ids": time_ids}
+
+
+def encode_sd3_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Tensor, dict]:
+    """SD3's text states, as its pipeline's ``encode_prompt`` makes them: both CLIPs' penultimate hidden states
+    side by side, zero-padded to the transformer's width, then T5's last hidden states (zeros without T5)
+    after them along the sequence; the pooled projections are both CLIPs' side by side."""
+
+    def ids(key: str) -> torch.Tensor:
+        return torch.cat([batch[key] for batch in batches])
+
+    first = frozen.text_encoder(ids("input_ids"), output_hidden_states=True)
+    second = frozen.text_encoder_2(ids("input_ids_2"), output_hidden_states=True)
+    clip_states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    if frozen.text_encoder_3 is not None:
+        t5_states = frozen.text_encoder_3(ids("input_ids_3"))[0]
+    else:
+        shape = (len(clip_states), frozen.max_sequence_length, frozen.joint_attention_dim)
+        t5_states = clip_states.new_zeros(shape)
+    clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+    pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)
+    return torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2), {"pooled_projections": pooled}
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -239,23 +463,30 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) 
 
 
 def captioned_dataset_factory(args, frozen: FrozenModels, bucketing: Bucketing | None = None):
-    """``make_dataset`` for the shared loaders: images with their tokenized captions (for both tokenizers and
+    """``make_dataset`` for the shared loaders: images with their tokenized captions (for each tokenizer, and
     with SDXL's size and crop conditioning when the base is SDXL), each at its bucket's size with
     --aspect_ratio_buckets."""
     transform = ImageTransform(args.resolution, 3, args.center_crop, args.random_flip, args.image_interpolation_mode)
 
-    def token_ids(tokenizer, caption: str) -> torch.Tensor:
+    def token_ids(tokenizer, caption: str, max_length: int | None = None) -> torch.Tensor:
         return tokenizer(
-            caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+            caption,
+            max_length=max_length or tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
         ).input_ids[0]
 
     def tokenize(caption: str):
-        if not frozen.is_sdxl:
+        if frozen.family == "sd":
             return token_ids(frozen.tokenizer, caption)
-        return {
+        tokens = {
             "input_ids": token_ids(frozen.tokenizer, caption),
             "input_ids_2": token_ids(frozen.tokenizer_2, caption),
         }
+        if frozen.text_encoder_3 is not None:  # SD3's T5, at --max_sequence_length
+            tokens["input_ids_3"] = token_ids(frozen.tokenizer_3, caption, frozen.max_sequence_length)
+        return tokens
 
     def make_dataset(dataset, seed: int, source: str):
         # S drawn from U's labeled dataset (--label_column) has U's caption column.
@@ -284,9 +515,10 @@ def assign_buckets(args, frozen: FrozenModels, unlabeled, sensitive) -> Bucketin
     """Each image's --aspect_ratio_buckets bucket, from its file's header; None without the flag."""
     if args.aspect_ratio_buckets is None:
         return None
-    vae_scale_factor = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    # A bucket's sides must give whole latent pixels, and on SD3 whole transformer patches of them.
+    pixels_per_step = 2 ** (len(frozen.vae.config.block_out_channels) - 1) * frozen.patch_size
     datasets = {"U": unlabeled, "S": sensitive}
-    bucketing = Bucketing.of(args.aspect_ratio_buckets, vae_scale_factor, datasets, args.image_column)
+    bucketing = Bucketing.of(args.aspect_ratio_buckets, pixels_per_step, datasets, args.image_column)
     logger.info("--aspect_ratio_buckets: images per bucket: %s", bucketing.describe())
     return bucketing
 

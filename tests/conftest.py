@@ -18,7 +18,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 import pytest
 import text_to_image_step  # benchmarks/, on pytest's pythonpath
 
-from tests.helpers import tiny_unet_kwargs, write_tiny_clip_tokenizer
+from tests.helpers import tiny_t5_tokenizer, tiny_unet_kwargs, write_captioned_folder, write_tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,16 @@ def digits_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits")
     write_digits_dataset(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def captioned_data(tmp_path_factory):
+    """U: six cats and two dogs (the sensitive concept, mixed in); S: three dogs with no captions."""
+    root = tmp_path_factory.mktemp("captioned")
+    unlabeled = write_captioned_folder(root / "u", ["a photo of a cat"] * 6 + ["a photo of a dog"] * 2)
+    sensitive = write_captioned_folder(root / "s", ["unused"] * 3, seed=1)
+    (sensitive / "metadata.jsonl").unlink()  # S needs no captions of its own with --sensitive_prompt
+    return unlabeled, sensitive
 
 
 @pytest.fixture(scope="session")
@@ -117,4 +127,54 @@ def tiny_sdxl_pipeline(tmp_path_factory) -> Path:
         ),
     )
     pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory) -> Path:
+    """A Stable Diffusion 3 pipeline folder for 32 px images, built from configs: two tiny CLIP text encoders
+    with projection and a tiny T5, an MMDiT transformer of two joint blocks (the last has no text output
+    projection), a flow-matching scheduler with SD3's shift."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    path = tmp_path_factory.mktemp("tiny_sd3")
+    torch.manual_seed(0)
+    text_config = text_to_image_step.tiny_text_config()  # hidden size 32, projection 32
+    _, vae, _, _, _, _ = text_to_image_step.build_models("tiny")
+    vae.register_to_config(shift_factor=0.1)  # SD3's VAE centres its latents; any shift shows it is applied
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+    )  # fmt: skip
+    t5_tokenizer = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=2))
+    tokenizer = write_tiny_clip_tokenizer(tmp_path_factory.mktemp("sd3_tokenizer_files"))
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_without_t5(tiny_sd3_pipeline, tmp_path_factory) -> Path:
+    """The same SD3 base saved without its T5, as model_index.json then lists it: [null, null]."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny_sd3_no_t5") / "pipeline"
+    shutil.copytree(tiny_sd3_pipeline, path, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((path / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (path / "model_index.json").write_text(json.dumps(index))
     return path

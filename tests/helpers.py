@@ -241,6 +241,21 @@ def write_tiny_clip_tokenizer(path: Path, model_max_length: int = 16):
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
 
 
+def tiny_t5_tokenizer():
+    """A T5-style tokenizer (words, then </s>; padded with <pad>) over the words of the tests' captions."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "a photo of cat dog shape".split()
+    vocabulary = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: index + 3 for index, word in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
 def write_captioned_folder(path: Path, captions: list[str], size: int = 32, seed: int = 0) -> Path:
     """An image folder with metadata.jsonl: one random RGB image per caption, in the ``text`` column."""
 

@@ -30,22 +30,11 @@ from tests.helpers import (
     resume_from_a_copy,
     run_script,
     scalars,
-    write_captioned_folder,
 )
 from tests.loss_flags import default_loss_flags
 
 SCRIPT = "train_pu_text_to_image.py"
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
-
-
-@pytest.fixture(scope="module")
-def captioned_data(tmp_path_factory):
-    """U: six cats and two dogs (the sensitive concept, mixed in); S: three dogs with no captions."""
-    root = tmp_path_factory.mktemp("captioned")
-    unlabeled = write_captioned_folder(root / "u", ["a photo of a cat"] * 6 + ["a photo of a dog"] * 2)
-    sensitive = write_captioned_folder(root / "s", ["unused"] * 3, seed=1)
-    (sensitive / "metadata.jsonl").unlink()  # S needs no captions of its own with --sensitive_prompt
-    return unlabeled, sensitive
 
 
 def run_args(pipeline, data, output_dir, *extra):
@@ -812,6 +801,7 @@ def test_sdxl_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(tiny_sdxl_pi
 
     pipeline = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline)
     frozen = FrozenModels(
+        family="sdxl",
         vae=pipeline.vae,
         text_encoder=pipeline.text_encoder,
         tokenizer=pipeline.tokenizer,
