@@ -13,8 +13,7 @@ The noise band of the S terms is read as an SNR, ``((1 - sigma) / sigma)^2``
 noise level it means under DDPM: sigma >= 0.254. ``--sensitive_min_timestep``
 counts DDPM steps and is refused here.
 
-Not yet wired into ``train_pu_text_to_image.py``: the SD3 script path (its
-models, prompts, LoRA layers and outputs) is the next step.
+``train_pu_text_to_image.py`` calls it for SD3 bases (``text_to_image.flow_losses_of``).
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from pu_diffusion.errors import InputError
-from pu_diffusion.objective import LossSettings, risk_in_band, weighted_losses
-from pu_loss import RiskOutput, flow_matching_snr
+from pu_diffusion.objective import LossSettings, weighted_losses
+from pu_loss import flow_matching_snr
 
 #: ``--weighting_scheme`` of Diffusers' SD3 scripts: how sigma is drawn (logit_normal, mode) or how each
 #: draw's squared error is weighted (sigma_sqrt, cosmap); none: uniform draws, weight 1.
@@ -112,18 +111,18 @@ def noise_band(sigmas: torch.Tensor, loss: LossSettings) -> torch.Tensor | None:
     return flow_matching_snr(sigmas) <= loss.sensitive_max_snr
 
 
-def flow_matching_risk(
+def flow_matching_losses(
     loss: LossSettings,
     settings: FlowMatchingSettings,
     model_output: torch.Tensor,
     latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     sigmas: torch.Tensor,
-    num_unlabeled: int,
-) -> RiskOutput:
-    """The PU risk of one forward over cat([U, S]): ``latents`` are (clean, noise, noisy) of those images."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weighted l(x) per image, which draws are in the S terms' band) of one forward; ``latents`` are the
+    (clean, noise, noisy) latents of its images. ``objective.risk_in_band`` turns them into the risk."""
     clean, noise, noisy = latents
     prediction, target = prediction_and_target(
         model_output.float(), noisy.float(), clean, noise, sigmas, settings.precondition_outputs
     )
     per_sample = weighted_losses(loss, prediction, target, loss_weights(settings.weighting_scheme, sigmas))
-    return risk_in_band(loss, per_sample, noise_band(sigmas, loss), num_unlabeled)
+    return per_sample, noise_band(sigmas, loss)

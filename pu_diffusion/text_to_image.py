@@ -399,11 +399,7 @@ def flow_losses_of(run: TextToImageRun, batches: list[dict], args, generator=Non
         pooled_projections=pooled["pooled_projections"],
         return_dict=False,
     )[0]
-    prediction, target = flow_matching.prediction_and_target(
-        output.float(), noisy, latents, noise, sigmas, run.flow.precondition_outputs
-    )
-    weights = flow_matching.loss_weights(run.flow.weighting_scheme, sigmas)
-    return weighted_losses(run.loss, prediction, target, weights), flow_matching.noise_band(sigmas, run.loss)
+    return flow_matching.flow_matching_losses(run.loss, run.flow, output, (latents, noise, noisy), sigmas)
 
 
 def encode_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Tensor, dict | None]:

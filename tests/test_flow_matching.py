@@ -9,13 +9,13 @@ from pu_diffusion.errors import InputError
 from pu_diffusion.flow_matching import (
     FlowMatchingSettings,
     draw_sigmas,
-    flow_matching_risk,
+    flow_matching_losses,
     loss_weights,
     noise_band,
     noisy_latents,
     prediction_and_target,
 )
-from pu_diffusion.objective import LossSettings
+from pu_diffusion.objective import LossSettings, risk_in_band
 
 #: The text-to-image defaults: PU with the absolute value, no positive risk, the band SNR <= 8.6.
 TEXT_TO_IMAGE_LOSS = LossSettings(
@@ -126,7 +126,8 @@ def test_risk_and_its_gradient_match_the_reference(scheme, precondition):
     output = torch.randn(6, 4, 3, 3, generator=generator, requires_grad=True)
     settings = FlowMatchingSettings(weighting_scheme=scheme, precondition_outputs=precondition)
     latents = (clean, noise, noisy_latents(clean, noise, sigmas))
-    risk = flow_matching_risk(TEXT_TO_IMAGE_LOSS, settings, output, latents, sigmas, num_unlabeled=4)
+    per_sample, in_band = flow_matching_losses(TEXT_TO_IMAGE_LOSS, settings, output, latents, sigmas)
+    risk = risk_in_band(TEXT_TO_IMAGE_LOSS, per_sample, in_band, num_unlabeled=4)
     (ours,) = torch.autograd.grad(risk.loss, output)
 
     reference_output = output.detach().double().requires_grad_(True)
