@@ -49,6 +49,7 @@ class FrozenModels:
     joint_attention_dim: int = 0  # SD3: the width of the transformer's text states
     patch_size: int = 1  # SD3: latent pixels per side of one transformer token
     max_sequence_length: int = 77  # SD3: T5's tokens (zeros in their place without T5)
+    text_states: PrecomputedTextStates | None = None  # SD3: each distinct caption's, computed once
 
     @property
     def is_sdxl(self) -> bool:
@@ -421,11 +422,14 @@ def encode_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Ten
 def encode_sd3_prompts(frozen: FrozenModels, batches: list[dict]) -> tuple[torch.Tensor, dict]:
     """SD3's text states, as its pipeline's ``encode_prompt`` makes them: both CLIPs' penultimate hidden states
     side by side, zero-padded to the transformer's width, then T5's last hidden states (zeros without T5)
-    after them along the sequence; the pooled projections are both CLIPs' side by side."""
+    after them along the sequence; the pooled projections are both CLIPs' side by side. Taken from
+    :class:`PrecomputedTextStates` when the batches carry their rows."""
 
     def ids(key: str) -> torch.Tensor:
         return torch.cat([batch[key] for batch in batches])
 
+    if frozen.text_states is not None and all("text_state_row" in batch for batch in batches):
+        return frozen.text_states.lookup(ids("text_state_row"), frozen.text_encoder.device)
     first = frozen.text_encoder(ids("input_ids"), output_hidden_states=True)
     second = frozen.text_encoder_2(ids("input_ids_2"), output_hidden_states=True)
     clip_states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
@@ -458,6 +462,56 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) 
     return clipped  # sample prediction: an x0 loss is the epsilon loss divided by SNR
 
 
+#: SD3's text states are computed once, before training, when U's or S's distinct captions number at most this
+#: (kept on the CPU; T5-XXL's states of one caption take 2.7 MB in bfloat16); above it, at every step.
+MAX_PRECOMPUTED_CAPTIONS = 1024
+
+
+class PrecomputedTextStates:
+    """SD3's text states and pooled projections of each distinct caption, computed once by
+    :func:`encode_sd3_prompts`: U's and S's captions repeat from epoch to epoch (in the paper's setting all of
+    U shares one), and SD3's three text encoders, T5 above all, cost more per step than its LoRA.
+
+    Captions are encoded in sorted order, 16 at a time, so that every process and every resume computes the
+    same states; a batch then carries each caption's row (``text_state_row``)."""
+
+    def __init__(self, frozen: FrozenModels):
+        self.frozen = frozen
+        self.rows: dict[str, int] = {}
+        self.states: list[torch.Tensor] = []
+        self.pooled: list[torch.Tensor] = []
+
+    def add(self, captions: set[str], tokenize) -> bool:
+        """Encode the ``captions`` not yet held; False (and nothing kept) past MAX_PRECOMPUTED_CAPTIONS."""
+        new = sorted(captions - self.rows.keys())
+        if len(self.rows) + len(new) > MAX_PRECOMPUTED_CAPTIONS:
+            return False
+        device = self.frozen.text_encoder.device
+        with torch.no_grad():
+            for start in range(0, len(new), 16):
+                chunk = new[start : start + 16]
+                tokens = [tokenize(caption) for caption in chunk]
+                batch = {key: torch.stack([row[key] for row in tokens]).to(device) for key in tokens[0]}
+                states, added = encode_sd3_prompts(self.frozen, [batch])
+                for caption, state, pooled in zip(chunk, states.cpu(), added["pooled_projections"].cpu(), strict=True):
+                    self.rows[caption] = len(self.states)
+                    self.states.append(state)
+                    self.pooled.append(pooled)
+        logger.info("SD3: text states of %d distinct captions computed once, before training", len(self.rows))
+        return True
+
+    def lookup(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        states = torch.stack([self.states[row] for row in rows.tolist()]).to(device)
+        pooled = torch.stack([self.pooled[row] for row in rows.tolist()]).to(device)
+        return states, {"pooled_projections": pooled}
+
+
+def distinct_captions(captions: list, caption_dropout_rate: float) -> set[str]:
+    """Every caption a dataset can give: each cell's (or each of a list's), and the empty one with dropout."""
+    found = {text for caption in captions for text in ([caption] if isinstance(caption, str) else caption)}
+    return found | ({""} if caption_dropout_rate else set())
+
+
 def captioned_dataset_factory(args, frozen: FrozenModels, bucketing: Bucketing | None = None):
     """``make_dataset`` for the shared loaders: images with their tokenized captions (for each tokenizer, and
     with SDXL's size and crop conditioning when the base is SDXL), each at its bucket's size with
@@ -484,6 +538,11 @@ def captioned_dataset_factory(args, frozen: FrozenModels, bucketing: Bucketing |
             tokens["input_ids_3"] = token_ids(frozen.tokenizer_3, caption, frozen.max_sequence_length)
         return tokens
 
+    text_states = PrecomputedTextStates(frozen) if frozen.is_sd3 else None
+
+    def tokenize_with_row(caption: str):
+        return {**tokenize(caption), "text_state_row": torch.tensor(text_states.rows[caption])}
+
     def make_dataset(dataset, seed: int, source: str):
         # S drawn from U's labeled dataset (--label_column) has U's caption column.
         column, flag = args.caption_column, "--caption_column"
@@ -491,12 +550,17 @@ def captioned_dataset_factory(args, frozen: FrozenModels, bucketing: Bucketing |
             column, flag = args.sensitive_caption_column, "--sensitive_caption_column"
         prompt = args.sensitive_prompt if source == "S" else None
         captions = read_captions(dataset, column, prompt, flag)
+        precomputed = text_states is not None and text_states.add(
+            distinct_captions(captions, args.caption_dropout_rate), tokenize
+        )
+        if precomputed:
+            frozen.text_states = text_states
         return CaptionedImages(
             dataset,
             args.image_column,
             transform,
             captions,
-            tokenize,
+            tokenize_with_row if precomputed else tokenize,
             micro_conditioning=frozen.is_sdxl,
             caption_dropout_rate=args.caption_dropout_rate,
             seed=seed,

@@ -32,7 +32,10 @@ def generate(pipeline, prompt="a photo of a dog"):
 def sd3_lora_run(tiny_sd3_pipeline, captioned_data, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("sd3_lora") / "out"
     args = run_args(tiny_sd3_pipeline, captioned_data, output_dir, *LORA, *VALIDATION, "--max_train_steps", "4")
-    assert_ok(run_script(SCRIPT, *args))
+    result = run_script(SCRIPT, *args)
+    assert_ok(result)
+    # U's two captions (cat, dog) and S's one (dog): their text states are computed once, not at every step.
+    assert "SD3: text states of 2 distinct captions computed once" in result.stderr
     return output_dir
 
 
@@ -275,3 +278,41 @@ def test_two_processes_train_an_sd3_lora(tiny_sd3_pipeline, captioned_data, tmp_
     pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline)
     load_lora_in_full(pipeline, str(output_dir))  # refuses a file whose weights do not all find their layer
     assert generate(pipeline).shape == (1, 32, 32, 3)
+
+
+def test_precomputed_text_states_are_the_encoders_and_give_way_past_the_limit(
+    tiny_sd3_pipeline, captioned_data, monkeypatch
+):
+    """Each distinct caption (and the empty one, for dropout) is encoded once; a batch's rows give back what
+    encoding its captions gives. Past MAX_PRECOMPUTED_CAPTIONS batches carry no rows and are encoded."""
+    import argparse
+
+    import datasets
+
+    from pu_diffusion import text_to_image
+    from pu_diffusion.text_to_image import captioned_dataset_factory, encode_prompts, load_models
+
+    flags = argparse.Namespace(
+        pretrained_model_name_or_path=str(tiny_sd3_pipeline), revision=None, variant=None, cache_dir=None,
+        pretrained_vae_model_name_or_path=None, max_sequence_length=None, resolution=32, center_crop=True,
+        random_flip=False, image_interpolation_mode="lanczos", image_column="image", caption_column="text",
+        label_column=None, sensitive_prompt=None, caption_dropout_rate=0.5, snr_gamma=None, prediction_type=None,
+        noise_offset=0.0, sensitive_min_timestep=0, weighting_scheme=None, logit_mean=None, logit_std=None,
+        mode_scale=None, precondition_outputs=None,
+    )  # fmt: skip
+    frozen = load_models(flags)[0]
+    unlabeled = datasets.load_dataset("imagefolder", data_dir=str(captioned_data[0]), split="train")
+    images = captioned_dataset_factory(flags, frozen)(unlabeled, 0, "U")
+    assert sorted(frozen.text_states.rows) == ["", "a photo of a cat", "a photo of a dog"]
+    items = [images[index, epoch] for index in range(len(images)) for epoch in range(3)]
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    looked_up, looked_up_added = encode_prompts(frozen, [batch])
+    encoded, encoded_added = encode_prompts(frozen, [{k: v for k, v in batch.items() if k != "text_state_row"}])
+    # Equal up to float rounding: the captions were encoded in other batches.
+    assert torch.allclose(looked_up, encoded, atol=1e-5)
+    assert torch.allclose(looked_up_added["pooled_projections"], encoded_added["pooled_projections"], atol=1e-5)
+
+    monkeypatch.setattr(text_to_image, "MAX_PRECOMPUTED_CAPTIONS", 2)
+    frozen = load_models(flags)[0]
+    item = captioned_dataset_factory(flags, frozen)(unlabeled, 0, "U")[0]
+    assert frozen.text_states is None and "text_state_row" not in item
