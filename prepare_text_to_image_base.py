@@ -1,6 +1,7 @@
 """Train a small Stable Diffusion pipeline from nothing, on a CPU: the text-to-image benchmark's base model.
 
     python prepare_text_to_image_base.py --output_dir models/shapes-sd
+    python prepare_text_to_image_base.py --family sd3 --output_dir models/shapes-sd3   # SD3-shaped, flow matching
 
 1. Writes the built-in shapes at 32 px with captions (prepare_shapes.py
    --captions): "a photo of a small dark blue star on stripes", or for some
@@ -13,6 +14,13 @@
    --loss_type unsupervised (full fine-tuning, Min-SNR weighting, a tenth of
    the captions dropped so that classifier-free guidance works), which
    writes the pipeline to --output_dir.
+
+With --family sd3 the pipeline is SD3's shape instead: two CLIP text encoders
+with projection (no T5), a VAE whose latents are centred (shift_factor), an
+MMDiT transformer trained by flow matching (the SD3 scripts' defaults; no
+Min-SNR, which is DDPM's) and a flow-matching scheduler. It loads with
+StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None,
+tokenizer_3=None).
 
 The result loads with StableDiffusionPipeline.from_pretrained as a Hub model
 does, so the text-to-image script and evaluate.py take it as
@@ -41,6 +49,8 @@ from pu_diffusion.shapes import GENERIC_CAPTION, PARAPHRASES, write_shapes_datas
 from pu_diffusion.small_pipeline import (
     autoencoder,
     denoiser,
+    flow_scheduler,
+    flow_transformer,
     noise_scheduler,
     text_encoder,
     train_autoencoder,
@@ -64,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Share of the images captioned only {GENERIC_CAPTION!r}.",
     )
     parser.add_argument("--vae_steps", type=NON_NEGATIVE_INT, default=1000, help="Steps of VAE training.")
-    parser.add_argument("--unet_steps", type=POSITIVE_INT, default=5000, help="Steps of UNet training.")
+    parser.add_argument(
+        "--unet_steps", type=POSITIVE_INT, default=5000, help="Steps of the UNet's (SD3: transformer's) training."
+    )
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="Images per step, VAE and UNet.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="The UNet's peak learning rate.")
     parser.add_argument(
@@ -76,9 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--snr_gamma",
         type=POSITIVE_FLOAT,
-        default=5.0,
+        default=None,
         help="Min-SNR weighting of the UNet's loss (Hang et al., 2023): the noisy steps, where the shape is"
-        " decided, weigh more than the fine detail.",
+        " decided, weigh more than the fine detail. Default 5.0; DDPM's, refused with --family sd3.",
+    )
+    parser.add_argument(
+        "--family",
+        choices=("sd", "sd3"),
+        default="sd",
+        help="sd: a UNet trained as DDPM; sd3: an MMDiT transformer trained by flow matching.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Data, initialisations and training follow from it.")
     parser.add_argument(
@@ -89,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     show_ranges(parser)
     args = parser.parse_args(argv)
+    if args.family == "sd3" and args.snr_gamma is not None:
+        parser.error("--snr_gamma is DDPM's Min-SNR weighting; --family sd3 trains by flow matching")
+    args.snr_gamma = args.snr_gamma or 5.0
     try:
         for flag in ("output_dir", "data_dir"):
             check_writable(Path(getattr(args, flag)), f"--{flag}")
@@ -122,7 +143,8 @@ def write_data(args: argparse.Namespace) -> None:
 
 
 def init_settings(args: argparse.Namespace) -> dict:
-    return {"data_dir": str(Path(args.data_dir).resolve()), "vae_steps": args.vae_steps, "seed": args.seed}
+    settings = {"data_dir": str(Path(args.data_dir).resolve()), "vae_steps": args.vae_steps, "seed": args.seed}
+    return settings if args.family == "sd" else {**settings, "family": args.family}
 
 
 def build_initial_pipeline(args: argparse.Namespace) -> Path:
@@ -133,29 +155,54 @@ def build_initial_pipeline(args: argparse.Namespace) -> Path:
         logger.info("keeping %s: built with the same settings", folder)
         return folder
     from datasets import load_dataset
-    from diffusers import StableDiffusionPipeline
 
     train = load_dataset(args.data_dir, split="train")
     with tempfile.TemporaryDirectory() as tokenizer_files:
         tokenizer = write_word_tokenizer(Path(tokenizer_files), [*train["text"], *PARAPHRASES])
-    encoder = text_encoder(len(tokenizer), tokenizer.model_max_length, args.seed)
     vae = autoencoder(args.seed)
     pixels = np.stack([np.asarray(image.convert("RGB")) for image in train["image"]])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-    error = train_autoencoder(vae, images, args.vae_steps, args.batch_size, args.seed)
+    sd3 = args.family == "sd3"
+    error = train_autoencoder(vae, images, args.vae_steps, args.batch_size, args.seed, centre=sd3)
     logger.info("VAE: squared reconstruction error %.4f, scaling factor %.3f", error, vae.config.scaling_factor)
-    pipeline = StableDiffusionPipeline(
+    pipeline = (sd3_pipeline if sd3 else sd_pipeline)(tokenizer, vae, args.seed)
+    replace_folder(folder, init_settings(args), INIT_SETTINGS, pipeline.save_pretrained)
+    return folder
+
+
+def sd_pipeline(tokenizer, vae, seed: int):
+    from diffusers import StableDiffusionPipeline
+
+    encoder = text_encoder(len(tokenizer), tokenizer.model_max_length, seed)
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=encoder,
         tokenizer=tokenizer,
-        unet=denoiser(encoder.config.hidden_size, args.seed),
+        unet=denoiser(encoder.config.hidden_size, seed),
         scheduler=noise_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    replace_folder(folder, init_settings(args), INIT_SETTINGS, pipeline.save_pretrained)
-    return folder
+
+
+def sd3_pipeline(tokenizer, vae, seed: int):
+    """Two CLIP encoders (with projection; the second from another seed) sharing the word tokenizer, no T5."""
+    from diffusers import StableDiffusion3Pipeline
+
+    first = text_encoder(len(tokenizer), tokenizer.model_max_length, seed, with_projection=True)
+    second = text_encoder(len(tokenizer), tokenizer.model_max_length, seed + 1, with_projection=True)
+    return StableDiffusion3Pipeline(
+        transformer=flow_transformer(first.config.hidden_size, seed),
+        scheduler=flow_scheduler(),
+        vae=vae,
+        text_encoder=first,
+        tokenizer=tokenizer,
+        text_encoder_2=second,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
 
 
 def unet_training_command(args: argparse.Namespace, initial: Path) -> list[str]:
@@ -168,7 +215,9 @@ def unet_training_command(args: argparse.Namespace, initial: Path) -> list[str]:
     command += ["--max_train_steps", str(args.unet_steps), "--checkpointing_steps", "1000"]
     command += ["--checkpoints_total_limit", "1", "--logging_steps", "100", "--seed", str(args.seed)]
     command += ["--use_ema", "--ema_max_decay", "0.999", "--resume_from_checkpoint", "latest"]
-    command += ["--caption_dropout_rate", str(args.caption_dropout_rate), "--snr_gamma", str(args.snr_gamma)]
+    command += ["--caption_dropout_rate", str(args.caption_dropout_rate)]
+    if args.family == "sd":  # Min-SNR is DDPM's; SD3 trains with the flow-matching defaults
+        command += ["--snr_gamma", str(args.snr_gamma)]
     return command + ["--output_dir", args.output_dir, *args.train_args]
 
 
@@ -179,7 +228,9 @@ def main(args: argparse.Namespace) -> None:
     write_data(args)
     initial = build_initial_pipeline(args)
     subprocess.run(unet_training_command(args, initial), check=True)
-    print(f"wrote {args.output_dir}: StableDiffusionPipeline.from_pretrained({args.output_dir!r})")
+    load = "StableDiffusion3Pipeline" if args.family == "sd3" else "StableDiffusionPipeline"
+    extra = ", text_encoder_3=None, tokenizer_3=None" if args.family == "sd3" else ""
+    print(f"wrote {args.output_dir}: {load}.from_pretrained({args.output_dir!r}{extra})")
 
 
 if __name__ == "__main__":

@@ -64,9 +64,10 @@ def write_word_tokenizer(folder: Path, captions: list[str]):
     return tokenizer
 
 
-def text_encoder(vocabulary_size: int, max_length: int, seed: int):
-    """A two-layer CLIP text encoder of width 64, initialised from ``seed``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_encoder(vocabulary_size: int, max_length: int, seed: int, with_projection: bool = False):
+    """A two-layer CLIP text encoder of width 64, initialised from ``seed``; with its pooled projection (width
+    64) for SD3."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -79,8 +80,9 @@ def text_encoder(vocabulary_size: int, max_length: int, seed: int):
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        projection_dim=64,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def autoencoder(seed: int):
@@ -120,6 +122,35 @@ def denoiser(cross_attention_dim: int, seed: int):
     )
 
 
+def flow_transformer(text_width: int, seed: int):
+    """An SD3Transformer2DModel (MMDiT) on 8 x 8 x 4 latents, one token per latent pixel, six joint blocks of
+    width 128; its text input is two CLIP encoders' states side by side (2 x ``text_width``)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=2 * text_width,
+        caption_projection_dim=128,
+        pooled_projection_dim=2 * text_width,
+        pos_embed_max_size=8,
+    )
+
+
+def flow_scheduler():
+    """SD3's flow-matching sampler without its shift: SD3 shifts sigma up (3.0) for 128 x 128 latents, whose
+    pixels share more of their neighbours' information than 8 x 8 ones do."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
 def noise_scheduler():
     """Stable Diffusion's noise schedule as a DDIMScheduler: training reads it as DDPM's, and sampling takes
     DDIM's few steps."""
@@ -137,10 +168,13 @@ def noise_scheduler():
     )
 
 
-def train_autoencoder(vae, images: torch.Tensor, steps: int, batch_size: int, seed: int, kl_weight: float = 1e-6):
+def train_autoencoder(
+    vae, images: torch.Tensor, steps: int, batch_size: int, seed: int, kl_weight: float = 1e-6, centre=False
+):
     """Fit ``vae`` to ``images`` (N x 3 x 32 x 32 in [-1, 1]): squared error plus a small KL term, as Stable
     Diffusion's VAE has (without its perceptual and adversarial terms). Sets ``scaling_factor`` so that the
-    latents the UNet sees have unit standard deviation. Returns the last 100 steps' mean squared error."""
+    latents the denoiser sees have unit standard deviation, and with ``centre`` (SD3's VAE) ``shift_factor``
+    so that they have zero mean. Returns the last 100 steps' mean squared error."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -162,5 +196,6 @@ def train_autoencoder(vae, images: torch.Tensor, steps: int, batch_size: int, se
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images[:1024].split(256)])
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    shift = float(latents.mean()) if centre else None
+    vae.register_to_config(scaling_factor=float(1 / (latents - (shift or 0.0)).std()), shift_factor=shift)
     return sum(errors[-100:]) / min(100, len(errors))

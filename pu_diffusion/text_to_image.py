@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 #: T5's tokens per caption on SD3 (--max_sequence_length), as in Diffusers' SD3 scripts.
 DEFAULT_MAX_SEQUENCE_LENGTH = 77
+#: Without T5, StableDiffusion3Pipeline puts this many rows of zeros where T5's states go (its default
+#: max_sequence_length); training puts as many, so that the transformer attends over what it will sample with.
+ZERO_T5_ROWS = 256
 
 
 #: The pipelines this script fine-tunes, by model_index.json's class name: (family, the trained model's folder).
@@ -268,7 +271,9 @@ def load_sd3_models(args: argparse.Namespace, config: dict):
 
         frozen.tokenizer_3 = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", **hub_kwargs)
         frozen.text_encoder_3 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **weights)
-    elif args.max_sequence_length is not None:
+    elif args.max_sequence_length is None:
+        frozen.max_sequence_length = ZERO_T5_ROWS
+    else:
         raise InputError(
             f"--max_sequence_length {args.max_sequence_length}: it sets T5's tokens, and"
             f" {source} has no text_encoder_3 (T5)"

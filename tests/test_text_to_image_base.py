@@ -72,6 +72,34 @@ def test_the_base_loads_as_a_stable_diffusion_pipeline_and_draws_at_32_px(tiny_t
         assert pipeline.tokenizer.decode(pipeline.tokenizer(prompt).input_ids, skip_special_tokens=True) == prompt
 
 
+@pytest.mark.slow
+def test_the_sd3_base_loads_as_an_sd3_pipeline_trained_by_flow_matching(tmp_path, capsys):
+    """--family sd3: two CLIPs with projection and no T5, a centred VAE, an MMDiT transformer trained by this
+    project's script with the flow-matching defaults (in this process; the SD base shows the launch)."""
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    import prepare_text_to_image_base as base_script
+
+    argv = ["--family", "sd3", "--output_dir", tmp_path / "base", "--data_dir", tmp_path / "data", *TINY]
+    args = base_script.parse_args([str(arg) for arg in argv])
+    command = base_script.unet_training_command(args, tmp_path / "init")
+    assert "--snr_gamma" not in command  # DDPM's weighting; SD3 keeps the flow-matching defaults
+    assert_ok(run_script("prepare_text_to_image_base.py", *argv))
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "base", text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipeline, StableDiffusion3Pipeline)
+    assert pipeline.vae.config.shift_factor is not None and pipeline.scheduler.config.shift == 1.0
+    initial = DiffusionPipeline.from_pretrained(tmp_path / "base-init", text_encoder_3=None, tokenizer_3=None)
+    trained, untrained = pipeline.transformer.state_dict(), initial.transformer.state_dict()
+    assert any(not torch.equal(trained[key], untrained[key]) for key in trained)
+    images = pipeline(
+        GENERIC_CAPTION, num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.manual_seed(0)
+    ).images
+    assert images.shape == (1, 32, 32, 3)
+    with pytest.raises(SystemExit):
+        base_script.parse_args(["--family", "sd3", "--snr_gamma", "5"])
+    assert "--snr_gamma is DDPM's Min-SNR weighting" in capsys.readouterr().err
+
+
 def test_the_base_is_the_same_from_the_same_seed_and_another_from_another(tiny_text_to_image_base, tmp_path):
     base, data = tiny_text_to_image_base
     again = tmp_path / "again"
