@@ -316,3 +316,22 @@ def test_precomputed_text_states_are_the_encoders_and_give_way_past_the_limit(
     frozen = load_models(flags)[0]
     item = captioned_dataset_factory(flags, frozen)(unlabeled, 0, "U")[0]
     assert frozen.text_states is None and "text_state_row" not in item
+
+
+def test_without_t5_training_puts_as_many_zero_rows_as_the_pipeline_samples_with(tiny_sd3_pipeline_without_t5):
+    import argparse
+    import inspect
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from pu_diffusion.text_to_image import load_models
+
+    flags = argparse.Namespace(
+        pretrained_model_name_or_path=str(tiny_sd3_pipeline_without_t5), revision=None, variant=None,
+        cache_dir=None, pretrained_vae_model_name_or_path=None, max_sequence_length=None, snr_gamma=None,
+        prediction_type=None, noise_offset=0.0, sensitive_min_timestep=0, weighting_scheme=None,
+        logit_mean=None, logit_std=None, mode_scale=None, precondition_outputs=None,
+    )  # fmt: skip
+    frozen = load_models(flags)[0]
+    sampling_default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default
+    assert frozen.text_encoder_3 is None and frozen.max_sequence_length == sampling_default
