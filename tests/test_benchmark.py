@@ -35,7 +35,6 @@ def test_welch_t_test_by_hand():
     assert paper_protocol.welch_t_test([1.0], [2.0, 3.0]).startswith("n/a")
 
 
-@pytest.mark.slow
 def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path, capsys, monkeypatch):
     """The benchmark and its training and evaluation steps run in this process (the steps one at a time)."""
     steps_in_this_process(monkeypatch, paper_protocol)
