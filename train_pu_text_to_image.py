@@ -157,7 +157,7 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
     """What only this script needs; like the shared checks, before anything is loaded."""
     if args.use_ema and args.use_lora:
         raise InputError("--use_ema is for full fine-tuning; drop it with --use_lora")
-    lora_flags = ("lora_alpha", "use_dora", "upcast_before_saving")
+    lora_flags = ("lora_alpha", "lora_layers", "use_dora", "upcast_before_saving")
     given = [flag for flag in lora_flags if getattr(args, flag)] + (["lora_dropout"] if args.lora_dropout else [])
     if given and not args.use_lora:
         raise InputError(f"--{given[0]} is a LoRA setting: add --use_lora")

@@ -354,6 +354,7 @@ BAD_INPUT = {
     "not a pipeline": ([], ["--pretrained_model_name_or_path", "."], "--pretrained_model_name_or_path"),
     "zero rank": ([], ["--use_lora", "--rank", "0"], "--rank"),
     "LoRA setting without LoRA": ([], ["--lora_alpha", "8"], "--lora_alpha"),
+    "LoRA layers without LoRA": ([], ["--lora_layers", "to_q"], "--lora_layers is a LoRA setting"),
     "no LoRA layer named": ([], ["--use_lora", "--lora_layers", ","], "--lora_layers"),
     "LoRA layer the UNet lacks": ([], ["--use_lora", "--lora_layers", "to_nothing"], "--lora_layers to_nothing"),
     "wandb with a Hub token": ([], ["--report_to", "wandb", "--hub_token", "hf_x"], "--hub_token"),
