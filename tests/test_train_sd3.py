@@ -335,3 +335,18 @@ def test_without_t5_training_puts_as_many_zero_rows_as_the_pipeline_samples_with
     frozen = load_models(flags)[0]
     sampling_default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default
     assert frozen.text_encoder_3 is None and frozen.max_sequence_length == sampling_default
+
+
+def test_evaluate_loads_an_sd3_base_saved_without_t5(tiny_sd3_pipeline_without_t5, tmp_path):
+    """Diffusers refuses such a folder unless told that T5 is absent; evaluate.py tells it."""
+    from diffusers import DiffusionPipeline
+
+    import evaluate
+    from pu_diffusion.pipelines import load_text_to_image_pipeline
+
+    with pytest.raises(ValueError, match="text_encoder_3"):
+        DiffusionPipeline.from_pretrained(tiny_sd3_pipeline_without_t5)
+    argv = ["text-to-image", "--pipeline", str(tiny_sd3_pipeline_without_t5), "--prompt", "a photo of a dog"]
+    argv += ["--output_dir", str(tmp_path), "--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
+    pipeline = load_text_to_image_pipeline(evaluate.parse_args(argv), "cpu", torch.float32)
+    assert pipeline.text_encoder_3 is None and generate(pipeline).shape == (1, 32, 32, 3)
