@@ -190,15 +190,14 @@ def test_loss_by_noise_level_table_covers_every_group_of_the_label_split(digits_
     assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
 
 
-def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_latent_source(monkeypatch):
-    """One row per (mode, latents), counting exactly the LoRA parameters the script trains. Each configuration's
-    process runs in this one, Accelerate's state reset after it, as a new process would start without it."""
+@pytest.fixture
+def step_configurations_in_this_process(monkeypatch) -> list:
+    """text_to_image_step.py's configurations run in this process, Accelerate's state reset after each, as a
+    new process would start without it; the list collects each one's (mixed precision, latents)."""
     import contextlib
     import io
 
     import text_to_image_step
-
-    from pu_diffusion.lora import add_lora
 
     launch = subprocess.run
     configurations = []
@@ -216,8 +215,20 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
         return subprocess.CompletedProcess(command, 0, printed.getvalue(), "")
 
     monkeypatch.setattr(subprocess, "run", in_this_process)
+    return configurations
+
+
+def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_latent_source(
+    step_configurations_in_this_process,
+):
+    """One row per (mode, latents), counting exactly the LoRA parameters the script trains."""
+    import text_to_image_step
+
+    from pu_diffusion.lora import add_lora
+
     argv = ["--model", "tiny", "--resolution", "32", "--mixed_precision", "no", "bf16", "--steps", "2"]
     report = text_to_image_step.main([*argv, "--warmup", "1", "--gradient_checkpointing"])
+    configurations = step_configurations_in_this_process
     assert configurations == [["no", "encoded"], ["no", "cached"], ["bf16", "encoded"], ["bf16", "cached"]]
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith(("| no ", "| bf16 "))]
     assert [(row[0], row[1]) for row in rows] == [
@@ -229,6 +240,25 @@ def test_text_to_image_step_benchmark_reports_each_mixed_precision_mode_and_late
     assert all(row[2].startswith(f"{lora_parameters:,} / ") for row in rows)
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # ms/step, images/s
     assert "gradient checkpointing on" in report
+
+
+def test_text_to_image_step_benchmark_times_an_sd3_transformer_on_its_text_state_table(
+    step_configurations_in_this_process,
+):
+    """SD3: the transformer's LoRA on the SD3 script's layers, its text states from the table (no encoder)."""
+    import text_to_image_step
+
+    from pu_diffusion.lora import SD3_LORA_LAYERS, add_lora
+
+    argv = ["--model", "tiny-sd3", "--resolution", "32", "--mixed_precision", "no", "bf16", "--latents", "cached"]
+    report = text_to_image_step.main([*argv, "--steps", "1", "--warmup", "0"])
+    assert step_configurations_in_this_process == [["no", "cached"], ["bf16", "cached"]]
+    transformer = text_to_image_step.build_sd3_models("tiny-sd3")[0]
+    add_lora(transformer, rank=4, layers=SD3_LORA_LAYERS)
+    lora_parameters = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith(("| no ", "| bf16 "))]
+    assert len(rows) == 2 and all(row[2].startswith(f"{lora_parameters:,} / ") for row in rows)
+    assert report.startswith("tiny-sd3, 32 px, LoRA rank 4")
 
 
 def test_prior_accuracy_reports_each_delta_from_cached_scores(digits_dir, tmp_path, capsys):
