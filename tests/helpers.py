@@ -365,3 +365,13 @@ def refusal(script_module, argv, capsys) -> str:
     assert stop.value.code not in (0, None)
     code = stop.value.code
     return code if isinstance(code, str) else capsys.readouterr().err
+
+
+def text_to_image_run_args(pipeline, data, output_dir, *extra) -> list:
+    """train_pu_text_to_image.py's flags for a short run on the tests' captioned data (U, S)."""
+    unlabeled, sensitive = data
+    return [
+        "--pretrained_model_name_or_path", pipeline, "--train_data_dir", unlabeled, "--sensitive_data_dir", sensitive,
+        "--sensitive_prompt", "a photo of a dog", "--resolution", "32", "--train_batch_size", "4",
+        "--learning_rate", "1e-2", "--seed", "0", "--output_dir", output_dir, *extra,
+    ]  # fmt: skip

@@ -8,19 +8,11 @@ from safetensors.torch import load_file
 import train_pu_text_to_image as t2i
 from pu_diffusion.lora import SD3_LORA_LAYERS
 from tests.helpers import assert_ok, refusal, run_script
+from tests.helpers import text_to_image_run_args as run_args
 
 SCRIPT = "train_pu_text_to_image.py"
 LORA = ["--use_lora", "--rank", "4", "--checkpointing_steps", "2"]
 VALIDATION = ["--validation_prompt", "a photo of a dog", "--num_validation_images", "2", "--validation_steps", "2"]
-
-
-def run_args(pipeline, data, output_dir, *extra):
-    unlabeled, sensitive = data
-    return [
-        "--pretrained_model_name_or_path", pipeline, "--train_data_dir", unlabeled, "--sensitive_data_dir", sensitive,
-        "--sensitive_prompt", "a photo of a dog", "--resolution", "32", "--train_batch_size", "4",
-        "--learning_rate", "1e-2", "--seed", "0", "--output_dir", output_dir, *extra,
-    ]  # fmt: skip
 
 
 def generate(pipeline, prompt="a photo of a dog"):

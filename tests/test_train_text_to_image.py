@@ -31,19 +31,13 @@ from tests.helpers import (
     run_script,
     scalars,
 )
+from tests.helpers import (
+    text_to_image_run_args as run_args,
+)
 from tests.loss_flags import default_loss_flags
 
 SCRIPT = "train_pu_text_to_image.py"
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
-
-
-def run_args(pipeline, data, output_dir, *extra):
-    unlabeled, sensitive = data
-    return [
-        "--pretrained_model_name_or_path", pipeline, "--train_data_dir", unlabeled, "--sensitive_data_dir", sensitive,
-        "--sensitive_prompt", "a photo of a dog", "--resolution", "32", "--train_batch_size", "4",
-        "--learning_rate", "1e-2", "--seed", "0", "--output_dir", output_dir, *extra,
-    ]  # fmt: skip
 
 
 LORA = ["--use_lora", "--rank", "4", "--checkpointing_steps", "2"]
