@@ -59,7 +59,6 @@ from pu_diffusion.outputs import (
     upload_to_hub,
     write_model_card,
 )
-from pu_diffusion.pipelines import absent_components
 from pu_diffusion.prior import estimate_for_data
 from pu_diffusion.run_setup import (
     check_plan,
@@ -72,15 +71,13 @@ from pu_diffusion.run_setup import (
     settle_seed,
     start_trackers,
 )
+from pu_diffusion.sd3_flags import add_sd3_arguments, flow_settings
 from pu_diffusion.text_to_image import (
     TextToImageRun,
-    add_sd3_arguments,
     assign_buckets,
     captioned_dataset_factory,
-    flow_settings,
     load_models,
     load_vae,
-    pipeline_config,
     place_models,
     training_step,
     with_cached_latents,
@@ -288,7 +285,7 @@ def save_model_and_card(accelerator, run: TextToImageRun, args, state: dict | No
             pipeline = run.frozen.pipeline_class.from_pretrained(
                 args.pretrained_model_name_or_path,
                 **{run.frozen.model_folder: unet},
-                **absent_components(pipeline_config(args)),  # e.g. the T5 of an SD3 base saved without it
+                **run.frozen.absent,  # e.g. the T5 of an SD3 base saved without it
                 **vae,
                 revision=args.revision,
                 variant=args.variant,
@@ -303,7 +300,7 @@ def write_text_to_image_card(folder: Path, args, run: TextToImageRun, has_sample
     base = public_reference(args.pretrained_model_name_or_path)
     # An SD3 base saved without T5 loads only when told so; optional components (a safety checker) need not be.
     optional = run.frozen.pipeline_class._optional_components
-    absent = "".join(f", {name}=None" for name in absent_components(pipeline_config(args)) if name not in optional)
+    absent = "".join(f", {name}=None" for name in run.frozen.absent if name not in optional)
     if args.use_lora:
         load = f'pipeline = DiffusionPipeline.from_pretrained("{base}"{absent})\npipeline.load_lora_weights("{repo}")\n'
         if args.prediction_type:  # a LoRA file cannot carry the scheduler's setting

@@ -34,9 +34,10 @@ from throughput import peak_memory_mb, synchronize
 from pu_diffusion.checks import pu_loss_flags
 from pu_diffusion.flags import NON_NEGATIVE_INT, POSITIVE_INT, show_ranges
 from pu_diffusion.flow_matching import FlowMatchingSettings
+from pu_diffusion.frozen_models import PrecomputedTextStates
 from pu_diffusion.lora import LORA_TARGET_MODULES, SD3_LORA_LAYERS, add_lora
 from pu_diffusion.objective import LossSettings
-from pu_diffusion.text_to_image import FrozenModels, PrecomputedTextStates, place_models, training_step
+from pu_diffusion.text_to_image import FrozenModels, place_models, training_step
 
 SD3_MODELS = ("sd3-medium", "tiny-sd3")
 

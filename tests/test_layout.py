@@ -15,8 +15,8 @@ LAYERS = {
     "foundation": ["errors", "image_files", "shapes", "objective", "flow_matching", "prompt_sets"],
     "data": ["training_data", "batches", "buckets", "builtin_datasets", "latent_cache", "prior"],
     "artefacts": ["checkpoints", "outputs", "classifier", "nudity", "pipelines", "metrics", "reports"],
-    "command line": ["flags", "checks"],
-    "run": ["run_setup", "lora", "unconditional", "text_to_image", "small_pipeline"],
+    "command line": ["flags", "checks", "sd3_flags"],
+    "run": ["run_setup", "lora", "unconditional", "frozen_models", "text_to_image", "small_pipeline"],
     "loop": ["loop"],
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

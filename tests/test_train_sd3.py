@@ -37,7 +37,8 @@ def test_sd3_text_states_are_the_pipelines_own(with_t5, tiny_sd3_pipeline):
     CLIP's tokens, then T5's (zeros without T5)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from pu_diffusion.text_to_image import FrozenModels, encode_prompts
+    from pu_diffusion.frozen_models import encode_prompts
+    from pu_diffusion.text_to_image import FrozenModels
 
     drop_t5 = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
     pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline, **drop_t5)
@@ -281,8 +282,9 @@ def test_precomputed_text_states_are_the_encoders_and_give_way_past_the_limit(
 
     import datasets
 
-    from pu_diffusion import text_to_image
-    from pu_diffusion.text_to_image import captioned_dataset_factory, encode_prompts, load_models
+    from pu_diffusion import frozen_models
+    from pu_diffusion.frozen_models import encode_prompts
+    from pu_diffusion.text_to_image import captioned_dataset_factory, load_models
 
     flags = argparse.Namespace(
         pretrained_model_name_or_path=str(tiny_sd3_pipeline), revision=None, variant=None, cache_dir=None,
@@ -304,7 +306,7 @@ def test_precomputed_text_states_are_the_encoders_and_give_way_past_the_limit(
     assert torch.allclose(looked_up, encoded, atol=1e-5)
     assert torch.allclose(looked_up_added["pooled_projections"], encoded_added["pooled_projections"], atol=1e-5)
 
-    monkeypatch.setattr(text_to_image, "MAX_PRECOMPUTED_CAPTIONS", 2)
+    monkeypatch.setattr(frozen_models, "MAX_PRECOMPUTED_CAPTIONS", 2)
     frozen = load_models(flags)[0]
     item = captioned_dataset_factory(flags, frozen)(unlabeled, 0, "U")[0]
     assert frozen.text_states is None and "text_state_row" not in item

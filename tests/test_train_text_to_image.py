@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 import train_pu_text_to_image as t2i
 from pu_diffusion.checks import check_optimizer
 from pu_diffusion.errors import InputError
+from pu_diffusion.frozen_models import encode_prompts
 from pu_diffusion.lora import add_lora, register_lora_hooks
 from pu_diffusion.objective import LossSettings
 from pu_diffusion.text_to_image import (
     FrozenModels,
     captioned_dataset_factory,
-    encode_prompts,
     load_models,
     min_snr_weights,
     place_models,
