@@ -194,12 +194,19 @@ def forwards_per_optimizer_step(script: str, *args, record_path: Path, num_proce
             assert_ok(run_script(script, *args))
         assert record["forwards_after_last_step"] == 0
         return record["forwards_per_step"]
-    assert_ok(run_script("tests/step_counter.py", record_path, script, *args, num_processes=num_processes))
+    return launch_counting_forwards(script, *args, record_path=record_path, num_processes=num_processes)[1]
+
+
+def launch_counting_forwards(script: str, *args, record_path: Path, num_processes: int):
+    """``accelerate launch`` of ``script`` on ``num_processes`` under tests/step_counter.py: (the finished launch,
+    the UNet training forwards of each optimizer step, which every process must share)."""
+    result = run_script("tests/step_counter.py", record_path, script, *args, num_processes=num_processes)
+    assert_ok(result)
     paths = [record_path] + [Path(f"{record_path}.rank{rank}") for rank in range(1, num_processes)]
     records = [json.loads(path.read_text()) for path in paths]
     assert all(record["forwards_after_last_step"] == 0 for record in records)
     assert all(record["forwards_per_step"] == records[0]["forwards_per_step"] for record in records)
-    return records[0]["forwards_per_step"]
+    return result, records[0]["forwards_per_step"]
 
 
 def tiny_unet_kwargs(channels: int = 1) -> dict:

@@ -94,3 +94,42 @@ def test_an_interpreter_that_does_not_exist_is_named(tmp_path):
     )
     assert result.returncode == 1
     assert "PYTHON=python3.99 is not an interpreter" in result.stderr
+
+
+def recording_python(tmp_path: Path, pip_installs: bool) -> Path:
+    """A stand-in interpreter for scripts/install.sh: it writes each call's arguments to calls.log, has torch,
+    says pip installed something only if ``pip_installs``, and fails compileall as a real one does on a file
+    written for a newer Python."""
+    wrapper = tmp_path / "python"
+    said = 'echo "Successfully installed scipy-1.15.0"' if pip_installs else 'echo "Requirement already satisfied"'
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{tmp_path}/calls.log"\n'
+        'case "$*" in\n'
+        '  "-c import torch; "*) echo 2.13.0 ;;\n'
+        '  "-c import sysconfig"*) echo /site-packages; echo /site-packages ;;\n'
+        f'  "-m pip install --no-compile"*) {said} ;;\n'
+        '  "-m compileall"*) exit 1 ;;\n'
+        "esac\n"
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.parametrize("pip_installs", [True, False])
+def test_install_compiles_on_every_core_only_what_pip_installed(tmp_path, pip_installs):
+    python = recording_python(tmp_path, pip_installs)
+    result = subprocess.run(
+        ["bash", "scripts/install.sh", "requirements-dev.txt"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHON": str(python)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr  # compileall's failure on newer Pythons' files is not one
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert "-m pip install --no-compile -r requirements-dev.txt" in calls
+    assert "-m pip install --no-deps -e ." in calls
+    compiles = [call for call in calls if call.startswith("-m compileall")]
+    # The site-packages folder once, though purelib and platlib both name it.
+    assert compiles == (["-m compileall -qq -j 0 /site-packages"] if pip_installs else [])
