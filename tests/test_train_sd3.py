@@ -114,14 +114,14 @@ def test_sd3_lora_resume_restores_the_adapters_exactly(sd3_lora_run, tiny_sd3_pi
         assert all(torch.equal(reference[key], replayed[key]) for key in reference), name
 
 
-def test_sd3_full_fine_tune_with_ema_and_cached_latents_without_t5_saves_an_sd3_pipeline_and_resumes_exactly(
+def test_sd3_full_fine_tune_with_ema_cached_latents_and_checkpointing_without_t5_saves_and_resumes_exactly(
     tiny_sd3_pipeline_without_t5, captioned_data, tmp_path
 ):
     from diffusers import DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     base = tiny_sd3_pipeline_without_t5
     flags = ["--checkpointing_steps", "1", "--weighting_scheme", "mode", "--precondition_outputs", "0"]
-    flags += ["--use_ema", "--ema_max_decay", "0.5", "--cache_latents"]
+    flags += ["--use_ema", "--ema_max_decay", "0.5", "--cache_latents", "--gradient_checkpointing"]
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert_ok(run_script(SCRIPT, *run_args(base, captioned_data, straight, *flags, "--max_train_steps", "2")))
     assert_ok(run_script(SCRIPT, *run_args(base, captioned_data, halves, *flags, "--max_train_steps", "1")))
