@@ -201,6 +201,12 @@ def add_text_to_image_parser(commands) -> None:
     parser.add_argument("--num_inference_steps", type=POSITIVE_INT, default=30)
     parser.add_argument("--guidance_scale", type=NON_NEGATIVE_FLOAT, default=7.5)
     parser.add_argument("--resolution", type=POSITIVE_INT, default=None, help="Image size. Default: the pipeline's.")
+    parser.add_argument(
+        "--max_sequence_length",
+        type=POSITIVE_INT,
+        default=None,
+        help="SD3: T5's tokens per prompt. Default: the pipeline's 256, or its T5 tokenizer's length where shorter.",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: float16 on cuda, else float32.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")

@@ -66,7 +66,7 @@ def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
     if args.num_generated == 0:
         return []
     device = default_device(args.device)
-    loading = argparse.Namespace(pipeline=args.pipeline, lora=None)
+    loading = argparse.Namespace(pipeline=args.pipeline, lora=None, max_sequence_length=None)
     pipeline = load_text_to_image_pipeline(loading, device, default_dtype(None, device))
     sampling = argparse.Namespace(
         prompt=[args.prompt],
@@ -75,6 +75,7 @@ def generate(args: argparse.Namespace, output_dir: Path) -> list[str]:
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         resolution=args.resolution,
+        max_sequence_length=None,  # an SD3 pipeline's own
         seed=args.seed,
     )
     images = generate_from_prompts(pipeline, sampling, device)[0]

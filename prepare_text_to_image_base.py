@@ -16,11 +16,13 @@
    writes the pipeline to --output_dir.
 
 With --family sd3 the pipeline is SD3's shape instead: two CLIP text encoders
-with projection (no T5), a VAE whose latents are centred (shift_factor), an
-MMDiT transformer trained by flow matching (the SD3 scripts' defaults; no
-Min-SNR, which is DDPM's) and a flow-matching scheduler. It loads with
-StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None,
-tokenizer_3=None).
+with projection and a T5 (all three small and untrained; T5's word tokenizer
+is as long as the longest caption), a VAE whose latents are centred
+(shift_factor), an MMDiT transformer trained by flow matching (the SD3
+scripts' defaults; no Min-SNR, which is DDPM's) and a flow-matching
+scheduler. It loads with StableDiffusion3Pipeline.from_pretrained; sample it
+with max_sequence_length set to T5's length, as the training script and
+evaluate.py do by themselves.
 
 The result loads with StableDiffusionPipeline.from_pretrained as a Hub model
 does, so the text-to-image script and evaluate.py take it as
@@ -52,6 +54,8 @@ from pu_diffusion.small_pipeline import (
     flow_scheduler,
     flow_transformer,
     noise_scheduler,
+    t5_encoder,
+    t5_word_tokenizer,
     text_encoder,
     train_autoencoder,
     write_word_tokenizer,
@@ -144,7 +148,7 @@ def write_data(args: argparse.Namespace) -> None:
 
 def init_settings(args: argparse.Namespace) -> dict:
     settings = {"data_dir": str(Path(args.data_dir).resolve()), "vae_steps": args.vae_steps, "seed": args.seed}
-    return settings if args.family == "sd" else {**settings, "family": args.family}
+    return settings if args.family == "sd" else {**settings, "family": args.family, "t5": "caption words"}
 
 
 def build_initial_pipeline(args: argparse.Namespace) -> Path:
@@ -157,15 +161,16 @@ def build_initial_pipeline(args: argparse.Namespace) -> Path:
     from datasets import load_dataset
 
     train = load_dataset(args.data_dir, split="train")
+    captions = [*train["text"], *PARAPHRASES]
     with tempfile.TemporaryDirectory() as tokenizer_files:
-        tokenizer = write_word_tokenizer(Path(tokenizer_files), [*train["text"], *PARAPHRASES])
+        tokenizer = write_word_tokenizer(Path(tokenizer_files), captions)
     vae = autoencoder(args.seed)
     pixels = np.stack([np.asarray(image.convert("RGB")) for image in train["image"]])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     sd3 = args.family == "sd3"
     error = train_autoencoder(vae, images, args.vae_steps, args.batch_size, args.seed, centre=sd3)
     logger.info("VAE: squared reconstruction error %.4f, scaling factor %.3f", error, vae.config.scaling_factor)
-    pipeline = (sd3_pipeline if sd3 else sd_pipeline)(tokenizer, vae, args.seed)
+    pipeline = sd3_pipeline(tokenizer, captions, vae, args.seed) if sd3 else sd_pipeline(tokenizer, vae, args.seed)
     replace_folder(folder, init_settings(args), INIT_SETTINGS, pipeline.save_pretrained)
     return folder
 
@@ -186,12 +191,17 @@ def sd_pipeline(tokenizer, vae, seed: int):
     )
 
 
-def sd3_pipeline(tokenizer, vae, seed: int):
-    """Two CLIP encoders (with projection; the second from another seed) sharing the word tokenizer, no T5."""
+def sd3_pipeline(tokenizer, captions: list[str], vae, seed: int):
+    """Two CLIP encoders (with projection; the second from another seed) sharing the word tokenizer, and a T5
+    whose word tokenizer is as long as the longest caption: the transformer's text stream is then about as
+    long as its 64 image tokens, where a base without T5 would attend over 256 rows of zeros (the pipeline's
+    default) and train four times slower."""
     from diffusers import StableDiffusion3Pipeline
 
     first = text_encoder(len(tokenizer), tokenizer.model_max_length, seed, with_projection=True)
     second = text_encoder(len(tokenizer), tokenizer.model_max_length, seed + 1, with_projection=True)
+    t5_tokenizer = t5_word_tokenizer(captions)
+    joint_width = first.config.hidden_size + second.config.hidden_size
     return StableDiffusion3Pipeline(
         transformer=flow_transformer(first.config.hidden_size, seed),
         scheduler=flow_scheduler(),
@@ -200,8 +210,8 @@ def sd3_pipeline(tokenizer, vae, seed: int):
         tokenizer=tokenizer,
         text_encoder_2=second,
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=t5_encoder(len(t5_tokenizer), joint_width, seed + 2),
+        tokenizer_3=t5_tokenizer,
     )
 
 
@@ -228,9 +238,14 @@ def main(args: argparse.Namespace) -> None:
     write_data(args)
     initial = build_initial_pipeline(args)
     subprocess.run(unet_training_command(args, initial), check=True)
-    load = "StableDiffusion3Pipeline" if args.family == "sd3" else "StableDiffusionPipeline"
-    extra = ", text_encoder_3=None, tokenizer_3=None" if args.family == "sd3" else ""
-    print(f"wrote {args.output_dir}: {load}.from_pretrained({args.output_dir!r}{extra})")
+    if args.family == "sd3":
+        from transformers import AutoTokenizer
+
+        length = AutoTokenizer.from_pretrained(args.output_dir, subfolder="tokenizer_3").model_max_length
+        print(f"wrote {args.output_dir}: StableDiffusion3Pipeline.from_pretrained({args.output_dir!r}),"
+              f" sampled with max_sequence_length={length}")  # fmt: skip
+    else:
+        print(f"wrote {args.output_dir}: StableDiffusionPipeline.from_pretrained({args.output_dir!r})")
 
 
 if __name__ == "__main__":

@@ -241,6 +241,7 @@ def validate(accelerator, run: TextToImageRun, args, tag: str, global_step: int)
                 num_inference_steps=args.validation_steps,
                 generator=generator,
                 output_type="np",
+                **run.frozen.sampling_arguments(),
             )
             rows.append(output.images)
     unet.train()

@@ -53,6 +53,11 @@ class FrozenModels:
         """The trained model's folder and keyword in the pipeline: unet, or SD3's transformer."""
         return "transformer" if self.is_sd3 else "unet"
 
+    def sampling_arguments(self) -> dict:
+        """The pipeline call's arguments that make it condition as training does: SD3's T5 length (the
+        pipeline's default, 256, may not be what was trained)."""
+        return {"max_sequence_length": self.max_sequence_length} if self.is_sd3 else {}
+
     @property
     def pipeline_class(self):
         import diffusers

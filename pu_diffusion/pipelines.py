@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,29 @@ def sample_shape(pipeline) -> tuple[int, int, int]:
     return (config.out_channels, size, size)
 
 
+#: StableDiffusion3Pipeline's T5 tokens per prompt when its call is given none (max_sequence_length).
+SD3_SAMPLING_SEQUENCE_LENGTH = 256
+
+
+def t5_sequence_length(tokenizer, default: int) -> int:
+    """T5's tokens per caption where none are asked for: ``default``, or the tokenizer's own length where that is
+    shorter (a small base's word tokenizer), since every token past it would be padding."""
+    return min(default, getattr(tokenizer, "model_max_length", None) or default)
+
+
+def sampling_arguments(pipeline, max_sequence_length: int | None) -> dict:
+    """What a text-to-image pipeline's call takes besides the prompt to sample as its model was trained: SD3's
+    T5 length (--max_sequence_length, else :func:`t5_sequence_length` of its T5 tokenizer; without T5 the
+    pipeline's own rows of zeros). Refused on pipelines that take no such length."""
+    if "max_sequence_length" not in inspect.signature(pipeline.__call__).parameters:
+        if max_sequence_length is not None:
+            raise InputError(f"--max_sequence_length: {type(pipeline).__name__} has no T5 length to set")
+        return {}
+    if max_sequence_length is None and getattr(pipeline, "tokenizer_3", None) is not None:
+        max_sequence_length = t5_sequence_length(pipeline.tokenizer_3, SD3_SAMPLING_SEQUENCE_LENGTH)
+    return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+
+
 def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
@@ -119,6 +143,7 @@ def load_text_to_image_pipeline(args: argparse.Namespace, device: str, dtype: to
         raise InputError(f"--pipeline {args.pipeline}: not a diffusion pipeline: {error}") from error
     if not hasattr(pipeline, "tokenizer"):
         raise InputError(f"--pipeline {args.pipeline}: {type(pipeline).__name__} takes no prompts")
+    sampling_arguments(pipeline, args.max_sequence_length)  # refused here, before any weights move
     if args.lora is not None:
         load_lora_in_full(pipeline, args.lora)
     for component in pipeline.components.values():
@@ -194,6 +219,7 @@ def generate_from_prompts(pipeline, args: argparse.Namespace, device: str, promp
 
     prompts = prompts if prompts is not None else [Prompt(text) for text in args.prompt]
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    size.update(sampling_arguments(pipeline, args.max_sequence_length))
     batches, origins = [], []
     start = time.perf_counter()
     for prompt_index, prompt in enumerate(tqdm(prompts, desc="prompts")):

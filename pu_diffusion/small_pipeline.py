@@ -85,6 +85,36 @@ def text_encoder(vocabulary_size: int, max_length: int, seed: int, with_projecti
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
+def t5_word_tokenizer(captions: list[str]):
+    """A T5-style tokenizer for ``captions`` (one token per word, then ``</s>``, padded with ``<pad>``; an unseen
+    word is ``<unk>``) whose length fits the longest caption, so that SD3's T5 stream is as short as the
+    captions: StableDiffusion3Pipeline's default of 256 tokens would be four times the rest of the sequence."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocabulary = {token: index for index, token in enumerate([*specials, *caption_words(captions)])}
+    words = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    words.normalizer = normalizers.Lowercase()
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.model_max_length = max(len(tokenizer(caption).input_ids) for caption in captions)
+    return tokenizer
+
+
+def t5_encoder(vocabulary_size: int, width: int, seed: int):
+    """A two-layer T5 encoder of ``width`` (SD3 reads T5's states at the transformer's joint attention width),
+    initialised from ``seed`` and left so, as the CLIPs are."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocabulary_size, d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4
+    )
+    return T5EncoderModel(config).eval()
+
+
 def autoencoder(seed: int):
     """An AutoencoderKL from 32 x 32 x 3 images to 8 x 8 x 4 latents (two downsamplings)."""
     from diffusers import AutoencoderKL

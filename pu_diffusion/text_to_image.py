@@ -16,7 +16,7 @@ from pu_diffusion.flow_matching import FlowMatchingSettings, draw_sigmas
 from pu_diffusion.frozen_models import FAMILIES, FrozenModels, PrecomputedTextStates, distinct_captions, encode_prompts
 from pu_diffusion.latent_cache import CachedLatents
 from pu_diffusion.objective import diffusion_target, noise_band, risk_in_band, set_prediction_type, weighted_losses
-from pu_diffusion.pipelines import absent_components
+from pu_diffusion.pipelines import absent_components, t5_sequence_length
 from pu_diffusion.run_setup import TrainingRun
 from pu_diffusion.sd3_flags import DEFAULT_MAX_SEQUENCE_LENGTH, check_family_flags
 
@@ -144,6 +144,8 @@ def load_sd3_models(args: argparse.Namespace, config: dict):
 
         frozen.tokenizer_3 = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", **hub_kwargs)
         frozen.text_encoder_3 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **weights)
+        if args.max_sequence_length is None:
+            frozen.max_sequence_length = t5_sequence_length(frozen.tokenizer_3, DEFAULT_MAX_SEQUENCE_LENGTH)
     elif args.max_sequence_length is None:
         frozen.max_sequence_length = ZERO_T5_ROWS
     else:

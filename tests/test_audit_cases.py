@@ -59,11 +59,14 @@ def generate_twice(pipeline) -> list[np.ndarray]:
     ]
 
 
+def loading_flags(pipeline, lora) -> argparse.Namespace:
+    """What load_text_to_image_pipeline reads: the pipeline and its LoRA."""
+    return argparse.Namespace(pipeline=str(pipeline), lora=str(lora), max_sequence_length=None)
+
+
 def test_1_a_lora_with_dropout_gives_the_same_images_for_the_same_seed_in_evaluate(tiny_sd_pipeline, tmp_path):
     lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.5)
-    pipeline = load_text_to_image_pipeline(
-        argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
-    )
+    pipeline = load_text_to_image_pipeline(loading_flags(tiny_sd_pipeline, lora), "cpu", torch.float32)
     first, second = generate_twice(pipeline)
     assert np.array_equal(first, second)
 
@@ -84,9 +87,7 @@ def test_1_the_saved_lora_file_carries_no_dropout(tiny_sd_pipeline, tmp_path):
 @pytest.mark.parametrize("dora", [False, True])
 def test_3_a_lora_that_loads_in_full_is_accepted(tiny_sd_pipeline, tmp_path, dora):
     lora = write_lora_file(tiny_sd_pipeline, tmp_path / "lora", dropout=0.0, dora=dora)
-    pipeline = load_text_to_image_pipeline(
-        argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
-    )
+    pipeline = load_text_to_image_pipeline(loading_flags(tiny_sd_pipeline, lora), "cpu", torch.float32)
     assert pipeline.unet.peft_config and all(not module.training for module in pipeline.unet.modules())
 
 
@@ -98,9 +99,7 @@ def test_3_a_lora_that_loads_only_in_part_is_refused(tiny_sd_pipeline, tmp_path)
     renamed = {(key.replace("to_v", "to_vv") if "up_blocks" in key else key): value for key, value in weights.items()}
     save_file(renamed, lora / LORA_WEIGHTS)
     with pytest.raises(InputError, match=r"--lora .*: only \d+ of its \d+ LoRA weights fit"):
-        load_text_to_image_pipeline(
-            argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
-        )
+        load_text_to_image_pipeline(loading_flags(tiny_sd_pipeline, lora), "cpu", torch.float32)
 
 
 def test_3_a_lora_for_another_base_is_a_lora_error(tiny_sd_pipeline, tmp_path):
@@ -110,9 +109,7 @@ def test_3_a_lora_for_another_base_is_a_lora_error(tiny_sd_pipeline, tmp_path):
     weights = load_file(lora / LORA_WEIGHTS)
     save_file({key: torch.zeros(value.shape[0] + 3, 2) for key, value in weights.items()}, lora / LORA_WEIGHTS)
     with pytest.raises(InputError, match="--lora .*no LoRA weights this pipeline can load"):
-        load_text_to_image_pipeline(
-            argparse.Namespace(pipeline=str(tiny_sd_pipeline), lora=str(lora)), "cpu", torch.float32
-        )
+        load_text_to_image_pipeline(loading_flags(tiny_sd_pipeline, lora), "cpu", torch.float32)
 
 
 def test_5_every_lora_layer_name_must_match(tiny_sd_pipeline):

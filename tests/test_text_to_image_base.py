@@ -74,9 +74,11 @@ def test_the_base_loads_as_a_stable_diffusion_pipeline_and_draws_at_32_px(tiny_t
 
 @pytest.mark.slow
 def test_the_sd3_base_loads_as_an_sd3_pipeline_trained_by_flow_matching(tmp_path, capsys):
-    """--family sd3: two CLIPs with projection and no T5, a centred VAE, an MMDiT transformer trained by this
-    project's script with the flow-matching defaults (in this process; the SD base shows the launch)."""
+    """--family sd3: two CLIPs with projection and a T5 as long as the longest caption, a centred VAE, an MMDiT
+    transformer trained by this project's script with the flow-matching defaults (in this process; the SD base
+    shows the launch)."""
     from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+    from transformers import T5EncoderModel
 
     import prepare_text_to_image_base as base_script
 
@@ -84,20 +86,36 @@ def test_the_sd3_base_loads_as_an_sd3_pipeline_trained_by_flow_matching(tmp_path
     args = base_script.parse_args([str(arg) for arg in argv])
     command = base_script.unet_training_command(args, tmp_path / "init")
     assert "--snr_gamma" not in command  # DDPM's weighting; SD3 keeps the flow-matching defaults
-    assert_ok(run_script("prepare_text_to_image_base.py", *argv))
-    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "base", text_encoder_3=None, tokenizer_3=None)
-    assert isinstance(pipeline, StableDiffusion3Pipeline)
+    result = run_script("prepare_text_to_image_base.py", *argv)
+    assert_ok(result)
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert isinstance(pipeline, StableDiffusion3Pipeline) and isinstance(pipeline.text_encoder_3, T5EncoderModel)
     assert pipeline.vae.config.shift_factor is not None and pipeline.scheduler.config.shift == 1.0
-    initial = DiffusionPipeline.from_pretrained(tmp_path / "base-init", text_encoder_3=None, tokenizer_3=None)
+    # T5's tokenizer knows every word of the captions and the paraphrases, and is as long as the longest.
+    captions = [*datasets_captions(tmp_path / "data"), *PARAPHRASES]
+    ids = [pipeline.tokenizer_3(caption).input_ids for caption in captions]
+    assert all(pipeline.tokenizer_3.unk_token_id not in row for row in ids)
+    assert [pipeline.tokenizer_3.decode(row, skip_special_tokens=True) for row in ids] == captions
+    length = pipeline.tokenizer_3.model_max_length
+    assert length == max(map(len, ids)) < 30
+    assert f"sampled with max_sequence_length={length}" in result.stdout
+    initial = DiffusionPipeline.from_pretrained(tmp_path / "base-init")
     trained, untrained = pipeline.transformer.state_dict(), initial.transformer.state_dict()
     assert any(not torch.equal(trained[key], untrained[key]) for key in trained)
     images = pipeline(
-        GENERIC_CAPTION, num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.manual_seed(0)
-    ).images
+        GENERIC_CAPTION, num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.manual_seed(0),
+        max_sequence_length=length,
+    ).images  # fmt: skip
     assert images.shape == (1, 32, 32, 3)
     with pytest.raises(SystemExit):
         base_script.parse_args(["--family", "sd3", "--snr_gamma", "5"])
     assert "--snr_gamma is DDPM's Min-SNR weighting" in capsys.readouterr().err
+
+
+def datasets_captions(folder: Path) -> list[str]:
+    import datasets
+
+    return datasets.load_dataset(str(folder), split="train")["text"]
 
 
 def test_the_base_is_the_same_from_the_same_seed_and_another_from_another(tiny_text_to_image_base, tmp_path):

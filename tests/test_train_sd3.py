@@ -1,5 +1,9 @@
 """train_pu_text_to_image.py on Stable Diffusion 3: flow matching, LoRA on the transformer, full fine-tuning."""
 
+import argparse
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -278,21 +282,16 @@ def test_precomputed_text_states_are_the_encoders_and_give_way_past_the_limit(
 ):
     """Each distinct caption (and the empty one, for dropout) is encoded once; a batch's rows give back what
     encoding its captions gives. Past MAX_PRECOMPUTED_CAPTIONS batches carry no rows and are encoded."""
-    import argparse
-
     import datasets
 
     from pu_diffusion import frozen_models
     from pu_diffusion.frozen_models import encode_prompts
     from pu_diffusion.text_to_image import captioned_dataset_factory, load_models
 
-    flags = argparse.Namespace(
-        pretrained_model_name_or_path=str(tiny_sd3_pipeline), revision=None, variant=None, cache_dir=None,
-        pretrained_vae_model_name_or_path=None, max_sequence_length=None, resolution=32, center_crop=True,
-        random_flip=False, image_interpolation_mode="lanczos", image_column="image", caption_column="text",
-        label_column=None, sensitive_prompt=None, caption_dropout_rate=0.5, snr_gamma=None, prediction_type=None,
-        noise_offset=0.0, sensitive_min_timestep=0, weighting_scheme=None, logit_mean=None, logit_std=None,
-        mode_scale=None, precondition_outputs=None,
+    flags = sd3_loading_flags(
+        tiny_sd3_pipeline, resolution=32, center_crop=True, random_flip=False, image_interpolation_mode="lanczos",
+        image_column="image", caption_column="text", label_column=None, sensitive_prompt=None,
+        caption_dropout_rate=0.5,
     )  # fmt: skip
     frozen = load_models(flags)[0]
     unlabeled = datasets.load_dataset("imagefolder", data_dir=str(captioned_data[0]), split="train")
@@ -313,20 +312,13 @@ def test_precomputed_text_states_are_the_encoders_and_give_way_past_the_limit(
 
 
 def test_without_t5_training_puts_as_many_zero_rows_as_the_pipeline_samples_with(tiny_sd3_pipeline_without_t5):
-    import argparse
     import inspect
 
     from diffusers import StableDiffusion3Pipeline
 
     from pu_diffusion.text_to_image import load_models
 
-    flags = argparse.Namespace(
-        pretrained_model_name_or_path=str(tiny_sd3_pipeline_without_t5), revision=None, variant=None,
-        cache_dir=None, pretrained_vae_model_name_or_path=None, max_sequence_length=None, snr_gamma=None,
-        prediction_type=None, noise_offset=0.0, sensitive_min_timestep=0, weighting_scheme=None,
-        logit_mean=None, logit_std=None, mode_scale=None, precondition_outputs=None,
-    )  # fmt: skip
-    frozen = load_models(flags)[0]
+    frozen = load_models(sd3_loading_flags(tiny_sd3_pipeline_without_t5))[0]
     sampling_default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default
     assert frozen.text_encoder_3 is None and frozen.max_sequence_length == sampling_default
 
@@ -344,3 +336,59 @@ def test_evaluate_loads_an_sd3_base_saved_without_t5(tiny_sd3_pipeline_without_t
     argv += ["--output_dir", str(tmp_path), "--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
     pipeline = load_text_to_image_pipeline(evaluate.parse_args(argv), "cpu", torch.float32)
     assert pipeline.text_encoder_3 is None and generate(pipeline).shape == (1, 32, 32, 3)
+
+
+def sd3_loading_flags(pipeline, **given) -> argparse.Namespace:
+    """What text_to_image.load_models reads, for an SD3 pipeline folder with no flag given but ``given``."""
+    flags = argparse.Namespace(
+        pretrained_model_name_or_path=str(pipeline), revision=None, variant=None, cache_dir=None,
+        pretrained_vae_model_name_or_path=None, max_sequence_length=None, snr_gamma=None, prediction_type=None,
+        noise_offset=0.0, sensitive_min_timestep=0, weighting_scheme=None, logit_mean=None, logit_std=None,
+        mode_scale=None, precondition_outputs=None,
+    )  # fmt: skip
+    return argparse.Namespace(**{**vars(flags), **given})
+
+
+@pytest.fixture(scope="module")
+def sd3_with_a_short_t5_tokenizer(tiny_sd3_pipeline, tmp_path_factory) -> Path:
+    """The tiny SD3 whose T5 tokenizer holds 6 tokens, as a small base's word tokenizer does."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("short_t5") / "pipeline"
+    shutil.copytree(tiny_sd3_pipeline, path)
+    config_file = path / "tokenizer_3" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 6}))
+    return path
+
+
+def test_t5_length_defaults_to_the_scripts_or_the_tokenizers_where_shorter_in_training_and_sampling(
+    tiny_sd3_pipeline, sd3_with_a_short_t5_tokenizer, tiny_sd_pipeline, tmp_path
+):
+    """Training's default is the SD3 scripts' 77 and sampling's the pipeline's 256, unless the T5 tokenizer is
+    shorter: then both take its length, so that a small base samples with the text stream it was trained on."""
+    from diffusers import StableDiffusion3Pipeline
+
+    import evaluate
+    from pu_diffusion.errors import InputError
+    from pu_diffusion.pipelines import load_text_to_image_pipeline, sampling_arguments
+    from pu_diffusion.text_to_image import load_models
+
+    assert load_models(sd3_loading_flags(tiny_sd3_pipeline))[0].max_sequence_length == 77
+    short = load_models(sd3_loading_flags(sd3_with_a_short_t5_tokenizer))[0]
+    assert short.max_sequence_length == 6 and short.sampling_arguments() == {"max_sequence_length": 6}
+    given = load_models(sd3_loading_flags(sd3_with_a_short_t5_tokenizer, max_sequence_length=9))[0]
+    assert given.max_sequence_length == 9
+
+    assert sampling_arguments(StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline), None) == {
+        "max_sequence_length": 256
+    }
+    assert sampling_arguments(StableDiffusion3Pipeline.from_pretrained(sd3_with_a_short_t5_tokenizer), None) == {
+        "max_sequence_length": 6
+    }
+    assert sampling_arguments(StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline), 12) == {
+        "max_sequence_length": 12
+    }
+    argv = ["text-to-image", "--pipeline", str(tiny_sd_pipeline), "--prompt", "a photo of a dog"]
+    argv += ["--output_dir", str(tmp_path), "--clip_model", "x", "--normal_text", "a", "--sensitive_text", "b"]
+    with pytest.raises(InputError, match="--max_sequence_length: StableDiffusionPipeline has no T5 length"):
+        load_text_to_image_pipeline(evaluate.parse_args([*argv, "--max_sequence_length", "12"]), "cpu", torch.float32)
