@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pu_diffusion.flags import OPEN_UNIT_INTERVAL, POSITIVE_INT, prior_value, show_ranges
+from pu_diffusion.flags import NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_INT, prior_value, show_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +114,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--priors", nargs="+", type=OPEN_UNIT_INTERVAL, default=[], help="Also run pu at each prior (Figure 4)."
+    )
+    parser.add_argument(
+        "--num_unlabeled_sensitive",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help="Sensitive images in U for every method (U's true share); the oracle keeps none. Default: the"
+        " training script's (a tenth of U's normal images).",
+    )
+    parser.add_argument(
+        "--num_labeled_sensitive",
+        type=POSITIVE_INT,
+        default=None,
+        help="Images in S for every method. Default: the training script's (as many as U's sensitive ones).",
     )
     parser.add_argument(
         "--pu_args",
@@ -314,6 +327,16 @@ def run_folder(output_dir: Path, run: Run) -> Path:
     return output_dir / "runs" / f"{run.name.replace(' ', '-')}-seed{run.seed}"
 
 
+def split_flags(args: argparse.Namespace) -> list[str]:
+    """The label split's sizes that were given; they come before a run's own flags, so that the oracle's U
+    stays without sensitive images."""
+    sizes = {
+        "--num_unlabeled_sensitive": args.num_unlabeled_sensitive,
+        "--num_labeled_sensitive": args.num_labeled_sensitive,
+    }
+    return [part for flag, size in sizes.items() if size is not None for part in (flag, str(size))]
+
+
 def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path) -> list[str]:
     """train_pu_unconditional.py for one run; under --protocol finetune every row but "pretrained" starts
     from that seed's pretrained model."""
@@ -327,7 +350,7 @@ def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path
         else:
             pretrained = run_folder(Path(args.output_dir), Run("pretrained", run.seed, "unsupervised"))
             command += ["--pretrained_model_name_or_path", str(pretrained)]
-    command += ["--max_train_steps", str(steps), *COMMON_TRAINING, *run.extra, *args.train_args]
+    command += ["--max_train_steps", str(steps), *COMMON_TRAINING, *split_flags(args), *run.extra, *args.train_args]
     return command + ["--output_dir", str(folder), "--overwrite_output_dir"]
 
 

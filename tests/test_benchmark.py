@@ -156,6 +156,28 @@ def test_finetune_protocol_pretrains_once_per_seed_and_starts_every_row_from_it(
     assert commands["oracle"][commands["oracle"].index("--num_unlabeled_sensitive") + 1] == "0"
 
 
+def test_the_label_split_sizes_go_to_every_method_and_the_oracle_keeps_no_sensitive_images(tmp_path):
+    """U's true share is set through the split (issue: priors against the true share); the flags a run passes
+    last are the ones argparse keeps."""
+    args = paper_protocol.parse_args(
+        ["--seeds", "0", "--output_dir", str(tmp_path), "--num_unlabeled_sensitive", "178"]
+        + ["--num_labeled_sensitive", "71", "--priors", "0.4"]
+    )
+    runs = paper_protocol.planned_runs(args)
+
+    def last_value(command: list[str], flag: str) -> str:
+        return command[len(command) - 1 - command[::-1].index(flag) + 1]
+
+    for run in runs:
+        command = paper_protocol.training_command(run, args, "data/digits", tmp_path / "run")
+        expected = "0" if run.name == "oracle" else "178"
+        assert last_value(command, "--num_unlabeled_sensitive") == expected, run.name
+        assert last_value(command, "--num_labeled_sensitive") == "71", run.name
+    default = paper_protocol.parse_args(["--output_dir", str(tmp_path)])
+    pu = next(run for run in paper_protocol.planned_runs(default) if run.name == "pu")
+    assert "--num_unlabeled_sensitive" not in paper_protocol.training_command(pu, default, "data/digits", tmp_path)
+
+
 def test_a_dataset_of_ones_own_needs_its_labels_and_size():
     with pytest.raises(SystemExit):
         paper_protocol.parse_args(["--dataset", "some/folder"])
