@@ -218,8 +218,8 @@ def generate_from_prompts(pipeline, args: argparse.Namespace, device: str, promp
     from tqdm.auto import tqdm
 
     prompts = prompts if prompts is not None else [Prompt(text) for text in args.prompt]
-    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
-    size.update(sampling_arguments(pipeline, args.max_sequence_length))
+    call_arguments = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    call_arguments.update(sampling_arguments(pipeline, args.max_sequence_length))
     batches, origins = [], []
     start = time.perf_counter()
     for prompt_index, prompt in enumerate(tqdm(prompts, desc="prompts")):
@@ -233,7 +233,7 @@ def generate_from_prompts(pipeline, args: argparse.Namespace, device: str, promp
                 guidance_scale=prompt.guidance_or(args.guidance_scale),
                 generator=torch.Generator(device).manual_seed(seed),
                 output_type="np",
-                **size,
+                **call_arguments,
             ).images
             batches.append(float_to_uint8(images))
             origins += [
