@@ -16,15 +16,11 @@ from pu_diffusion.flow_matching import FlowMatchingSettings, draw_sigmas
 from pu_diffusion.frozen_models import FAMILIES, FrozenModels, PrecomputedTextStates, distinct_captions, encode_prompts
 from pu_diffusion.latent_cache import CachedLatents
 from pu_diffusion.objective import diffusion_target, noise_band, risk_in_band, set_prediction_type, weighted_losses
-from pu_diffusion.pipelines import absent_components, t5_sequence_length
+from pu_diffusion.pipelines import SD3_SAMPLING_SEQUENCE_LENGTH, absent_components, t5_sequence_length
 from pu_diffusion.run_setup import TrainingRun
 from pu_diffusion.sd3_flags import DEFAULT_MAX_SEQUENCE_LENGTH, check_family_flags
 
 logger = logging.getLogger(__name__)
-
-#: Without T5, StableDiffusion3Pipeline puts this many rows of zeros where T5's states go (its default
-#: max_sequence_length); training puts as many, so that the transformer attends over what it will sample with.
-ZERO_T5_ROWS = 256
 
 
 @dataclass(kw_only=True)
@@ -147,7 +143,8 @@ def load_sd3_models(args: argparse.Namespace, config: dict):
         if args.max_sequence_length is None:
             frozen.max_sequence_length = t5_sequence_length(frozen.tokenizer_3, DEFAULT_MAX_SEQUENCE_LENGTH)
     elif args.max_sequence_length is None:
-        frozen.max_sequence_length = ZERO_T5_ROWS
+        # The pipeline puts this many rows of zeros where T5's states go; training attends over as many.
+        frozen.max_sequence_length = SD3_SAMPLING_SEQUENCE_LENGTH
     else:
         raise InputError(
             f"--max_sequence_length {args.max_sequence_length}: it sets T5's tokens, and"
