@@ -26,7 +26,10 @@ def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
         choices=flow_matching.WEIGHTING_SCHEMES,
         default=None,
         help="How sigma is drawn (logit_normal, mode) or each error weighted (sigma_sqrt, cosmap). Default:"
-        " logit_normal.",
+        " logit_normal. The PU risk takes each image's weighted error as its loss l: an ELBO of noise-augmented"
+        " data where the weighting is monotone in the noise level (Kingma and Gao, NeurIPS 2023), so the S terms"
+        " keep their meaning; --paper_loss's -log(1 - exp(-l)) reads l as a likelihood bound, which holds only"
+        " approximately under other weightings.",
     )
     group.add_argument("--logit_mean", type=float, default=None, help="logit_normal's mean (default 0.0).")
     group.add_argument("--logit_std", type=POSITIVE_FLOAT, default=None, help="logit_normal's std (default 1.0).")
