@@ -20,11 +20,20 @@ a NAME=FOLDER that holds LoRA weights is loaded onto --base_dir:
     python benchmarks/loss_by_noise.py --text_to_image --data_dir data/shapes32-finetune \
         --base_dir outputs/shapes-sd base=outputs/shapes-sd \
         pu=outputs/benchmark-text-to-image/runs/lora-pu-seed0
+
+A Stable Diffusion 3 base (``prepare_text_to_image_base.py --family sd3``)
+is read the way its training reads it: the bands are of sigma, drawn
+uniformly inside each, on the rectified flow ``x = (1 - sigma) x_0 + sigma
+noise``, and l(x) is the preconditioned error ``||x_0 - (x - sigma v)||^2``
+that ``--precondition_outputs`` (the default) trains, the text states those
+of the pipeline's own ``encode_prompt``. The first band lies below the S
+terms' default noise band (SNR > 8.6 is sigma < 0.254).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SENSITIVE_LABELS = ["1", "3", "5", "7", "9"]
 BANDS = ((0, 100), (100, 400), (400, 1000))
+#: Flow matching's noise levels: below the S terms' default band (sigma < 0.254), then three within it; the
+#: noisiest, where the sampler decides the shape, is where the class is won or lost.
+SIGMA_BANDS = ((0.0, 0.254), (0.254, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text_to_image", action="store_true", help="Stable Diffusion models of the text-to-image benchmark."
     )
     parser.add_argument("--base_dir", default=None, help="With --text_to_image: the base the LoRA runs load onto.")
+    parser.add_argument(
+        "--max_sequence_length",
+        type=POSITIVE_INT,
+        default=None,
+        help="SD3 with T5: T5's tokens, as trained. Default: its tokenizer's length, at most 77 (the training"
+        " script's default).",
+    )
     show_ranges(parser)
     args = parser.parse_args(argv)
     if args.text_to_image and args.base_dir is None:
@@ -121,9 +140,8 @@ def text_to_image_model(folder: str, base_dir: str | None, groups: dict[str, tor
     loaded onto ``base_dir``: each image becomes its VAE latent mean, scaled as in training."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    lora = (Path(folder) / "pytorch_lora_weights.safetensors").is_file()
-    pipeline = StableDiffusionPipeline.from_pretrained(base_dir if lora else folder)
-    if lora:
+    pipeline = StableDiffusionPipeline.from_pretrained(base_dir if is_lora(folder) else folder)
+    if is_lora(folder):
         pipeline.load_lora_weights(folder)
     vae = pipeline.vae
 
@@ -137,24 +155,99 @@ def text_to_image_model(folder: str, base_dir: str | None, groups: dict[str, tor
     return pipeline.unet.eval(), scheduler, latent_groups, caption
 
 
+def is_lora(folder: str) -> bool:
+    return (Path(folder) / "pytorch_lora_weights.safetensors").is_file()
+
+
+def is_flow_matching(pipeline_dir: str) -> bool:
+    """Whether a pipeline folder is a Stable Diffusion 3 one (model_index.json names the class)."""
+    index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
+    return index["_class_name"].startswith("StableDiffusion3")
+
+
+@torch.inference_mode()
+def mean_flow_loss(transformer, images: torch.Tensor, band: tuple[float, float], draws: int, seed: int, caption):
+    """Mean of l(x) = ||x_0 - (x_sigma - sigma v_theta)||^2 (summed over the latent) over images and draws,
+    sigma uniform in ``band``; ``caption``: (text states, pooled projections) of one caption, for every image."""
+    generator = torch.Generator().manual_seed(seed)
+    states, pooled = (tensor.expand(len(images), *tensor.shape[1:]) for tensor in caption)
+    losses = []
+    for _ in range(draws):
+        noise = torch.randn(images.shape, generator=generator)
+        sigmas = band[0] + (band[1] - band[0]) * torch.rand(len(images), generator=generator)
+        sigma = sigmas.view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * images + sigma * noise
+        velocity = transformer(
+            hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=states, pooled_projections=pooled
+        ).sample
+        losses.append(((noisy - sigma * velocity - images) ** 2).sum(dim=(1, 2, 3)))
+    return torch.cat(losses).mean().item()
+
+
+@torch.inference_mode()
+def sd3_model(folder: str, base_dir: str | None, groups: dict[str, torch.Tensor], max_sequence_length=None):
+    """(transformer, latent groups, (text states, pooled projections) of the generic caption) of a Stable
+    Diffusion 3 pipeline, or of LoRA weights loaded onto ``base_dir``; latents centred and scaled as trained."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(base_dir if is_lora(folder) else folder)
+    if is_lora(folder):
+        pipeline.load_lora_weights(folder)
+    vae = pipeline.vae
+
+    def latents(images: torch.Tensor) -> torch.Tensor:
+        return (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+
+    if max_sequence_length is None:
+        t5_length = pipeline.tokenizer_3.model_max_length if pipeline.tokenizer_3 is not None else 77
+        max_sequence_length = min(t5_length, 77)
+    states, _, pooled, _ = pipeline.encode_prompt(
+        GENERIC_CAPTION, GENERIC_CAPTION, GENERIC_CAPTION, do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )  # fmt: skip
+    latent_groups = {name: latents(images) for name, images in groups.items()}
+    return pipeline.transformer.eval(), latent_groups, (states, pooled)
+
+
+def band_losses(folder: str, args: argparse.Namespace, groups: dict[str, torch.Tensor], flow: bool):
+    """{group (its size): [mean l in each band]} of one NAME=FOLDER pipeline; every model sees the same draws."""
+    if flow:
+        transformer, inputs, caption = sd3_model(folder, args.base_dir, groups, args.max_sequence_length)
+        bands = SIGMA_BANDS
+
+        def loss_in(images, band):
+            return mean_flow_loss(transformer, images, band, args.draws, args.seed, caption)
+
+    else:
+        if args.text_to_image:
+            unet, scheduler, inputs, caption = text_to_image_model(folder, args.base_dir, groups)
+        else:
+            unet, scheduler, inputs, caption = unconditional_model(folder, groups)
+        bands = BANDS
+
+        def loss_in(images, band):
+            return mean_loss(unet, scheduler, images, band, args.draws, args.seed, caption)
+
+    return {f"{group} ({len(images)})": [loss_in(images, band) for band in bands] for group, images in inputs.items()}
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     if args.text_to_image:
         groups = label_groups(args.data_dir, args.seed, SENSITIVE_SHAPES, "RGB", SPLIT_COUNTS)
     else:
         groups = digit_groups(args.data_dir, args.seed)
-    header = "| model | group | " + " | ".join(f"t in [{low}, {high})" for low, high in BANDS) + " |"
-    lines = [header, "|" + " --- |" * (len(BANDS) + 2)]
+    flow = args.text_to_image and is_flow_matching(args.base_dir)
+    if flow:
+        header = " | ".join(f"sigma in [{low:g}, {high:g})" for low, high in SIGMA_BANDS)
+    else:
+        header = " | ".join(f"t in [{low}, {high})" for low, high in BANDS)
+    lines = [f"| model | group | {header} |", "|" + " --- |" * (header.count("|") + 3)]
     print("\n".join(lines), flush=True)
     for item in args.pipelines:
         name, folder = item.split("=", 1)
-        if args.text_to_image:
-            unet, scheduler, inputs, caption = text_to_image_model(folder, args.base_dir, groups)
-        else:
-            unet, scheduler, inputs, caption = unconditional_model(folder, groups)
-        for group, images in inputs.items():
-            values = [mean_loss(unet, scheduler, images, band, args.draws, args.seed, caption) for band in BANDS]
-            lines.append(f"| {name} | {group} ({len(images)}) | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+        for group, values in band_losses(folder, args, groups, flow).items():
+            lines.append(f"| {name} | {group} | " + " | ".join(f"{value:.2f}" for value in values) + " |")
             print(lines[-1], flush=True)
     return lines
 

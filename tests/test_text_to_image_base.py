@@ -226,3 +226,58 @@ def test_loss_by_noise_reads_the_text_to_image_models_in_latent_space_under_the_
     conditioned = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, caption)
     other = loss_by_noise.mean_loss(unet, scheduler, latents["x"], (0, 1000), 1, 0, torch.zeros_like(caption))
     assert conditioned != other  # the caption reaches the UNet
+
+
+def test_loss_by_noise_reads_an_sd3_model_by_sigma_with_the_error_its_training_takes(
+    tiny_text_to_image_base, tiny_sd3_pipeline, monkeypatch
+):
+    from types import SimpleNamespace
+
+    import loss_by_noise
+    from diffusers import AutoencoderKL
+
+    _, data = tiny_text_to_image_base
+    monkeypatch.setattr(
+        loss_by_noise,
+        "SPLIT_COUNTS",
+        {"num_unlabeled_normal": 2, "num_unlabeled_sensitive": 1, "num_labeled_sensitive": 1},
+    )
+    base = str(tiny_sd3_pipeline)
+    argv = ["--text_to_image", "--base_dir", base, "--data_dir", str(data), "--draws", "1", f"sd3={base}"]
+    lines = loss_by_noise.main(argv)
+    bands = "sigma in [0, 0.254) | sigma in [0.254, 0.5) | sigma in [0.5, 0.75) | sigma in [0.75, 1)"
+    assert lines[:2] == [f"| model | group | {bands} |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [row[1] for row in rows] == [
+        "U normal (2)",
+        "U sensitive (1)",
+        "S (1)",
+        "test normal (3)",
+        "test sensitive (3)",
+    ]
+    assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
+
+    # By hand: a transformer that predicts no velocity leaves x_sigma as its estimate of x_0, so at sigma = 0.5
+    # l = ||x_0 - (0.5 x_0 + 0.5 noise)||^2 = 0.25 ||noise - x_0||^2, with the draws' noise.
+    def still(hidden_states, **_):
+        return SimpleNamespace(sample=torch.zeros_like(hidden_states))
+
+    latents, caption = torch.randn(3, 4, 8, 8), (torch.zeros(1, 5, 16), torch.zeros(1, 8))
+    generator = torch.Generator().manual_seed(7)
+    by_hand = []
+    for _ in range(2):
+        noise = torch.randn(latents.shape, generator=generator)
+        torch.rand(3, generator=generator)  # the sigmas' draw, all 0.5 in a band of width 0
+        by_hand.append(0.25 * ((noise - latents) ** 2).sum(dim=(1, 2, 3)))
+    value = loss_by_noise.mean_flow_loss(still, latents, (0.5, 0.5), 2, 7, caption)
+    assert value == pytest.approx(torch.cat(by_hand).mean().item(), rel=1e-6)
+
+    images = loss_by_noise.label_groups(str(data), 0, protocol.SENSITIVE_SHAPES, "RGB", {})["test normal"]
+    transformer, inputs, caption = loss_by_noise.sd3_model(base, None, {"x": images})
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    with torch.no_grad():
+        expected = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    torch.testing.assert_close(inputs["x"], expected)  # centred by the VAE's shift, then scaled, as trained
+    conditioned = loss_by_noise.mean_flow_loss(transformer, inputs["x"], (0.5, 1.0), 1, 0, caption)
+    blank = tuple(torch.zeros_like(tensor) for tensor in caption)
+    assert conditioned != loss_by_noise.mean_flow_loss(transformer, inputs["x"], (0.5, 1.0), 1, 0, blank)
