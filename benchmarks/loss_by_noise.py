@@ -1,10 +1,13 @@
-"""Where a trained model's diffusion loss went up: per group of digits images and per band of noise levels.
+"""Where a trained model's diffusion loss went up: per group of labeled images and per band of noise levels.
 
     python benchmarks/loss_by_noise.py \
         unsupervised=outputs/benchmark/runs/unsupervised-seed0 pu=outputs/benchmark/runs/pu-seed0
+    python benchmarks/loss_by_noise.py pu=outputs/benchmark-shapes/runs/pu-seed0 \
+        --data_dir data/shapes --sensitive_labels triangle star ring   # the labels after the pipelines
 
 For each pipeline, the mean per-sample loss l(x) of Eq. (8) on five groups
-of the digits (the label split of the training script with ``--seed``: U's
+of a labeled dataset, the digits by default (the label split of the training
+script with ``--seed`` and its default split counts: U's
 normal and sensitive parts, S, and the normal and sensitive test images), in
 three bands of timesteps. Every pipeline sees the same noise and timesteps.
 A PU model that learned the concept raises the loss on the sensitive test
@@ -56,7 +59,16 @@ SIGMA_BANDS = ((0.0, 0.254), (0.254, 0.5), (0.5, 0.75), (0.75, 1.0))
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pipelines", nargs="+", help="NAME=FOLDER of a trained pipeline (or LoRA run), one or more.")
-    parser.add_argument("--data_dir", default=str(ROOT / "data" / "digits"), help="The digits dataset.")
+    parser.add_argument(
+        "--data_dir", default=str(ROOT / "data" / "digits"), help="A labeled dataset (prepare_*.py); the digits."
+    )
+    parser.add_argument(
+        "--sensitive_labels",
+        nargs="+",
+        default=SENSITIVE_LABELS,
+        help="The sensitive labels the models were trained with (default: the digits' odd ones). Ignored with"
+        " --text_to_image, whose split is the benchmark's.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="The --seed the models were trained with (the split).")
     parser.add_argument("--draws", type=POSITIVE_INT, default=8, help="(t, noise) draws per image and band.")
     parser.add_argument(
@@ -80,18 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def digit_groups(data_dir: str, seed: int) -> dict[str, torch.Tensor]:
-    """The five groups of the digits as (N, 1, 8, 8) tensors in [-1, 1]."""
-    return label_groups(data_dir, seed, SENSITIVE_LABELS, "L", {})
-
-
-def label_groups(data_dir: str, seed: int, sensitive_labels, mode: str, counts: dict) -> dict[str, torch.Tensor]:
+def label_groups(data_dir: str, seed: int, sensitive_labels, mode: str | None, counts: dict) -> dict[str, torch.Tensor]:
     """The five groups as (N, C, H, W) tensors in [-1, 1]: U's normal and sensitive parts and S, drawn as the
-    training script draws them (``counts``: its --num_* flags), and the test split's normal and sensitive."""
+    training script draws them (``counts``: its --num_* flags), and the test split's normal and sensitive.
+    ``mode``: the PIL mode the model reads; None: grey images stay grey (the digits), others become RGB."""
     import datasets
 
     data = datasets.load_dataset(data_dir)
     train, test = data["train"], data["test"]
+    if mode is None:
+        mode = "L" if train[0]["image"].mode == "L" else "RGB"
     split = split_by_label(sensitive_mask(train, "label", sensitive_labels), seed=seed, **counts)
     test_sensitive = sensitive_mask(test, "label", sensitive_labels)
 
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.text_to_image:
         groups = label_groups(args.data_dir, args.seed, SENSITIVE_SHAPES, "RGB", SPLIT_COUNTS)
     else:
-        groups = digit_groups(args.data_dir, args.seed)
+        groups = label_groups(args.data_dir, args.seed, args.sensitive_labels, None, {})
     flow = args.text_to_image and is_flow_matching(args.base_dir)
     if flow:
         header = " | ".join(f"sigma in [{low:g}, {high:g})" for low, high in SIGMA_BANDS)

@@ -212,6 +212,31 @@ def test_loss_by_noise_level_table_covers_every_group_of_the_label_split(digits_
     assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
 
 
+def test_loss_by_noise_reads_an_rgb_dataset_with_the_sensitive_labels_it_is_given(tmp_path):
+    """The shapes' split: the groups hold exactly the images of the given labels, in RGB, in [-1, 1]."""
+    import numpy as np
+    from datasets import load_dataset
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from pu_diffusion.shapes import SENSITIVE_SHAPES, SHAPES, write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "shapes", resolution=8, images_per_class=10, test_fraction=0.2, seed=1)
+    labels = list(SENSITIVE_SHAPES)
+    groups = loss_by_noise.label_groups(str(tmp_path / "shapes"), 0, labels, None, {})
+    test = load_dataset(str(tmp_path / "shapes"))["test"]
+    sensitive = [row["image"] for row in test if SHAPES[row["label"]] in labels]
+    expected = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in sensitive]))
+    assert torch.equal(groups["test sensitive"], expected.permute(0, 3, 1, 2) / 127.5 - 1.0)
+    assert groups["test normal"].shape == (6, 3, 8, 8) and len(groups["U normal"]) == 24
+
+    unet = UNet2DModel(**tiny_unet_kwargs(channels=3))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")
+    argv = [f"tiny={tmp_path / 'm'}", "--data_dir", str(tmp_path / "shapes"), "--draws", "1", "--sensitive_labels"]
+    rows = [line.split(" | ") for line in loss_by_noise.main(argv + labels)[2:]]
+    assert [row[1] for row in rows][3:] == ["test normal (6)", "test sensitive (6)"]
+    assert all(float(cell.strip(" |")) > 0 for row in rows for cell in row[2:])
+
+
 @pytest.fixture
 def step_configurations_in_this_process(monkeypatch) -> list:
     """text_to_image_step.py's configurations run in this process, Accelerate's state reset after each, as a
