@@ -96,40 +96,59 @@ def test_an_interpreter_that_does_not_exist_is_named(tmp_path):
     assert "PYTHON=python3.99 is not an interpreter" in result.stderr
 
 
-def recording_python(tmp_path: Path, pip_installs: bool) -> Path:
-    """A stand-in interpreter for scripts/install.sh: it writes each call's arguments to calls.log, has torch,
-    says pip installed something only if ``pip_installs``, and fails compileall as a real one does on a file
-    written for a newer Python."""
+def recording_python(tmp_path: Path, uv: str) -> Path:
+    """A stand-in interpreter for scripts/install.sh: it writes each call's arguments to calls.log and has torch.
+    ``uv``: "present" (``-m uv`` runs), "installable" (pip can install it) or "missing" (pip cannot)."""
     wrapper = tmp_path / "python"
-    said = 'echo "Successfully installed scipy-1.15.0"' if pip_installs else 'echo "Requirement already satisfied"'
+    has_uv = f'test -e "{tmp_path}/uv"' if uv != "missing" else "false"
     wrapper.write_text(
         "#!/bin/sh\n"
         f'echo "$*" >> "{tmp_path}/calls.log"\n'
         'case "$*" in\n'
         '  "-c import torch; "*) echo 2.13.0 ;;\n'
-        '  "-c import sysconfig"*) echo /site-packages; echo /site-packages ;;\n'
-        f'  "-m pip install --no-compile"*) {said} ;;\n'
-        '  "-m compileall"*) exit 1 ;;\n'
+        f'  "-m uv --version") {has_uv} ;;\n'
+        f'  "-m pip install --no-compile --quiet --retries 0 uv") {has_uv.replace("test -e", "touch")} ;;\n'
         "esac\n"
     )
     wrapper.chmod(0o755)
+    if uv == "present":
+        (tmp_path / "uv").touch()
     return wrapper
 
 
-@pytest.mark.parametrize("pip_installs", [True, False])
-def test_install_compiles_on_every_core_only_what_pip_installed(tmp_path, pip_installs):
-    python = recording_python(tmp_path, pip_installs)
+def install_calls(tmp_path: Path, uv: str, **env) -> tuple[list[str], str]:
+    """The stand-in interpreter's calls from scripts/install.sh, and what the script printed."""
+    tmp_path.mkdir(exist_ok=True)
+    python = recording_python(tmp_path, uv)
     result = subprocess.run(
         ["bash", "scripts/install.sh", "requirements-dev.txt"],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHON": str(python)},
+        env={**os.environ, "PYTHON": str(python), **env},
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0, result.stderr  # compileall's failure on newer Pythons' files is not one
-    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert result.returncode == 0, result.stderr
+    return (tmp_path / "calls.log").read_text().splitlines(), result.stdout
+
+
+@pytest.mark.parametrize("uv", ["present", "installable"])
+def test_install_takes_uv_into_the_same_environment_where_it_can_be_had(tmp_path, uv):
+    calls, _ = install_calls(tmp_path, uv)
+    python = tmp_path / "python"
+    assert f"-m uv pip install --python {python} -r requirements-dev.txt" in calls
+    assert f"-m uv pip install --python {python} --no-deps -e ." in calls
+    assert ("-m pip install --no-compile --quiet --retries 0 uv" in calls) == (uv == "installable")
+    assert not [call for call in calls if "-r requirements-dev.txt" in call and "-m pip install" in call]
+    # Nothing compiles site-packages at install time: imports compile what they use.
+    assert not [call for call in calls if "compileall" in call]
+
+
+def test_install_falls_back_to_pip_without_uv_and_when_told_to(tmp_path):
+    calls, said = install_calls(tmp_path / "missing", "missing")
     assert "-m pip install --no-compile -r requirements-dev.txt" in calls
-    assert "-m pip install --no-deps -e ." in calls
-    compiles = [call for call in calls if call.startswith("-m compileall")]
-    # The site-packages folder once, though purelib and platlib both name it.
-    assert compiles == (["-m compileall -qq -j 0 /site-packages"] if pip_installs else [])
+    assert "-m pip install --no-compile --no-deps -e ." in calls
+    assert "uv was not available or failed: installing with pip" in said
+    calls, said = install_calls(tmp_path / "told", "present", INSTALLER="pip")
+    assert "-m pip install --no-compile -r requirements-dev.txt" in calls
+    assert not [call for call in calls if "uv" in call.split()]
+    assert "uv was not" not in said
