@@ -13,6 +13,16 @@ Best Bin Estimation turns the held-out scores into beta (see pu_diffusion/prior.
 ``--prior auto`` in both training scripts runs the same estimate first.
 Features: the images themselves at up to 32 px (``pixels``), or the latents of
 a Stable Diffusion VAE (``vae``), which see more than 32 px can show.
+
+With ``--write_filtered_data DIR`` it also writes U without the images that
+the same held-out scores rank most like S (``--filter_fraction`` of U; see
+pu_diffusion/unlabeled_filter.py), and S beside it, to train on:
+
+    python estimate_prior.py --dataset_name data/shapes --label_column label \
+        --sensitive_labels triangle star ring --resolution 16 --output_dir prior-shapes \
+        --write_filtered_data filtered-shapes
+    python train_pu_unconditional.py --dataset_name filtered-shapes/unlabeled \
+        --sensitive_dataset_name filtered-shapes/sensitive --resolution 16 --output_dir model
 """
 
 from __future__ import annotations
@@ -24,10 +34,18 @@ from pathlib import Path
 
 from pu_diffusion.checks import check_sensitive_source, check_writable
 from pu_diffusion.errors import InputError
-from pu_diffusion.flags import add_data_arguments, add_prior_estimation_arguments, show_ranges
+from pu_diffusion.flags import add_data_arguments, add_prior_estimation_arguments, fraction_rule, show_ranges
 from pu_diffusion.outputs import write_json_atomically
-from pu_diffusion.prior import estimate_for_data, estimate_problems
+from pu_diffusion.prior import estimate_from_scores, estimate_problems, log_estimate, scores_for_data
 from pu_diffusion.training_data import load_training_sets
+from pu_diffusion.unlabeled_filter import (
+    FilterRecord,
+    check_output_folder,
+    drop_fraction,
+    kept_indices,
+    label_audit,
+    write_filtered_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path", default=None, help="With --features vae: a Stable Diffusion pipeline."
     )
     parser.add_argument("--revision", default=None, help="Revision of --pretrained_model_name_or_path.")
+    parser.add_argument(
+        "--write_filtered_data",
+        default=None,
+        help="Also write U without its most S-like images (DIR/unlabeled), S (DIR/sensitive) and filter.json, as"
+        " datasets that the training scripts read with --dataset_name and --sensitive_dataset_name.",
+    )
+    parser.add_argument(
+        "--filter_fraction",
+        type=fraction_rule,
+        default="high",
+        help="Share of U that --write_filtered_data drops, highest scores first: 'estimate' (the estimated"
+        " prior), 'high' (the upper end of its interval) or a number in (0, 1).",
+    )
+    parser.add_argument(
+        "--overwrite_filtered_data", action="store_true", help="Replace what --write_filtered_data holds."
+    )
     show_ranges(parser)
     args = parser.parse_args(argv)
     args.loss_type = "pu"  # S is needed
@@ -59,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_writable(Path(args.output_dir))
         if args.features == "vae" and args.pretrained_model_name_or_path is None:
             raise InputError("--features vae needs --pretrained_model_name_or_path (a pipeline with a vae/ folder)")
+        if args.write_filtered_data is not None:
+            check_output_folder(Path(args.write_filtered_data), args.overwrite_filtered_data)
     except InputError as error:
         parser.error(str(error))
     return args
@@ -73,7 +109,9 @@ def load_vae(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> None:
     unlabeled, sensitive = load_training_sets(args, args.seed)
     vae = load_vae(args) if args.features == "vae" else None
-    estimate = estimate_for_data(unlabeled, sensitive, args, args.seed, vae)
+    scores = scores_for_data(unlabeled, sensitive, args, args.seed, vae)
+    estimate = estimate_from_scores(scores, args.prior_confidence, args.seed)
+    log_estimate(estimate)
     problems = estimate_problems(estimate, args.prior_max_interval_width)
     output = Path(args.output_dir) / "prior.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +125,34 @@ def main(args: argparse.Namespace) -> None:
         print(f"WARNING: do not train with this estimate: {problem}", file=sys.stderr)
     if problems:
         print("WARNING: --prior auto would refuse it; give --prior yourself.", file=sys.stderr)
+    if args.write_filtered_data is not None:
+        write_filtered(args, unlabeled, sensitive, scores.unlabeled, estimate)
+
+
+def write_filtered(args: argparse.Namespace, unlabeled, sensitive, unlabeled_scores, estimate) -> None:
+    """--write_filtered_data: U without its top --filter_fraction by held-out score, S, and filter.json."""
+    fraction = drop_fraction(args.filter_fraction, estimate)
+    kept = kept_indices(unlabeled_scores, fraction)
+    record = FilterRecord(
+        rule=str(args.filter_fraction),
+        fraction=fraction,
+        prior_estimate=estimate.to_dict(),
+        unlabeled_before=len(unlabeled),
+        unlabeled_kept=len(kept),
+        sensitive_images=len(sensitive),
+        dropped_indices=sorted(set(range(len(unlabeled))) - set(kept.tolist())),
+        audit=label_audit(unlabeled, kept, args.label_column, args.sensitive_labels),
+    )
+    write_filtered_data(Path(args.write_filtered_data), unlabeled, sensitive, kept, record)
+    print(
+        f"filtered U: dropped {len(unlabeled) - len(kept)} of {len(unlabeled)} images (--filter_fraction"
+        f" {args.filter_fraction}: {fraction:.4f}); written to {args.write_filtered_data}"
+    )
+    if record.audit is not None:
+        print(
+            f"(labels in U: {record.audit['sensitive_dropped']} of its {record.audit['sensitive_in_unlabeled']}"
+            f" sensitive images dropped, and {record.audit['normal_dropped']} normal ones)"
+        )
 
 
 if __name__ == "__main__":

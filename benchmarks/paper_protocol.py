@@ -8,7 +8,10 @@
 Every method trains with the same steps and hyperparameters; only the loss
 differs: ``unsupervised`` (plain diffusion on U), ``supervised`` (all of U
 taken as normal), ``pu`` (the training scripts' defaults, nothing added) and
-``pu-paper`` (``--paper_loss``, the paper's Eq. (19) as written). Each run is
+``pu-paper`` (``--paper_loss``, the paper's Eq. (19) as written). Two more
+train on U filtered first by ``estimate_prior.py --write_filtered_data``
+(each seed's label split without its most S-like share, the same S):
+``unsupervised-filtered`` and ``pu-filtered``. Each run is
 scored by ``evaluate.py``: the non-sensitive rate by a small ResNet trained on
 the dataset's labels (its test accuracy is in the table) and the classifier
 FID against the normal test images. Beside the methods, two rows give the
@@ -50,11 +53,19 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pu_diffusion.flags import NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_INT, prior_value, show_ranges
+from pu_diffusion.flags import (
+    NON_NEGATIVE_INT,
+    OPEN_UNIT_INTERVAL,
+    POSITIVE_INT,
+    fraction_rule,
+    prior_value,
+    show_ranges,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-METHODS = ("unsupervised", "supervised", "pu", "pu-paper")
+DEFAULT_METHODS = ("unsupervised", "supervised", "pu", "pu-paper")
+METHODS = (*DEFAULT_METHODS, "unsupervised-filtered", "pu-filtered")
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Run:
     loss_type: str
     extra: list[str] = field(default_factory=list)
     metrics: dict | None = None
+    filtered: bool = False  # trains on the seed's filtered U (and S) instead of the label split
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=None, help="Default: outputs/benchmark-DATASET[-finetune].")
     parser.add_argument("--protocol", choices=("scratch", "finetune"), default="scratch")
     parser.add_argument("--quick", action="store_true", help="unsupervised and pu, seed 0, no reference rows.")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no_oracle", action="store_true", help="Skip the oracle row.")
     parser.add_argument(
@@ -136,6 +148,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--train_args", nargs=argparse.REMAINDER, default=[], help="Further flags for every training run (last)."
+    )
+    parser.add_argument(
+        "--filter_fraction",
+        type=fraction_rule,
+        default="high",
+        help="The filtered methods' estimate_prior.py --filter_fraction: estimate, high or a share.",
+    )
+    parser.add_argument(
+        "--filter_args",
+        type=shlex.split,
+        default=[],
+        help='Further estimate_prior.py flags for the filtered methods, one string: --filter_args="--prior_folds 3".',
     )
     parser.add_argument("--num_samples", type=POSITIVE_INT, default=1000, help="Samples per evaluation.")
     parser.add_argument("--fid_features", choices=("classifier", "inception"), default="classifier")
@@ -266,6 +290,10 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
                 runs.append(Run(method, seed, "pu", pu_flags(args.prior, args)))
             elif method == "pu-paper":
                 runs.append(Run(method, seed, "pu", prior_flag(args.prior) + ["--paper_loss"]))
+            elif method == "pu-filtered":
+                runs.append(Run(method, seed, "pu", pu_flags(args.prior, args), filtered=True))
+            elif method == "unsupervised-filtered":
+                runs.append(Run(method, seed, "unsupervised", filtered=True))
             else:
                 runs.append(Run(method, seed, method))
         if not args.no_oracle:
@@ -337,11 +365,56 @@ def split_flags(args: argparse.Namespace) -> list[str]:
     return [part for flag, size in sizes.items() if size is not None for part in (flag, str(size))]
 
 
+def label_split_flags(args: argparse.Namespace, data: str) -> list[str]:
+    command = ["--dataset_name", data, "--label_column", args.label_column]
+    return command + ["--sensitive_labels", *args.sensitive_labels, "--resolution", str(args.resolution)]
+
+
+def filtered_data_folder(output_dir: Path, seed: int) -> Path:
+    return output_dir / "filtered" / f"seed{seed}"
+
+
+def filter_command(args: argparse.Namespace, data: str, seed: int) -> list[str]:
+    """estimate_prior.py on the seed's label split, writing U without its most S-like share, and S."""
+    folder = filtered_data_folder(Path(args.output_dir), seed)
+    command = [sys.executable, "estimate_prior.py", *label_split_flags(args, data), "--seed", str(seed)]
+    command += [*split_flags(args), "--output_dir", str(folder), "--filter_fraction", str(args.filter_fraction)]
+    command += ["--write_filtered_data", str(folder / "data"), "--overwrite_filtered_data"]
+    return command + list(args.filter_args)
+
+
+#: One lock per seed: the filtered methods of a seed share its filtered data, written once.
+FILTER_LOCKS: dict[int, threading.Lock] = {}
+FILTER_LOCKS_LOCK = threading.Lock()
+
+
+def filter_once(args: argparse.Namespace, data: str, seed: int) -> Path:
+    """The seed's filtered data (``data/unlabeled`` and ``data/sensitive``), written unless the folder there
+    was made by the same command."""
+    with FILTER_LOCKS_LOCK:
+        lock = FILTER_LOCKS.setdefault(seed, threading.Lock())
+    folder = filtered_data_folder(Path(args.output_dir), seed)
+    command = filter_command(args, data, seed)
+    record = folder / "benchmark_run.json"
+    with lock:
+        if not made_by(record, command):
+            shutil.rmtree(folder, ignore_errors=True)
+            run_command(command, folder / "filter.log", thread_environment(args.jobs))
+            record_made_by(record, command)
+    return folder / "data"
+
+
 def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path) -> list[str]:
     """train_pu_unconditional.py for one run; under --protocol finetune every row but "pretrained" starts
-    from that seed's pretrained model."""
-    command = [sys.executable, "train_pu_unconditional.py", "--dataset_name", data, "--label_column", args.label_column]
-    command += ["--sensitive_labels", *args.sensitive_labels, "--resolution", str(args.resolution)]
+    from that seed's pretrained model. A filtered run reads its seed's filtered U and S instead of the split."""
+    command = [sys.executable, "train_pu_unconditional.py"]
+    if run.filtered:
+        filtered = filtered_data_folder(Path(args.output_dir), run.seed) / "data"
+        command += ["--dataset_name", str(filtered / "unlabeled"), "--resolution", str(args.resolution)]
+        if run.loss_type != "unsupervised":
+            command += ["--sensitive_dataset_name", str(filtered / "sensitive")]
+    else:
+        command += label_split_flags(args, data)
     command += ["--loss_type", run.loss_type, "--seed", str(run.seed)]
     steps = args.max_train_steps
     if args.protocol == "finetune":
@@ -350,7 +423,8 @@ def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path
         else:
             pretrained = run_folder(Path(args.output_dir), Run("pretrained", run.seed, "unsupervised"))
             command += ["--pretrained_model_name_or_path", str(pretrained)]
-    command += ["--max_train_steps", str(steps), *COMMON_TRAINING, *split_flags(args), *run.extra, *args.train_args]
+    split = [] if run.filtered else split_flags(args)
+    command += ["--max_train_steps", str(steps), *COMMON_TRAINING, *split, *run.extra, *args.train_args]
     return command + ["--output_dir", str(folder), "--overwrite_output_dir"]
 
 
@@ -362,6 +436,8 @@ def train_and_evaluate(run: Run, args: argparse.Namespace, data: str, classifier
     scripts' defaults are trained again, not reported under a new name.
     """
     folder = run_folder(Path(args.output_dir), run)
+    if run.filtered:
+        filter_once(args, data, run.seed)
     command = training_command(run, args, data, folder)
     record = folder / "benchmark_run.json"
     if folder.exists() and not made_by(record, command):
@@ -438,7 +514,13 @@ def welch_t_test(first: list[float], second: list[float]) -> str:
 
 
 def markdown_report(
-    summary: dict, ceiling: float | None, accuracy: float, fid_name: str, args, priors: list[float] = ()
+    summary: dict,
+    ceiling: float | None,
+    accuracy: float,
+    fid_name: str,
+    args,
+    priors: list[float] = (),
+    filters: dict[int, dict] | None = None,
 ) -> str:
     lines = [
         f"| method | seeds | non-sensitive rate | {fid_name} |",
@@ -465,11 +547,35 @@ def markdown_report(
         lines.append(f"PU flags: {flags}.")
         if priors:
             lines.append(f"PU prior per seed (--prior auto estimates): {', '.join(f'{p:.3f}' for p in priors)}.")
+    if filters:
+        lines.append(filter_summary(filters, args))
     protocol = "from scratch" if args.protocol == "scratch" else f"fine-tuning after {args.pretrain_steps} steps"
     lines.append(
         f"Steps {args.max_train_steps} ({protocol}); shared flags: {' '.join(COMMON_TRAINING + args.train_args)}"
     )
     return "\n".join(lines) + "\n"
+
+
+def filter_records(output_dir: Path, runs: list[Run]) -> dict[int, dict]:
+    """seed -> filter.json of the seeds that a filtered method trained on."""
+    seeds = sorted({run.seed for run in runs if run.filtered})
+    return {
+        seed: json.loads((filtered_data_folder(output_dir, seed) / "data" / "filter.json").read_text())
+        for seed in seeds
+    }
+
+
+def filter_summary(filters: dict[int, dict], args) -> str:
+    """What the filter dropped per seed, and how many of U's sensitive images that was (the split's labels)."""
+    parts = []
+    for seed, record in filters.items():
+        audit = record["audit"]
+        parts.append(
+            f"seed {seed}: {record['fraction']:.3f} of U, {audit['sensitive_dropped']} of its"
+            f" {audit['sensitive_in_unlabeled']} sensitive and {audit['normal_dropped']} normal images"
+            f" (sensitive share {audit['sensitive_share_before']:.3f} -> {audit['sensitive_share_after']:.3f})"
+        )
+    return f"Filtered methods (--filter_fraction {args.filter_fraction}) dropped: {'; '.join(parts)}."
 
 
 def estimated_priors(output_dir: Path, runs: list[Run]) -> list[float]:
@@ -559,7 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(runs)
     fid_name = fid_key(runs[0].metrics)
     ceiling = None if args.quick else classifier_ceiling(data, classifier, args)
-    report = markdown_report(summary, ceiling, accuracy, fid_name, args, estimated_priors(output_dir, runs))
+    priors, filters = estimated_priors(output_dir, runs), filter_records(output_dir, runs)
+    report = markdown_report(summary, ceiling, accuracy, fid_name, args, priors, filters)
     (output_dir / "results.md").write_text(report)
     (output_dir / "results.json").write_text(json.dumps({"summary": summary, "ceiling": ceiling}, indent=2))
     bar_chart(summary, fid_name, output_dir / "chart.png")

@@ -8,6 +8,7 @@ from pu_diffusion.batches import INTERPOLATION_MODES
 from pu_diffusion.buckets import parse_buckets
 from pu_diffusion.objective import DEFAULT_SENSITIVE_MAX_SNR, PREDICTION_TYPES
 from pu_diffusion.prior import MAX_INTERVAL_WIDTH
+from pu_diffusion.unlabeled_filter import FRACTION_RULES
 from pu_loss import LOSS_TYPES, NONNEGATIVE_MODES, REDUCTIONS
 
 
@@ -170,6 +171,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, with_captions: bool = Fa
     group.add_argument(
         "--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0, help="Data-loading subprocesses; 0: main."
     )
+
+
+def fraction_rule(text: str) -> str | float:
+    """--filter_fraction: a rule's name (``estimate``, ``high``) or a share in (0, 1)."""
+    return text if text in FRACTION_RULES else OPEN_UNIT_INTERVAL(text)
 
 
 def prior_value(text: str) -> float | str:

@@ -270,6 +270,32 @@ def cross_fitted_scores(
     return sensitive_scores, unlabeled_scores
 
 
+@dataclass(frozen=True)
+class HeldOutScores:
+    """Every S and U image's cross-fitted score (higher: more like S) and what the classifiers saw."""
+
+    sensitive: np.ndarray
+    unlabeled: np.ndarray
+    features: str
+    folds: int
+
+
+def estimate_from_scores(scores: HeldOutScores, confidence: float = 0.9, seed: int = 0) -> PriorEstimate:
+    """BBE on held-out scores, with its bootstrap interval."""
+    low, high = bootstrap_interval(scores.sensitive, scores.unlabeled, confidence, seed=seed)
+    return PriorEstimate(
+        estimate=best_bin_estimate(scores.sensitive, scores.unlabeled),
+        low=low,
+        high=high,
+        confidence=confidence,
+        method=METHOD,
+        features=scores.features,
+        num_unlabeled=len(scores.unlabeled),
+        num_sensitive=len(scores.sensitive),
+        folds=scores.folds,
+    )
+
+
 def estimate_prior(
     sensitive: torch.Tensor,
     unlabeled: torch.Tensor,
@@ -287,18 +313,7 @@ def estimate_prior(
     sensitive_scores, unlabeled_scores = cross_fitted_scores(
         sensitive, unlabeled, folds, epochs, seed=seed, device=device
     )
-    low, high = bootstrap_interval(sensitive_scores, unlabeled_scores, confidence, seed=seed)
-    return PriorEstimate(
-        estimate=best_bin_estimate(sensitive_scores, unlabeled_scores),
-        low=low,
-        high=high,
-        confidence=confidence,
-        method=METHOD,
-        features=features,
-        num_unlabeled=len(unlabeled),
-        num_sensitive=len(sensitive),
-        folds=folds,
-    )
+    return estimate_from_scores(HeldOutScores(sensitive_scores, unlabeled_scores, features, folds), confidence, seed)
 
 
 # --------------------------------------------------------------------------- when not to use the estimate
@@ -399,10 +414,10 @@ def check_sizes_from_flags(args) -> None:
             )
 
 
-def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="cpu") -> PriorEstimate:
-    """The estimate for U and S as the scripts load them (``datasets.Dataset`` objects), with the
-    --prior_folds, --prior_epochs and --prior_confidence of ``args``; ``vae`` switches to latent features.
-    The S-vs-U classifiers train on ``device`` (the accelerator's, in the training scripts)."""
+def scores_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="cpu") -> HeldOutScores:
+    """Cross-fitted scores of U and S as the scripts load them (``datasets.Dataset`` objects), with the
+    --prior_folds and --prior_epochs of ``args``; ``vae`` switches to latent features. The S-vs-U
+    classifiers train on ``device`` (the accelerator's, in the training scripts)."""
     if vae is not None:
         inputs = [vae_inputs(data, args.image_column, args.resolution, vae) for data in (sensitive, unlabeled)]
         features = "vae latents"
@@ -411,21 +426,27 @@ def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="c
         inputs = [pixel_inputs(data, args.image_column, args.resolution, channels) for data in (sensitive, unlabeled)]
         features = f"pixels at {min(args.resolution, PIXEL_FEATURE_SIZE)} px"
     check_sizes(len(unlabeled), len(sensitive), args.prior_folds)
-    estimate = estimate_prior(
-        *inputs,
-        features=features,
-        folds=args.prior_folds,
-        epochs=args.prior_epochs,
-        confidence=args.prior_confidence,
-        seed=seed,
-        device=device,
+    sensitive_scores, unlabeled_scores = cross_fitted_scores(
+        *inputs, args.prior_folds, args.prior_epochs, seed=seed, device=device
     )
+    return HeldOutScores(sensitive_scores, unlabeled_scores, features, args.prior_folds)
+
+
+def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="cpu") -> PriorEstimate:
+    """The estimate from :func:`scores_for_data`, with the --prior_confidence of ``args``, logged."""
+    estimate = estimate_from_scores(
+        scores_for_data(unlabeled, sensitive, args, seed, vae, device), args.prior_confidence, seed
+    )
+    log_estimate(estimate)
+    return estimate
+
+
+def log_estimate(estimate: PriorEstimate) -> None:
     logger.info(
         "estimated prior (share of sensitive images in U): %.4f, %d%% interval [%.4f, %.4f] (%s)",
         estimate.estimate,
         round(100 * estimate.confidence),
         estimate.low,
         estimate.high,
-        features,
+        estimate.features,
     )
-    return estimate

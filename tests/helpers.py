@@ -57,6 +57,7 @@ IN_PROCESS_SCRIPTS = (
     "train_pu_unconditional.py",
     "train_pu_text_to_image.py",
     "evaluate.py",
+    "estimate_prior.py",
     "prepare_text_to_image_base.py",
     "make_text_to_image_data.py",
 )

@@ -70,6 +70,20 @@ def test_quick_benchmark_writes_its_table_chart_and_grids(digits_dir, tmp_path, 
     written = metrics_file.stat().st_mtime_ns
     paper_protocol.main(argv)
     assert metrics_file.stat().st_mtime_ns == written
+
+    # A filtered method: estimate_prior.py writes the seed's filtered U and S, and the run trains on them.
+    filtered = ["--methods", "pu-filtered", "--seeds", "0", "--no_oracle", "--filter_fraction", "0.1"]
+    paper_protocol.main([*argv[1:], *filtered, "--filter_args=--prior_folds 2 --prior_epochs 1"])
+    record = json.loads((output_dir / "filtered" / "seed0" / "data" / "filter.json").read_text())
+    assert record["unlabeled_kept"] == record["unlabeled_before"] - round(0.1 * record["unlabeled_before"])
+    command = json.loads((output_dir / "runs" / "pu-filtered-seed0" / "benchmark_run.json").read_text())["command"]
+    assert str(output_dir / "filtered" / "seed0" / "data" / "unlabeled") in command and "--label_column" not in command
+    report = (output_dir / "results.md").read_text()
+    assert "| pu-filtered | 0 |" in report
+    audit = record["audit"]
+    assert (
+        f"seed 0: 0.100 of U, {audit['sensitive_dropped']} of its {audit['sensitive_in_unlabeled']} sensitive" in report
+    )
     # Other flags: tests/test_audit_cases.py::test_3_... checks what is trained or evaluated again.
 
 
@@ -176,6 +190,49 @@ def test_the_label_split_sizes_go_to_every_method_and_the_oracle_keeps_no_sensit
     default = paper_protocol.parse_args(["--output_dir", str(tmp_path)])
     pu = next(run for run in paper_protocol.planned_runs(default) if run.name == "pu")
     assert "--num_unlabeled_sensitive" not in paper_protocol.training_command(pu, default, "data/digits", tmp_path)
+
+
+def test_the_filtered_methods_train_on_their_seeds_filtered_data_made_once(tmp_path, monkeypatch):
+    args = paper_protocol.parse_args(
+        ["--dataset", "shapes", "--seeds", "1", "--output_dir", str(tmp_path), "--num_labeled_sensitive", "71"]
+        + ["--methods", "unsupervised-filtered", "pu-filtered", "--filter_fraction", "estimate"]
+    )
+    runs = {run.name: run for run in paper_protocol.planned_runs(args)}
+    assert set(runs) == {"unsupervised-filtered", "pu-filtered", "oracle"}
+    data = tmp_path / "filtered" / "seed1" / "data"
+    filter_command = paper_protocol.filter_command(args, "data/shapes", 1)
+    assert filter_command[1] == "estimate_prior.py" and filter_command[filter_command.index("--seed") + 1] == "1"
+    assert filter_command[filter_command.index("--num_labeled_sensitive") + 1] == "71"  # the methods' split
+    assert filter_command[filter_command.index("--filter_fraction") + 1] == "estimate"
+    assert filter_command[filter_command.index("--write_filtered_data") + 1] == str(data)
+    for name, loss_type in (("unsupervised-filtered", "unsupervised"), ("pu-filtered", "pu")):
+        command = paper_protocol.training_command(runs[name], args, "data/shapes", tmp_path / name)
+        assert command[command.index("--dataset_name") + 1] == str(data / "unlabeled")
+        assert command[command.index("--loss_type") + 1] == loss_type
+        assert "--label_column" not in command and "--num_labeled_sensitive" not in command
+        assert ("--sensitive_dataset_name" in command) == (loss_type == "pu")
+    pu = paper_protocol.training_command(runs["pu-filtered"], args, "data/shapes", tmp_path)
+    assert pu[pu.index("--sensitive_dataset_name") + 1] == str(data / "sensitive")
+
+    launched = []
+
+    def slow_filter(command, log, env=None):
+        launched.append(command)
+        log.parent.mkdir(parents=True, exist_ok=True)  # as the real one does
+        time.sleep(0.2)  # long enough for the second thread to arrive while the first is writing
+
+    monkeypatch.setattr(paper_protocol, "run_command", slow_filter)
+    threads = [threading.Thread(target=paper_protocol.filter_once, args=(args, "data/shapes", 1)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert launched == [filter_command]  # one write for the seed's two methods
+    paper_protocol.filter_once(args, "data/shapes", 1)
+    assert len(launched) == 1  # made by the same command: reused
+    args.filter_fraction = "high"
+    paper_protocol.filter_once(args, "data/shapes", 1)
+    assert len(launched) == 2  # another rule: written again
 
 
 def test_a_dataset_of_ones_own_needs_its_labels_and_size():

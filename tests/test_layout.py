@@ -13,7 +13,7 @@ PACKAGE = Path(pu_diffusion.__file__).parent
 #: The package's layers, lowest first. A module imports from its own layer or a lower one, never a higher.
 LAYERS = {
     "foundation": ["errors", "image_files", "shapes", "objective", "flow_matching", "prompt_sets"],
-    "data": ["training_data", "batches", "buckets", "builtin_datasets", "latent_cache", "prior"],
+    "data": ["training_data", "batches", "buckets", "builtin_datasets", "latent_cache", "prior", "unlabeled_filter"],
     "artefacts": ["checkpoints", "outputs", "classifier", "nudity", "pipelines", "metrics", "reports"],
     "command line": ["flags", "checks", "sd3_flags"],
     "run": ["run_setup", "lora", "unconditional", "frozen_models", "text_to_image", "small_pipeline"],
