@@ -41,6 +41,7 @@ from pu_diffusion.training_data import load_training_sets
 from pu_diffusion.unlabeled_filter import (
     FilterRecord,
     check_output_folder,
+    check_rule_usable,
     drop_fraction,
     kept_indices,
     label_audit,
@@ -126,6 +127,7 @@ def main(args: argparse.Namespace) -> None:
     if problems:
         print("WARNING: --prior auto would refuse it; give --prior yourself.", file=sys.stderr)
     if args.write_filtered_data is not None:
+        check_rule_usable(args.filter_fraction, problems)
         write_filtered(args, unlabeled, sensitive, scores.unlabeled, estimate)
 
 

@@ -41,6 +41,15 @@ def drop_fraction(rule: str | float, estimate) -> float:
     return float(rule)
 
 
+def check_rule_usable(rule: str | float, problems: list[str]) -> None:
+    """A rule read off the estimate needs an estimate that can be used (see prior.estimate_problems)."""
+    if rule in FRACTION_RULES and problems:
+        raise InputError(
+            f"--filter_fraction {rule}: the estimate cannot be used ({'; '.join(problems)}); nothing was"
+            " filtered. Give the share of U to drop as a number instead."
+        )
+
+
 def kept_indices(unlabeled_scores: np.ndarray, fraction: float) -> np.ndarray:
     """Indices of U, in their order, without the ``round(fraction * len(U))`` highest-scoring ones (ties go
     to the earlier image, so the choice is a pure function of the scores)."""

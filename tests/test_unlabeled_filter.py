@@ -14,6 +14,7 @@ from pu_diffusion.training_data import load_image_dataset, load_training_sets
 from pu_diffusion.unlabeled_filter import (
     FilterRecord,
     check_output_folder,
+    check_rule_usable,
     drop_fraction,
     kept_indices,
     label_audit,
@@ -38,6 +39,15 @@ def test_each_rule_gives_its_share():
     assert drop_fraction("estimate", estimate) == 0.07
     assert drop_fraction("high", estimate) == 0.11
     assert drop_fraction(0.2, estimate) == 0.2
+
+
+def test_a_rule_read_off_an_unusable_estimate_is_refused_and_a_number_is_not():
+    problems = ["the estimate is 1: the classifier could not tell S from U (S and U look alike)"]
+    for rule in ("estimate", "high"):
+        with pytest.raises(InputError, match=f"--filter_fraction {rule}: the estimate cannot be used .*look alike"):
+            check_rule_usable(rule, problems)
+        check_rule_usable(rule, [])
+    check_rule_usable(0.1, problems)
 
 
 def labeled(labels: list[str]) -> datasets.Dataset:
