@@ -32,11 +32,13 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pu_diffusion.checks import check_sensitive_source, check_writable
 from pu_diffusion.errors import InputError
 from pu_diffusion.flags import add_data_arguments, add_prior_estimation_arguments, fraction_rule, show_ranges
 from pu_diffusion.outputs import write_json_atomically
-from pu_diffusion.prior import estimate_from_scores, estimate_problems, log_estimate, scores_for_data
+from pu_diffusion.prior import estimate_problems, logged_estimate, scores_for_data
 from pu_diffusion.training_data import load_training_sets
 from pu_diffusion.unlabeled_filter import (
     FilterRecord,
@@ -111,8 +113,7 @@ def main(args: argparse.Namespace) -> None:
     unlabeled, sensitive = load_training_sets(args, args.seed)
     vae = load_vae(args) if args.features == "vae" else None
     scores = scores_for_data(unlabeled, sensitive, args, args.seed, vae)
-    estimate = estimate_from_scores(scores, args.prior_confidence, args.seed)
-    log_estimate(estimate)
+    estimate = logged_estimate(scores, args.prior_confidence, args.seed)
     problems = estimate_problems(estimate, args.prior_max_interval_width)
     output = Path(args.output_dir) / "prior.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def write_filtered(args: argparse.Namespace, unlabeled, sensitive, unlabeled_sco
         unlabeled_before=len(unlabeled),
         unlabeled_kept=len(kept),
         sensitive_images=len(sensitive),
-        dropped_indices=sorted(set(range(len(unlabeled))) - set(kept.tolist())),
+        dropped_indices=np.setdiff1d(np.arange(len(unlabeled)), kept).tolist(),
         audit=label_audit(unlabeled, kept, args.label_column, args.sensitive_labels),
     )
     write_filtered_data(Path(args.write_filtered_data), unlabeled, sensitive, kept, record)

@@ -61,6 +61,7 @@ from pu_diffusion.flags import (
     prior_value,
     show_ranges,
 )
+from pu_diffusion.unlabeled_filter import RECORD_FILE, SENSITIVE_FOLDER, UNLABELED_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -371,7 +372,13 @@ def label_split_flags(args: argparse.Namespace, data: str) -> list[str]:
 
 
 def filtered_data_folder(output_dir: Path, seed: int) -> Path:
+    """The seed's filter step: its log, record and prior.json, and the written data in ``data/``."""
     return output_dir / "filtered" / f"seed{seed}"
+
+
+def filtered_data(output_dir: Path, seed: int) -> Path:
+    """What ``estimate_prior.py --write_filtered_data`` wrote for the seed: filtered U, S and filter.json."""
+    return filtered_data_folder(output_dir, seed) / "data"
 
 
 def filter_command(args: argparse.Namespace, data: str, seed: int) -> list[str]:
@@ -379,7 +386,7 @@ def filter_command(args: argparse.Namespace, data: str, seed: int) -> list[str]:
     folder = filtered_data_folder(Path(args.output_dir), seed)
     command = [sys.executable, "estimate_prior.py", *label_split_flags(args, data), "--seed", str(seed)]
     command += [*split_flags(args), "--output_dir", str(folder), "--filter_fraction", str(args.filter_fraction)]
-    command += ["--write_filtered_data", str(folder / "data"), "--overwrite_filtered_data"]
+    command += ["--write_filtered_data", str(filtered_data(Path(args.output_dir), seed)), "--overwrite_filtered_data"]
     return command + list(args.filter_args)
 
 
@@ -388,9 +395,9 @@ FILTER_LOCKS: dict[int, threading.Lock] = {}
 FILTER_LOCKS_LOCK = threading.Lock()
 
 
-def filter_once(args: argparse.Namespace, data: str, seed: int) -> Path:
-    """The seed's filtered data (``data/unlabeled`` and ``data/sensitive``), written unless the folder there
-    was made by the same command."""
+def filter_once(args: argparse.Namespace, data: str, seed: int) -> None:
+    """Write the seed's filtered data (:func:`filtered_data`) unless the folder there was made by the same
+    command."""
     with FILTER_LOCKS_LOCK:
         lock = FILTER_LOCKS.setdefault(seed, threading.Lock())
     folder = filtered_data_folder(Path(args.output_dir), seed)
@@ -401,7 +408,6 @@ def filter_once(args: argparse.Namespace, data: str, seed: int) -> Path:
             shutil.rmtree(folder, ignore_errors=True)
             run_command(command, folder / "filter.log", thread_environment(args.jobs))
             record_made_by(record, command)
-    return folder / "data"
 
 
 def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path) -> list[str]:
@@ -409,10 +415,10 @@ def training_command(run: Run, args: argparse.Namespace, data: str, folder: Path
     from that seed's pretrained model. A filtered run reads its seed's filtered U and S instead of the split."""
     command = [sys.executable, "train_pu_unconditional.py"]
     if run.filtered:
-        filtered = filtered_data_folder(Path(args.output_dir), run.seed) / "data"
-        command += ["--dataset_name", str(filtered / "unlabeled"), "--resolution", str(args.resolution)]
+        filtered = filtered_data(Path(args.output_dir), run.seed)
+        command += ["--dataset_name", str(filtered / UNLABELED_FOLDER), "--resolution", str(args.resolution)]
         if run.loss_type != "unsupervised":
-            command += ["--sensitive_dataset_name", str(filtered / "sensitive")]
+            command += ["--sensitive_dataset_name", str(filtered / SENSITIVE_FOLDER)]
     else:
         command += label_split_flags(args, data)
     command += ["--loss_type", run.loss_type, "--seed", str(run.seed)]
@@ -559,10 +565,7 @@ def markdown_report(
 def filter_records(output_dir: Path, runs: list[Run]) -> dict[int, dict]:
     """seed -> filter.json of the seeds that a filtered method trained on."""
     seeds = sorted({run.seed for run in runs if run.filtered})
-    return {
-        seed: json.loads((filtered_data_folder(output_dir, seed) / "data" / "filter.json").read_text())
-        for seed in seeds
-    }
+    return {seed: json.loads((filtered_data(output_dir, seed) / RECORD_FILE).read_text()) for seed in seeds}
 
 
 def filter_summary(filters: dict[int, dict], args) -> str:

@@ -434,14 +434,12 @@ def scores_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="cpu
 
 def estimate_for_data(unlabeled, sensitive, args, seed: int, vae=None, device="cpu") -> PriorEstimate:
     """The estimate from :func:`scores_for_data`, with the --prior_confidence of ``args``, logged."""
-    estimate = estimate_from_scores(
-        scores_for_data(unlabeled, sensitive, args, seed, vae, device), args.prior_confidence, seed
-    )
-    log_estimate(estimate)
-    return estimate
+    return logged_estimate(scores_for_data(unlabeled, sensitive, args, seed, vae, device), args.prior_confidence, seed)
 
 
-def log_estimate(estimate: PriorEstimate) -> None:
+def logged_estimate(scores: HeldOutScores, confidence: float, seed: int) -> PriorEstimate:
+    """:func:`estimate_from_scores`, and the estimate with its interval in the log."""
+    estimate = estimate_from_scores(scores, confidence, seed)
     logger.info(
         "estimated prior (share of sensitive images in U): %.4f, %d%% interval [%.4f, %.4f] (%s)",
         estimate.estimate,
@@ -450,3 +448,4 @@ def log_estimate(estimate: PriorEstimate) -> None:
         estimate.high,
         estimate.features,
     )
+    return estimate

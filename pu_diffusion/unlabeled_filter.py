@@ -17,13 +17,12 @@ leaves some of it behind), or a fixed share.
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pu_diffusion.builtin_datasets import replace_folder
 from pu_diffusion.errors import InputError
 
 FRACTION_RULES = ("estimate", "high")
@@ -74,7 +73,7 @@ class FilterRecord:
     audit: dict | None = None
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return asdict(self)
 
 
 def label_audit(unlabeled, kept: np.ndarray, label_column: str | None, sensitive_labels) -> dict | None:
@@ -107,20 +106,12 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
 def write_filtered_data(folder: Path, unlabeled, sensitive, kept: np.ndarray, record: FilterRecord) -> None:
     """U's kept rows and S as two ``save_to_disk`` datasets (every column, images embedded) and filter.json.
 
-    Written to a staging folder that replaces ``folder`` only when complete, so an interrupted write never
-    leaves a folder that looks finished.
+    Written beside ``folder`` and swapped in only when complete (as the built-in datasets are), so an
+    interrupted write keeps the old folder and never leaves one that looks finished.
     """
-    folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+
+    def write(staging: Path) -> None:
         unlabeled.select(kept).save_to_disk(str(staging / UNLABELED_FOLDER))
         sensitive.save_to_disk(str(staging / SENSITIVE_FOLDER))
-        (staging / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
+
+    replace_folder(Path(folder), record.to_dict(), RECORD_FILE, write)
