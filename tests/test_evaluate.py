@@ -190,20 +190,29 @@ def test_inception_fid_without_torch_fidelity_says_what_to_do(monkeypatch):
         make_fid("inception", classifier=None)
 
 
-def test_bad_pipeline_is_named(classifier_dir, digits_dir, tmp_path):
-    result = run_script(
-        "evaluate.py", *evaluation_args(classifier_dir, classifier_dir, digits_dir, tmp_path / "out"), launcher="python"
-    )
-    assert result.returncode == 1
-    assert f"--pipeline {classifier_dir}: not a diffusion pipeline" in result.stderr
-    assert not (tmp_path / "out" / "metrics.json").exists()
-
-
 def refusal(argv, capsys) -> tuple[int, str]:
     """evaluate.py's main in this process, expected to refuse: (exit code, what it printed to stderr)."""
     with pytest.raises(SystemExit) as stop:
         evaluate.main([str(arg) for arg in argv])
     return stop.value.code, capsys.readouterr().err
+
+
+def test_bad_pipeline_is_named(classifier_dir, digits_dir, tmp_path, capsys):
+    code, stderr = refusal(evaluation_args(classifier_dir, classifier_dir, digits_dir, tmp_path / "out"), capsys)
+    assert code == 1
+    assert f"--pipeline {classifier_dir}: not a diffusion pipeline" in stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_user_sees_the_message_and_a_failing_exit_code(classifier_dir, digits_dir, tmp_path):
+    """What the in-process refusals stand for: a real launch exits non-zero with the message, no traceback
+    (refused before any model loads, so it costs seconds)."""
+    argv = evaluation_args(classifier_dir, classifier_dir, digits_dir, tmp_path / "out")
+    del argv[argv.index("--classifier") : argv.index("--classifier") + 2]
+    result = run_script("evaluate.py", *argv, launcher="python", timeout=120)
+    assert result.returncode == 2
+    assert "error: the following arguments are required: --classifier" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_pipeline_folder_without_its_unet_is_named(tiny_pipeline, classifier_dir, digits_dir, tmp_path, capsys):

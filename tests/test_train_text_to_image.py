@@ -375,12 +375,16 @@ def test_bad_input_fails_early_naming_the_flag(case, tiny_sd_pipeline, captioned
 
 
 def test_a_user_sees_the_message_and_a_failing_exit_code(tiny_sd_pipeline, captioned_data, tmp_path):
-    """What the in-process checks above stand for: a real launch exits 1 with the message, no traceback."""
-    args = run_args(tiny_sd_pipeline, captioned_data, tmp_path / "out", "--use_lora", "--lora_layers", "to_nothing")
-    result = run_script(SCRIPT, *args, launcher="python", timeout=120)
-    assert result.returncode == 1
-    assert "error: --lora_layers to_nothing: to_nothing names no module" in result.stderr
-    assert "Traceback" not in result.stderr
+    """What the in-process checks above stand for: a real launch exits non-zero with the message, no traceback.
+    It is refused before the models load, so it costs seconds and not a second import of Diffusers; the
+    refusals after loading (the "LoRA layer the UNet lacks" case above) exit through the same handler."""
+    unlabeled, sensitive = captioned_data
+    argv = ["--pretrained_model_name_or_path", tiny_sd_pipeline, "--train_data_dir", unlabeled]
+    argv += ["--sensitive_data_dir", sensitive, "--output_dir", tmp_path / "out"]
+    result = run_script(SCRIPT, *argv, launcher="python", timeout=120)
+    assert result.returncode == 2
+    assert "error: S needs captions: give --sensitive_caption_column" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_captions_are_read_per_image_and_bad_cells_are_named():
@@ -443,7 +447,7 @@ def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipe
     output_dir = tmp_path / "u"
     args = ["--pipeline", tiny_sd_pipeline, "--prompt", "a photo of a pet", "--num_generated", "3"]
     args += ["--batch_size", "2", "--num_inference_steps", "2", "--mix_in_dir", captioned_data[1]]
-    assert_ok(run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python"))
+    assert_ok(run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir))  # in this process
     dataset = load_image_dataset(None, str(output_dir), name_flag="--dataset_name", dir_flag="--train_data_dir")
     assert len(dataset) == 3 + 3
     assert set(dataset["text"]) == {"a photo of a pet"}
@@ -451,8 +455,10 @@ def test_recipe_data_script_mixes_the_concept_into_generated_images(tiny_sd_pipe
     originals = sorted(captioned_data[1].glob("*.png"))
     assert [p.read_bytes() for p in mixed] == [p.read_bytes() for p in originals]
     assert Image.open(output_dir / "generated-00002.png").size == (32, 32)
-    again = run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir)  # in this process
-    assert again.returncode != 0 and "--output_dir" in again.stderr
+    # As a user launches it: refused before the pipeline loads, exit code and message, nothing overwritten.
+    again = run_script("make_text_to_image_data.py", *args, "--output_dir", output_dir, launcher="python")
+    assert again.returncode != 0 and "--output_dir" in again.stderr and "Traceback" not in again.stderr
+    assert [p.read_bytes() for p in sorted(output_dir.glob("mixed-*.png"))] == [p.read_bytes() for p in originals]
 
 
 @pytest.mark.parametrize(
