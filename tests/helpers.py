@@ -203,11 +203,28 @@ def launch_counting_forwards(script: str, *args, record_path: Path, num_processe
     the UNet training forwards of each optimizer step, which every process must share)."""
     result = run_script("tests/step_counter.py", record_path, script, *args, num_processes=num_processes)
     assert_ok(result)
+    return result, shared_forwards_per_step(record_path, num_processes)
+
+
+def shared_forwards_per_step(record_path: Path, num_processes: int) -> list[int]:
+    """What tests/step_counter.py recorded in each process of a launch: the UNet training forwards of each
+    optimizer step, which every process must share, with no forward left without its step."""
     paths = [record_path] + [Path(f"{record_path}.rank{rank}") for rank in range(1, num_processes)]
     records = [json.loads(path.read_text()) for path in paths]
     assert all(record["forwards_after_last_step"] == 0 for record in records)
     assert all(record["forwards_per_step"] == records[0]["forwards_per_step"] for record in records)
-    return result, records[0]["forwards_per_step"]
+    return records[0]["forwards_per_step"]
+
+
+def signal_once_saved(process, checkpoint: Path, signal_number, timeout: float = 300) -> None:
+    """Send the signal as soon as ``checkpoint`` exists, while the run is still training."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not checkpoint.is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal_number)
 
 
 def tiny_unet_kwargs(channels: int = 1) -> dict:

@@ -1,8 +1,6 @@
 """Interruption, resume, determinism, numerical safety and messy image folders."""
 
-import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from tests.helpers import (
     refusal,
     run_script,
     scalars,
+    signal_once_saved,
     start_script,
     tiny_run_args,
     write_image_folder,
@@ -41,15 +40,6 @@ AUGMENTED = [
 
 def loss_trace(output_dir):
     return dict(scalars(output_dir)["loss"])
-
-
-def signal_once_saved(process, checkpoint, signal_number, timeout: float = 300) -> None:
-    """Send the signal as soon as ``checkpoint`` exists, while the run is still training."""
-    deadline = time.monotonic() + timeout
-    while not checkpoint.is_dir():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.01)
-    process.send_signal(signal_number)
 
 
 def test_same_seed_gives_the_same_loss_trace(tmp_path, digits_dir, tiny_unet_config):
@@ -83,18 +73,9 @@ def uninterrupted_run(digits_dir, tiny_unet_config, tmp_path_factory) -> Path:
     return reference
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
-    tmp_path, digits_dir, tiny_unet_config, uninterrupted_run, signal_number
-):
-    def args(output_dir, *extra):
-        return interruptible_args(digits_dir, tiny_unet_config, output_dir, *extra)
-
-    reference = uninterrupted_run
-    interrupted = tmp_path / "interrupted"
-    process = start_script(SCRIPT, *args(interrupted), launcher="python")
-    signal_once_saved(process, interrupted / "checkpoint-3", signal_number)
-    _, stderr = process.communicate(timeout=300)
+def assert_stopped_and_replayed_by_resume(process, stderr, interrupted, reference, signal_number, resume_args):
+    """The run stopped on the signal at a checkpoint, wrote no final model, and its resume (in this process)
+    gives the uninterrupted run's numbers exactly."""
     assert process.returncode == 128 + signal_number, stderr[-3000:]
     assert "stopped: interrupted by" in stderr and "--resume_from_checkpoint latest" in stderr
     step = max(int(p.name.split("-")[1]) for p in interrupted.glob("checkpoint-*"))
@@ -102,13 +83,54 @@ def test_interrupted_and_resumed_run_replays_the_uninterrupted_one(
     assert not (interrupted / "model_index.json").exists()  # no final model from an interrupted run
     assert not list(interrupted.glob(".tmp-*"))
 
-    assert_ok(run_script(SCRIPT, *args(interrupted, "--resume_from_checkpoint", "latest")))  # in this process
+    assert_ok(run_script(SCRIPT, *resume_args))  # in this process
     # Same data order, augmentation, noise and state: the same numbers, not merely close ones.
     assert loss_trace(interrupted) == loss_trace(reference)
     assert sorted(loss_trace(interrupted)) == list(range(1, STEPS + 1))
     final_reference = load_and_sample(reference)[0].unet.state_dict()
     final_resumed = load_and_sample(interrupted)[0].unet.state_dict()
     assert all(torch.equal(final_resumed[name], weight) for name, weight in final_reference.items())
+
+
+@pytest.mark.slow
+def test_an_interrupted_and_resumed_run_replays_the_uninterrupted_one(
+    tmp_path, digits_dir, tiny_unet_config, uninterrupted_run
+):
+    """Ctrl-C (SIGINT); SIGTERM, a scheduler's stop, is the test after this one."""
+    interrupted = tmp_path / "interrupted"
+    args = interruptible_args(digits_dir, tiny_unet_config, interrupted)
+    process = start_script(SCRIPT, *args, launcher="python")
+    signal_once_saved(process, interrupted / "checkpoint-3", signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    resume = [*args, "--resume_from_checkpoint", "latest"]
+    assert_stopped_and_replayed_by_resume(process, stderr, interrupted, uninterrupted_run, signal.SIGINT, resume)
+
+
+@pytest.mark.slow
+def test_a_second_run_is_refused_while_the_first_trains_and_sigterm_stops_the_first_for_an_exact_resume(
+    tmp_path, digits_dir, tiny_unet_config, uninterrupted_run
+):
+    """One launch serves both checks: paused (SIGSTOP) once checkpoint-3 is written, so that it is surely still
+    training when a second run on its output folder is tried, then stopped by SIGTERM and resumed."""
+    output_dir = tmp_path / "out"
+    args = interruptible_args(digits_dir, tiny_unet_config, output_dir)
+    first = start_script(SCRIPT, *args, launcher="python")
+    second_args = [*args, "--resume_from_checkpoint", "latest"]
+    second_args[second_args.index("--seed") + 1] = "1"
+    try:
+        signal_once_saved(first, output_dir / "checkpoint-3", signal.SIGSTOP)
+        second = run_script(SCRIPT, *second_args)  # in this process: the lock is between processes
+        assert first.poll() is None  # still there, so the refusal above was the lock's
+    finally:
+        first.send_signal(signal.SIGTERM)  # delivered when the run continues
+        first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert f"--output_dir {output_dir} is in use by another training run (pid {first.pid}" in second.stderr
+    assert not (output_dir / ".pu-diffusion.lock").exists()  # gone with the run that held it
+
+    resume = [*args, "--resume_from_checkpoint", "latest"]
+    assert_stopped_and_replayed_by_resume(first, stderr, output_dir, uninterrupted_run, signal.SIGTERM, resume)
 
 
 @pytest.fixture(scope="module")
@@ -218,32 +240,6 @@ def test_resume_with_another_batch_size_warns_that_it_will_not_replay(tmp_path, 
     assert sorted(loss_trace(output_dir)) == [1, 2, 3]
 
 
-def test_sigterm_to_the_launcher_stops_all_processes_at_the_same_step(tmp_path, digits_dir, tiny_unet_config):
-    output_dir = tmp_path / "out"
-    args = tiny_run_args(
-        digits_dir,
-        tiny_unet_config,
-        output_dir,
-        "--checkpointing_steps",
-        "3",
-        "--max_train_steps",
-        "100000",
-        "--save_images_epochs",
-        "100000",
-        "--save_model_epochs",
-        "100000",
-    )
-    process = start_script(SCRIPT, *args, num_processes=2)
-    signal_once_saved(process, output_dir / "checkpoint-3", signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode != 0
-    stops = re.findall(r"stopped: interrupted by SIGTERM after step (\d+)", stderr)
-    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
-    last = output_dir / f"checkpoint-{stops[0]}"
-    assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    assert not list(output_dir.glob(".tmp-*"))
-
-
 def unet_weights(output_dir):
     return (output_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
@@ -308,32 +304,6 @@ def test_a_run_stopped_before_its_final_save_is_finished_by_resume(tmp_path, dig
     assert "| steps, batch (U + S) | 3, 8 + 2 |" in (output_dir / "README.md").read_text()
     assert (output_dir / "samples.png").is_file()
     assert sorted(loss_trace(output_dir)) == [1, 2, 3]  # no step trained twice
-
-
-def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_trains(tmp_path, digits_dir, tiny_unet_config):
-    output_dir = tmp_path / "out"
-    args = tiny_run_args(
-        digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "3", "--max_train_steps", "100000",
-        "--save_images_epochs", "100000", "--save_model_epochs", "100000",
-    )  # fmt: skip
-    first = start_script(SCRIPT, *args, launcher="python")
-    try:
-        deadline = time.monotonic() + 300
-        while not (output_dir / "checkpoint-3").is_dir():  # the first run is training
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.01)
-        second_args = [*args, "--resume_from_checkpoint", "latest"]
-        second_args[second_args.index("--seed") + 1] = "1"
-        second = run_script(SCRIPT, *second_args)  # in this process: the lock is between processes
-        assert first.poll() is None  # still training, so the refusal above was the lock's
-    finally:
-        first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=300)
-    assert second.returncode != 0 and "Traceback" not in second.stderr
-    assert f"--output_dir {output_dir} is in use by another training run (pid {first.pid}" in second.stderr
-    # The first run stopped on its own signal, and its lock is gone with it.
-    assert first.returncode == 128 + signal.SIGTERM
-    assert not (output_dir / ".pu-diffusion.lock").exists()
 
 
 def test_a_grayscale_image_sorting_first_does_not_make_a_colour_folder_grayscale(tmp_path):

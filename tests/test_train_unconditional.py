@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import re
+import signal
 
 import pytest
 import torch
@@ -11,12 +13,14 @@ from tests.helpers import UNCONDITIONAL as SCRIPT
 from tests.helpers import (
     assert_ok,
     forwards_per_optimizer_step,
-    launch_counting_forwards,
     load_and_sample,
     refusal,
     resume_from_a_copy,
     run_script,
     scalars,
+    shared_forwards_per_step,
+    signal_once_saved,
+    start_script,
     tiny_run_args,
     tiny_unet_kwargs,
     write_image_folder,
@@ -273,28 +277,38 @@ def test_a_finished_model_is_not_overwritten_without_the_flag(tmp_path, digits_d
 
 
 @pytest.mark.slow
-def test_two_processes_on_cpu_train_with_accumulation_checkpoint_and_resume(tmp_path, digits_dir, tiny_unet_config):
-    """accelerate launch --num_processes 2 (gloo): U's 6 batches are sharded, 3 per process and epoch, so with
-    accumulation 2 each process steps after 2 of them, then after 1, and both step together."""
+def test_two_processes_accumulate_stop_together_on_sigterm_and_resume(tmp_path, digits_dir, tiny_unet_config):
+    """accelerate launch --num_processes 2 (gloo), stopped as a cluster's scheduler stops a job and resumed.
+
+    U's 6 batches are sharded, 3 per process and epoch, so with accumulation 2 each process steps after 2 of
+    them, then after 1, and both step together. SIGTERM to the launcher, once checkpoint-4 is written, stops
+    both processes after the same step with a checkpoint that holds both processes' random states."""
     output_dir = tmp_path / "out"
     args = tiny_run_args(
         digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "2", "--use_ema",
         "--save_images_epochs", "1", "--gradient_accumulation_steps", "2",
     )  # fmt: skip
-    result, steps = launch_counting_forwards(
-        SCRIPT, *args, "--max_train_steps", "4", record_path=tmp_path / "record.json", num_processes=2
-    )
-    assert steps == [2, 1, 2, 1]
-    assert result.stderr.count("U: 44 images, S: 6 images") == 2  # both processes trained
-    checkpoint = output_dir / "checkpoint-4"
-    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    # 4 steps of 2 per epoch: two epochs, so two validation grids.
-    assert sorted(p.name for p in (output_dir / "validation").glob("*.png")) == ["epoch-0000.png", "epoch-0001.png"]
+    record = tmp_path / "record.json"
+    counted = ["tests/step_counter.py", record, SCRIPT, *args, "--max_train_steps", "100000"]
+    launch = start_script(*counted, num_processes=2)
+    signal_once_saved(launch, output_dir / "checkpoint-4", signal.SIGTERM)
+    _, stderr = launch.communicate(timeout=300)
+    assert launch.returncode != 0
+    assert stderr.count("U: 44 images, S: 6 images") == 2  # both processes trained
+    stops = re.findall(r"stopped: interrupted by SIGTERM after step (\d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    stop = int(stops[0])
+    assert shared_forwards_per_step(record, num_processes=2) == ([2, 1] * stop)[:stop]
+    last = output_dir / f"checkpoint-{stop}"
+    assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert not list(output_dir.glob(".tmp-*")) and not (output_dir / "model_index.json").exists()
+    # 2 steps an epoch; the stop comes right after a step, before that epoch's grid.
+    grids = sorted(p.name for p in (output_dir / "validation").glob("*.png"))
+    assert grids == [f"epoch-{epoch:04d}.png" for epoch in range((stop - 1) // 2)]
 
-    assert_ok(
-        run_script(SCRIPT, *args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", num_processes=2)
-    )
-    assert sorted(step for step, _ in scalars(output_dir)["loss"]) == list(range(1, 7))
+    resumed = ["--max_train_steps", str(stop + 2), "--resume_from_checkpoint", "latest"]
+    assert_ok(run_script(SCRIPT, *args, *resumed, num_processes=2))
+    assert sorted(step for step, _ in scalars(output_dir)["loss"]) == list(range(1, stop + 3))
     _, images = load_and_sample(output_dir)
     assert images.shape == (2, 8, 8, 1)
 
