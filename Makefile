@@ -7,7 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 DEMO_DIR ?= outputs/digits-benchmark
-# pytest-xdist workers for make test; --dist loadfile keeps a file's tests, and its shared runs, on one worker.
+# pytest-xdist workers for make test; --dist loadfile keeps a file's tests, and its shared runs, on one worker;
+# --no-loadscope-reorder keeps the order of tests/conftest.py (longest files first), not xdist's (most tests first).
 TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
@@ -34,7 +35,7 @@ demo: install
 	PYTHON=$(RUN_PYTHON) bash scripts/demo.sh $(DEMO_DIR)
 
 test: install-dev
-	$(RUN_PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+	$(RUN_PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install-dev
 	$(RUN_PYTHON) -m ruff check . && $(RUN_PYTHON) -m ruff format --check .

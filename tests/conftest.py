@@ -20,6 +20,22 @@ import text_to_image_step  # benchmarks/, on pytest's pythonpath
 
 from tests.helpers import tiny_t5_tokenizer, tiny_unet_kwargs, write_captioned_folder, write_tiny_clip_tokenizer
 
+#: make test's two workers take whole files (--dist loadfile) in collection order (--no-loadscope-reorder),
+#: each the next file as it runs out. Longest first (by --durations), the short files fill in at the end and
+#: both workers finish at about the same time; in alphabetical order the longest came last.
+LONGEST_FILES_FIRST = (
+    "test_train_text_to_image.py",
+    "test_text_to_image_base.py",
+    "test_train_unconditional.py",
+    "test_reliability.py",
+    "test_train_sd3.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
