@@ -32,8 +32,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from pu_diffusion.checks import check_sensitive_source, check_writable
 from pu_diffusion.errors import InputError
 from pu_diffusion.flags import add_data_arguments, add_prior_estimation_arguments, fraction_rule, show_ranges
@@ -41,12 +39,10 @@ from pu_diffusion.outputs import write_json_atomically
 from pu_diffusion.prior import estimate_problems, logged_estimate, scores_for_data
 from pu_diffusion.training_data import load_training_sets
 from pu_diffusion.unlabeled_filter import (
-    FilterRecord,
     check_output_folder,
     check_rule_usable,
-    drop_fraction,
-    kept_indices,
-    label_audit,
+    describe,
+    filter_unlabeled,
     write_filtered_data,
 )
 
@@ -134,28 +130,12 @@ def main(args: argparse.Namespace) -> None:
 
 def write_filtered(args: argparse.Namespace, unlabeled, sensitive, unlabeled_scores, estimate) -> None:
     """--write_filtered_data: U without its top --filter_fraction by held-out score, S, and filter.json."""
-    fraction = drop_fraction(args.filter_fraction, estimate)
-    kept = kept_indices(unlabeled_scores, fraction)
-    record = FilterRecord(
-        rule=str(args.filter_fraction),
-        fraction=fraction,
-        prior_estimate=estimate.to_dict(),
-        unlabeled_before=len(unlabeled),
-        unlabeled_kept=len(kept),
-        sensitive_images=len(sensitive),
-        dropped_indices=np.setdiff1d(np.arange(len(unlabeled)), kept).tolist(),
-        audit=label_audit(unlabeled, kept, args.label_column, args.sensitive_labels),
-    )
+    kept, record = filter_unlabeled(
+        unlabeled, len(sensitive), unlabeled_scores, estimate, args.filter_fraction, args.label_column,
+        args.sensitive_labels,
+    )  # fmt: skip
     write_filtered_data(Path(args.write_filtered_data), unlabeled, sensitive, kept, record)
-    print(
-        f"filtered U: dropped {len(unlabeled) - len(kept)} of {len(unlabeled)} images (--filter_fraction"
-        f" {args.filter_fraction}: {fraction:.4f}); written to {args.write_filtered_data}"
-    )
-    if record.audit is not None:
-        print(
-            f"(labels in U: {record.audit['sensitive_dropped']} of its {record.audit['sensitive_in_unlabeled']}"
-            f" sensitive images dropped, and {record.audit['normal_dropped']} normal ones)"
-        )
+    print(f"filtered U: {describe(record.to_dict())}; written to {args.write_filtered_data}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from pu_diffusion.outputs import (
     upload_to_hub,
     write_model_card,
 )
-from pu_diffusion.prior import estimate_for_data
+from pu_diffusion.prior import estimate_for_data, scores_for_data
 from pu_diffusion.run_setup import (
     check_plan,
     enable_memory_savers,
@@ -69,6 +69,7 @@ from pu_diffusion.run_setup import (
     prepare_for_training,
     settle_prior,
     settle_seed,
+    settle_unlabeled_filter,
     start_trackers,
 )
 from pu_diffusion.sd3_flags import add_sd3_arguments, flow_settings
@@ -372,6 +373,10 @@ def main(args: argparse.Namespace) -> None:
 
         with accelerator.main_process_first():
             unlabeled, sensitive = load_training_sets(args, seed)
+        unlabeled, unlabeled_filter = settle_unlabeled_filter(
+            accelerator, args, seed, unlabeled, len(sensitive) if sensitive is not None else 0,
+            lambda: scores_for_data(unlabeled, sensitive, args, seed, frozen.vae, accelerator.device),
+        )  # fmt: skip
         prior_estimate = settle_prior(
             accelerator,
             args,
@@ -381,8 +386,9 @@ def main(args: argparse.Namespace) -> None:
         bucketing = assign_buckets(args, frozen, unlabeled, sensitive)
         unlabeled_batches = bucketing.num_batches("U", args.train_batch_size) if bucketing else None
         plan = plan_run(
-            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint, unlabeled_batches
-        )
+            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint, unlabeled_batches,
+            unlabeled_filter,
+        )  # fmt: skip
         check_plan(accelerator, args, plan)
         trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
         make_dataset = captioned_dataset_factory(args, frozen, bucketing)

@@ -40,7 +40,7 @@ from pu_diffusion.outputs import (
     upload_to_hub,
     write_model_card,
 )
-from pu_diffusion.prior import estimate_for_data
+from pu_diffusion.prior import estimate_for_data, scores_for_data
 from pu_diffusion.run_setup import (
     TrainingRun,
     check_plan,
@@ -51,6 +51,7 @@ from pu_diffusion.run_setup import (
     prepare_for_training,
     settle_prior,
     settle_seed,
+    settle_unlabeled_filter,
     start_trackers,
 )
 from pu_diffusion.training_data import data_fingerprint, load_training_sets
@@ -234,13 +235,20 @@ def main(args: argparse.Namespace) -> None:
         seed = settle_seed(args)
         with accelerator.main_process_first():
             unlabeled, sensitive = load_training_sets(args, seed)
+        unlabeled, unlabeled_filter = settle_unlabeled_filter(
+            accelerator, args, seed, unlabeled, len(sensitive) if sensitive is not None else 0,
+            lambda: scores_for_data(unlabeled, sensitive, args, seed, device=accelerator.device),
+        )  # fmt: skip
         prior_estimate = settle_prior(
             accelerator,
             args,
             lambda: estimate_for_data(unlabeled, sensitive, args, seed, device=accelerator.device),
         )
         fingerprint = data_fingerprint(unlabeled, sensitive, args.image_column)
-        plan = plan_run(args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint)
+        plan = plan_run(
+            args, seed, unlabeled, sensitive, accelerator.num_processes, prior_estimate, fingerprint,
+            unlabeled_filter=unlabeled_filter,
+        )  # fmt: skip
         check_plan(accelerator, args, plan)
 
         sources = [(unlabeled, "U")] + ([(sensitive, "S")] if sensitive is not None else [])

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVE_FLAGS = (
     "loss_type",
     "prior",
+    "filter_unlabeled",
     "nonnegative",
     "loss_reduction",
     "positive_risk_weight",

@@ -22,7 +22,7 @@ from pu_diffusion.errors import InputError
 from pu_diffusion.flags import add_pu_arguments, show_ranges
 from pu_diffusion.objective import DEFAULT_SENSITIVE_MAX_SNR
 from pu_diffusion.outputs import finished_model_file
-from pu_diffusion.prior import check_sizes_from_flags
+from pu_diffusion.prior import check_sizes_from_flags, images_needed
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         raise InputError("--report_to wandb needs wandb: pip install wandb")
     if args.prior == "auto" and args.loss_type == "pu":
         check_sizes_from_flags(args)
+    if args.filter_unlabeled is not None:
+        check_filter_source(args)
     check_optimizer(args)
     _check_output_dir(args)
 
@@ -132,6 +134,21 @@ def check_sensitive_source(args: argparse.Namespace) -> None:
         raise InputError(
             f"--loss_type {args.loss_type} needs labeled sensitive data S: give --sensitive_dataset_name,"
             " --sensitive_data_dir, or --label_column with --sensitive_labels"
+        )
+
+
+def check_filter_source(args: argparse.Namespace) -> None:
+    """--filter_unlabeled scores U against S: it needs S, as large as the prior estimator needs."""
+    if not (args.label_column or args.sensitive_dataset_name or args.sensitive_data_dir):
+        raise InputError(
+            "--filter_unlabeled needs labeled sensitive data S to score U against: give --sensitive_dataset_name,"
+            " --sensitive_data_dir, or --label_column with --sensitive_labels"
+        )
+    needed = images_needed(args.prior_folds)
+    if getattr(args, "num_labeled_sensitive", None) is not None and args.num_labeled_sensitive < needed:
+        raise InputError(
+            f"--filter_unlabeled with --num_labeled_sensitive {args.num_labeled_sensitive}: scoring U needs at"
+            f" least {needed} images in S"
         )
 
 

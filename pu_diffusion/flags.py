@@ -247,6 +247,16 @@ def add_pu_arguments(parser: argparse.ArgumentParser, default_nonnegative: str =
         " with the summed per-sample loss of Eq. (8). With --nonnegative nnpu it is Eq. (19) and Algorithm 1;"
         " with abs (the text-to-image default) the paper's Stable Diffusion variant.",
     )
+    group.add_argument(
+        "--filter_unlabeled",
+        type=fraction_rule,
+        default=None,
+        metavar="{estimate,high,SHARE}",
+        help="Ours, not the paper's: before training, drop from U its images that look most like S (held-out"
+        " scores of the prior estimator's S-vs-U classifiers), as estimate_prior.py --write_filtered_data does:"
+        " 'high' (the upper end of the estimate's interval), 'estimate', or a share in (0, 1). Needs S and the"
+        " estimator's image counts. Default: train on all of U.",
+    )
     add_prior_estimation_arguments(parser)
 
 

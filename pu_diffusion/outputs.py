@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pu_diffusion.errors import InputError, reporting_full_disk
+from pu_diffusion.unlabeled_filter import describe
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,7 @@ def write_model_card(
         f"| unlabeled data U | {public_name(args.dataset_name or args.train_data_dir)} |",
         f"| sensitive data S | {sensitive or 'none (unsupervised)'} |",
         f"| images in U, S | {plan.num_unlabeled_images}, {plan.num_sensitive_images} |",
+        *([f"| U filtered first (ours) | {describe(plan.unlabeled_filter)} |"] if plan.unlabeled_filter else []),
         f"| loss type | {args.loss_type} |",
         f"| prior (beta) | {prior_description(plan)} |",
         f"| nonnegative | {args.nonnegative} |",

@@ -25,10 +25,14 @@ from pu_diffusion.checkpoints import (
 from pu_diffusion.errors import InputError
 from pu_diffusion.objective import LossSettings
 from pu_diffusion.outputs import create_hub_repo, public_name, write_json_atomically
-from pu_diffusion.prior import check_usable
+from pu_diffusion.prior import check_usable, estimate_problems, logged_estimate
 from pu_diffusion.training_data import derived_seed
+from pu_diffusion.unlabeled_filter import check_rule_usable, describe, filter_unlabeled, kept_from_record
 
 logger = logging.getLogger(__name__)
+
+#: What --filter_unlabeled dropped from U, in --output_dir (a checkpoint's training_config.json has it too).
+UNLABELED_FILTER_FILE = "unlabeled_filter.json"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class RunPlan:
     prior: float  # --prior, or its estimate for --prior auto
     prior_estimate: dict | None = None  # what --prior auto found (PriorEstimate.to_dict())
     data_fingerprint: dict | None = None  # data_fingerprint of U and S
+    unlabeled_filter: dict | None = None  # what --filter_unlabeled dropped (FilterRecord.to_dict())
 
 
 def plan_run(
@@ -58,6 +63,7 @@ def plan_run(
     prior_estimate: dict | None = None,
     data_fingerprint: dict | None = None,
     unlabeled_batches: int | None = None,
+    unlabeled_filter: dict | None = None,
 ) -> RunPlan:
     """The default --sensitive_batch_size, the learning rate after --scale_lr, and the step counts: an epoch
     of U gives ceil(batches per process / --gradient_accumulation_steps) steps; --max_train_steps, when
@@ -88,6 +94,7 @@ def plan_run(
         prior=prior_estimate["estimate"] if prior_estimate is not None else args.prior,
         prior_estimate=prior_estimate,
         data_fingerprint=data_fingerprint,
+        unlabeled_filter=unlabeled_filter,
     )
 
 
@@ -185,32 +192,72 @@ def settle_seed(args: argparse.Namespace) -> int:
 def settle_prior(accelerator, args: argparse.Namespace, estimate: Callable) -> dict | None:
     """For --prior auto with the PU loss: the estimate of the checkpoint being resumed, else ``estimate()``
     (a :class:`PriorEstimate`), refused when it cannot be trained with; it goes to prior.json in
-    --output_dir. None for a numeric --prior.
-
-    Every process runs the estimate, so that none waits in a collective for as long as it takes (on real
-    data that can outlast the process group's timeout); the main process's result is then shared, so that
-    all train with the same prior, and so is its refusal.
-    """
-    from accelerate.utils import broadcast_object_list
-
+    --output_dir. None for a numeric --prior."""
     if args.prior != "auto" or args.loss_type != "pu":
         return None
     saved = resumed_prior_estimate(args)
     if saved is not None:
         logger.info("--prior auto: %.4f, as estimated when the resumed run started", saved["estimate"])
         return saved
-    try:
+
+    def usable_estimate() -> dict:
         found = estimate()
         check_usable(found, args.prior_max_interval_width)
-        outcome = [found.to_dict(), None]
+        return found.to_dict()
+
+    found = main_process_result(accelerator, usable_estimate)
+    if accelerator.is_main_process:
+        write_json_atomically(Path(args.output_dir) / "prior.json", found)
+    return found
+
+
+def settle_unlabeled_filter(
+    accelerator, args: argparse.Namespace, seed: int, unlabeled, num_sensitive: int, scores: Callable
+):
+    """--filter_unlabeled: (U without its most S-like images, the record of what was dropped), the record
+    being the resumed checkpoint's if there is one, else made from ``scores()`` (a :class:`HeldOutScores`)
+    and written to unlabeled_filter.json in --output_dir. (U, None) without the flag."""
+    if args.filter_unlabeled is None:
+        return unlabeled, None
+    record = resumed_config_value(args, "unlabeled_filter")
+    if record is not None:
+        logger.info("--filter_unlabeled: as filtered when the resumed run started, %s", describe(record))
+    else:
+
+        def filter_record() -> dict:
+            held_out = scores()
+            estimate = logged_estimate(held_out, args.prior_confidence, seed)
+            problems = estimate_problems(estimate, args.prior_max_interval_width)
+            check_rule_usable(args.filter_unlabeled, problems, "--filter_unlabeled")
+            _, made = filter_unlabeled(
+                unlabeled, num_sensitive, held_out.unlabeled, estimate, args.filter_unlabeled,
+                getattr(args, "label_column", None), getattr(args, "sensitive_labels", None),
+            )  # fmt: skip
+            return made.to_dict()
+
+        record = main_process_result(accelerator, filter_record)
+        logger.info("--filter_unlabeled: %s", describe(record))
+        if accelerator.is_main_process:
+            write_json_atomically(Path(args.output_dir) / UNLABELED_FILTER_FILE, record)
+    return unlabeled.select(kept_from_record(record, len(unlabeled), "--filter_unlabeled")), record
+
+
+def main_process_result(accelerator, compute: Callable):
+    """``compute()`` on every process, then the main process's result (or its refusal) for all.
+
+    Every process computes, so that none waits in a collective for as long as it takes (on real data that
+    can outlast the process group's timeout); sharing the main process's result makes all train with the
+    same one, and a refusal stops them all."""
+    from accelerate.utils import broadcast_object_list
+
+    try:
+        outcome = [compute(), None]
     except InputError as error:
         outcome = [None, str(error)]
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)
     if outcome[1] is not None:
         raise InputError(outcome[1])
-    if accelerator.is_main_process:
-        write_json_atomically(Path(args.output_dir) / "prior.json", outcome[0])
     return outcome[0]
 
 
@@ -417,6 +464,7 @@ def checkpoint_config(args: argparse.Namespace, plan: RunPlan) -> dict:
     config = {key: getattr(args, key, None) for key in OBJECTIVE_FLAGS + ADAPTER_FLAGS}
     # --prior auto is resolved once, at the start; a resume reuses this estimate.
     config.update(prior_value=plan.prior, prior_estimate=plan.prior_estimate, data_fingerprint=plan.data_fingerprint)
+    config.update(unlabeled_filter=plan.unlabeled_filter)  # reused by a resume, so that U stays the same
     # The data order as run: the plan's value where it settled one (seed, S batch size), else the flag.
     config.update({key: getattr(plan, key, getattr(args, key, None)) for key in DATA_ORDER_FLAGS})
     return config

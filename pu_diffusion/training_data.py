@@ -82,13 +82,15 @@ def require_column(dataset, column: str, flag: str, source: str) -> None:
         raise InputError(f"{flag} {column!r}: no such column in {source} (columns: {dataset.column_names})")
 
 
-def resolve_label_values(dataset, label_column: str, labels: Sequence[str], flag: str = "--sensitive_labels") -> set:
+def resolve_label_values(
+    dataset, label_column: str, labels: Sequence[str], flag: str = "--sensitive_labels", missing_ok: bool = False
+) -> set:
     """Map the user's label strings to the values stored in ``label_column``.
 
     A ``ClassLabel`` column accepts class names or integer ids; any other
     column is matched on ``str(value)`` or, for numbers, on the number (so
-    "1" finds 1.0). Every label must occur in the data; the error lists the
-    values that do.
+    "1" finds 1.0). Every label must occur in the data (the error lists the
+    values that do), unless ``missing_ok``: then absent labels match nothing.
     """
     from datasets import ClassLabel
 
@@ -101,6 +103,8 @@ def resolve_label_values(dataset, label_column: str, labels: Sequence[str], flag
         else:
             matches = [v for v in present if str(v) == str(label) or _same_number(v, label)]
             value = matches[0] if matches else None
+        if (value is None or value not in present) and missing_ok:
+            continue
         if value is None or value not in present:
             shown = sorted(present, key=str)
             if isinstance(feature, ClassLabel):
@@ -209,8 +213,8 @@ def split_by_label(
     )
 
 
-def sensitive_mask(dataset, label_column: str, sensitive_labels: Sequence[str]) -> np.ndarray:
-    values = resolve_label_values(dataset, label_column, sensitive_labels)
+def sensitive_mask(dataset, label_column: str, sensitive_labels: Sequence[str], missing_ok: bool = False) -> np.ndarray:
+    values = resolve_label_values(dataset, label_column, sensitive_labels, missing_ok=missing_ok)
     return np.array([label in values for label in dataset[label_column]], dtype=bool)
 
 

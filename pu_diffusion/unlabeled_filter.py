@@ -9,10 +9,12 @@ sensitive images, which its U term asks it to model; the S term pushes
 away what S holds but cannot tell the model to forget images it sees in U
 (docs/benchmark.md, "Longer training").
 
-How much to drop is the rule ``--filter_fraction``: the estimated share
-(``estimate``), the upper end of its interval (``high``, the default: a
-ranking is never perfect, so dropping no more than U's sensitive share
-leaves some of it behind), or a fixed share.
+The training scripts apply it with ``--filter_unlabeled RULE``;
+estimate_prior.py writes the filtered data with ``--write_filtered_data``
+and ``--filter_fraction RULE``. The rule says how much to drop: the
+estimated share (``estimate``), the upper end of its interval (``high``,
+estimate_prior.py's default: a ranking is never perfect, so dropping no
+more than U's sensitive share leaves some of it behind), or a fixed share.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ def drop_fraction(rule: str | float, estimate) -> float:
     return float(rule)
 
 
-def check_rule_usable(rule: str | float, problems: list[str]) -> None:
+def check_rule_usable(rule: str | float, problems: list[str], flag: str = "--filter_fraction") -> None:
     """A rule read off the estimate needs an estimate that can be used (see prior.estimate_problems)."""
     if rule in FRACTION_RULES and problems:
         raise InputError(
-            f"--filter_fraction {rule}: the estimate cannot be used ({'; '.join(problems)}); nothing was"
+            f"{flag} {rule}: the estimate cannot be used ({'; '.join(problems)}); nothing was"
             " filtered. Give the share of U to drop as a number instead."
         )
 
@@ -76,6 +78,52 @@ class FilterRecord:
         return asdict(self)
 
 
+def filter_unlabeled(
+    unlabeled, num_sensitive: int, unlabeled_scores, estimate, rule, label_column=None, sensitive_labels=None
+) -> tuple[np.ndarray, FilterRecord]:
+    """U's kept indices under ``rule``, given every U image's held-out score and the prior ``estimate`` made
+    from them, and the record of what was dropped (audited where U still carries labels)."""
+    fraction = drop_fraction(rule, estimate)
+    kept = kept_indices(unlabeled_scores, fraction)
+    record = FilterRecord(
+        rule=str(rule),
+        fraction=fraction,
+        prior_estimate=estimate.to_dict(),
+        unlabeled_before=len(unlabeled),
+        unlabeled_kept=len(kept),
+        sensitive_images=num_sensitive,
+        dropped_indices=np.setdiff1d(np.arange(len(unlabeled)), kept).tolist(),
+        audit=label_audit(unlabeled, kept, label_column, sensitive_labels),
+    )
+    return kept, record
+
+
+def kept_from_record(record: dict, num_unlabeled: int, flag: str) -> np.ndarray:
+    """The kept indices of a saved record (FilterRecord.to_dict()), on the U it was made for."""
+    if record["unlabeled_before"] != num_unlabeled:
+        raise InputError(
+            f"{flag}: the resumed run's filter was made on {record['unlabeled_before']} images of U, and this U"
+            f" has {num_unlabeled}; resume on the same data"
+        )
+    keep = np.ones(num_unlabeled, dtype=bool)
+    keep[record["dropped_indices"]] = False
+    return np.flatnonzero(keep)
+
+
+def describe(record: dict) -> str:
+    """One line for the log: how much of U was dropped, by which rule, and what the labels say where U has
+    them."""
+    dropped = record["unlabeled_before"] - record["unlabeled_kept"]
+    line = f"dropped {dropped} of {record['unlabeled_before']} images of U ({record['rule']}: {record['fraction']:.4f})"
+    audit = record.get("audit")
+    if audit is not None:
+        line += (
+            f"; labels in U: {audit['sensitive_dropped']} of its {audit['sensitive_in_unlabeled']} sensitive"
+            f" images dropped, and {audit['normal_dropped']} normal ones"
+        )
+    return line
+
+
 def label_audit(unlabeled, kept: np.ndarray, label_column: str | None, sensitive_labels) -> dict | None:
     """Where U still carries its labels (a benchmark's label split), how many sensitive images the filter
     removed and how many normal ones it took with them; None for truly unlabeled data."""
@@ -83,7 +131,8 @@ def label_audit(unlabeled, kept: np.ndarray, label_column: str | None, sensitive
         return None
     from pu_diffusion.training_data import sensitive_mask
 
-    is_sensitive = sensitive_mask(unlabeled, label_column, sensitive_labels)
+    # A label split's U may hold only some of the sensitive labels (4 images of 5 classes, say).
+    is_sensitive = sensitive_mask(unlabeled, label_column, sensitive_labels, missing_ok=True)
     keep = np.zeros(len(unlabeled), dtype=bool)
     keep[kept] = True
     return {

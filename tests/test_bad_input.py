@@ -57,6 +57,20 @@ CASES = {
     ),
     "prior zero": (lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prior", "0"), "--prior"),
     "prior one": (lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--prior", "1.0"), "--prior"),
+    "filter without S": (
+        lambda d, t: ["--dataset_name", d, "--loss_type", "unsupervised", "--filter_unlabeled", "high"],
+        "--filter_unlabeled needs labeled sensitive data S",
+    ),
+    "filter with too small an S": (
+        lambda d, t: label_split_args(
+            d, "--sensitive_labels", *ODD, "--num_labeled_sensitive", "20", "--filter_unlabeled", "0.1"
+        ),
+        "--filter_unlabeled with --num_labeled_sensitive 20: scoring U needs at least 50 images in S",
+    ),  # fmt: skip
+    "filter share one": (
+        lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--filter_unlabeled", "1"),
+        "--filter_unlabeled",
+    ),
     "sensitive batch zero": (
         lambda d, t: label_split_args(d, "--sensitive_labels", *ODD, "--sensitive_batch_size", "0"),
         "--sensitive_batch_size",

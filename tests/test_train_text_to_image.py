@@ -1,6 +1,7 @@
 """train_pu_text_to_image.py: LoRA and full fine-tuning of a tiny Stable Diffusion, launched as users do."""
 
 import argparse
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -385,6 +386,36 @@ def test_a_user_sees_the_message_and_a_failing_exit_code(tiny_sd_pipeline, capti
     assert result.returncode == 2
     assert "error: S needs captions: give --sensitive_caption_column" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_filter_unlabeled_trains_on_u_without_its_most_s_like_images(
+    tiny_sd_pipeline, captioned_data, tmp_path, monkeypatch
+):
+    """U's two dogs (captioned "a photo of a dog") get the highest fixed scores: --filter_unlabeled 0.25 drops
+    exactly them, and the run trains on the six cats. The scores come from the VAE's latents."""
+    from pu_diffusion.prior import HeldOutScores
+
+    seen = {}
+
+    def fixed_scores(unlabeled, sensitive, args, seed, vae=None, device="cpu"):
+        seen["vae"] = vae
+        scores = [0.9 if caption == "a photo of a dog" else 0.1 for caption in unlabeled["text"]]
+        return HeldOutScores(np.full(len(sensitive), 0.9), np.array(scores), "vae latents", 5)
+
+    monkeypatch.setattr(t2i, "scores_for_data", fixed_scores)
+    output_dir = tmp_path / "out"
+    args = run_args(tiny_sd_pipeline, captioned_data, output_dir, *LORA, "--max_train_steps", "1")
+    result = run_script(SCRIPT, *args, "--filter_unlabeled", "0.25")
+    assert_ok(result)
+    assert seen["vae"] is not None and "U: 6 images, S: 3 images" in result.stderr
+    record = json.loads((output_dir / "unlabeled_filter.json").read_text())
+    assert record["dropped_indices"] == [i for i, row in enumerate(captioned_rows(captioned_data[0])) if "dog" in row]
+
+
+def captioned_rows(folder) -> list[str]:
+    import datasets
+
+    return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")["text"]
 
 
 def test_captions_are_read_per_image_and_bad_cells_are_named():

@@ -5,12 +5,13 @@ import json
 import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 import train_pu_unconditional
-from tests.helpers import UNCONDITIONAL as SCRIPT
 from tests.helpers import (
+    ODD,
     assert_ok,
     forwards_per_optimizer_step,
     load_and_sample,
@@ -25,6 +26,7 @@ from tests.helpers import (
     tiny_unet_kwargs,
     write_image_folder,
 )
+from tests.helpers import UNCONDITIONAL as SCRIPT
 
 
 def test_pu_run_saves_a_loadable_pipeline_card_grid_and_logs(tmp_path, digits_dir, tiny_unet_config):
@@ -129,6 +131,46 @@ def test_prior_auto_is_estimated_once_recorded_and_reused_on_resume(tmp_path, di
     assert "estimated prior (share" not in resumed.stderr and not (output_dir / "prior.json").exists()
     final = json.loads((output_dir / "checkpoint-4" / "training_config.json").read_text())
     assert final["prior_estimate"] == estimate
+
+
+def test_filter_unlabeled_drops_the_most_s_like_images_records_them_and_keeps_them_dropped_on_resume(
+    tmp_path, digits_dir, tiny_unet_config, monkeypatch, capsys
+):
+    """--filter_unlabeled with fixed held-out scores (U's 4 sensitive digits score highest): a share of 4/64
+    drops exactly those, as the record, the log, the card and the checkpoint say; a resume keeps the same U."""
+    from pu_diffusion.prior import HeldOutScores
+
+    def fixed_scores(unlabeled, sensitive, args, seed, vae=None, device="cpu"):
+        is_sensitive = np.isin(unlabeled["label"], [int(label) for label in ODD])
+        scores = np.where(is_sensitive, 0.9, 0.1) + np.linspace(0, 0.01, len(unlabeled))
+        return HeldOutScores(np.full(len(sensitive), 0.9), scores, "pixels at 8 px", 5)
+
+    monkeypatch.setattr(train_pu_unconditional, "scores_for_data", fixed_scores)
+    output_dir = tmp_path / "out"
+    args = tiny_run_args(digits_dir, tiny_unet_config, output_dir, "--checkpointing_steps", "2")
+    args += ["--filter_unlabeled", "0.0625", "--num_labeled_sensitive", "50", "--num_unlabeled_normal", "60"]
+    first = run_script(SCRIPT, *args, "--max_train_steps", "2")
+    assert_ok(first)
+
+    record = json.loads((output_dir / "unlabeled_filter.json").read_text())
+    assert (record["unlabeled_before"], record["unlabeled_kept"], record["fraction"]) == (64, 60, 0.0625)
+    assert record["audit"]["sensitive_dropped"] == 4 and record["audit"]["normal_dropped"] == 0
+    assert "dropped 4 of 64 images of U (0.0625: 0.0625); labels in U: 4 of its 4 sensitive" in first.stderr
+    assert "U: 60 images, S: 50 images" in first.stderr
+    card = (output_dir / "README.md").read_text()
+    assert "| images in U, S | 60, 50 |" in card and "| U filtered first (ours) | dropped 4 of 64 images" in card
+    saved = json.loads((output_dir / "checkpoint-2" / "training_config.json").read_text())
+    assert saved["filter_unlabeled"] == 0.0625 and saved["unlabeled_filter"] == record
+
+    monkeypatch.setattr(train_pu_unconditional, "scores_for_data", None)  # a resume must not score again
+    (output_dir / "unlabeled_filter.json").unlink()
+    resumed = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert_ok(resumed)
+    assert "--filter_unlabeled: as filtered when the resumed run started, dropped 4 of 64" in resumed.stderr
+    assert sorted(step for step, _ in scalars(output_dir)["loss"]) == [1, 2, 3, 4]
+    other = [*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", "--filter_unlabeled", "high"]
+    refused = refusal(train_pu_unconditional, other, capsys)
+    assert "--filter_unlabeled high: checkpoint-4 was trained with --filter_unlabeled 0.0625" in refused
 
 
 def test_checkpoint_limit_and_resume_continue_the_global_step(tmp_path, digits_dir, tiny_unet_config):

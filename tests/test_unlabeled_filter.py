@@ -15,7 +15,10 @@ from pu_diffusion.unlabeled_filter import (
     FilterRecord,
     check_output_folder,
     check_rule_usable,
+    describe,
     drop_fraction,
+    filter_unlabeled,
+    kept_from_record,
     kept_indices,
     label_audit,
     write_filtered_data,
@@ -66,6 +69,26 @@ def test_the_label_audit_counts_what_was_dropped():
     }
     assert label_audit(unlabeled.remove_columns("label"), np.array([0]), "label", ["s"]) is None
     assert label_audit(unlabeled, np.array([0]), None, None) is None
+    # A sensitive label that U lacks (a label split's few sensitive images) counts nothing, and is no error.
+    assert label_audit(unlabeled, np.array([0, 3, 4]), "label", ["s", "t"]) == audit
+
+
+def test_a_saved_filter_gives_back_its_kept_indices_on_the_same_u_only():
+    record = record_for([0, 2, 3], 5).to_dict()
+    assert kept_from_record(record, 5, "--filter_unlabeled").tolist() == [0, 2, 3]
+    with pytest.raises(InputError, match="--filter_unlabeled: the resumed run's filter was made on 5 images"):
+        kept_from_record(record, 6, "--filter_unlabeled")
+    assert describe(record) == "dropped 2 of 5 images of U (high: 0.4000)"
+
+
+def test_filtering_keeps_all_but_the_top_share_and_records_it():
+    unlabeled = labeled(["a", "s", "a", "s", "a"])
+    estimate = PriorEstimate(0.4, 0.2, 0.6, 0.9, "BBE", "pixels at 8 px", 5, 2, 2)
+    kept, record = filter_unlabeled(unlabeled, 2, np.array([0.1, 0.9, 0.2, 0.8, 0.3]), estimate, "high", "label", ["s"])
+    assert kept.tolist() == [0, 2] and record.dropped_indices == [1, 3, 4]  # round(0.6 * 5) = 3 dropped
+    assert (record.fraction, record.unlabeled_kept, record.sensitive_images) == (0.6, 2, 2)
+    assert (record.audit["sensitive_dropped"], record.audit["normal_dropped"]) == (2, 1)
+    assert record.prior_estimate == estimate.to_dict()
 
 
 def record_for(kept, total) -> FilterRecord:
