@@ -225,7 +225,10 @@ def settle_unlabeled_filter(
     else:
 
         def filter_record() -> dict:
-            held_out = scores()
+            # The scorers reseed torch; training goes on from the state set_seed left, so that a run with the
+            # flag trains as a run on estimate_prior.py's filtered data does, bit for bit.
+            with torch.random.fork_rng():
+                held_out = scores()
             estimate = logged_estimate(held_out, args.prior_confidence, seed)
             problems = estimate_problems(estimate, args.prior_max_interval_width)
             check_rule_usable(args.filter_unlabeled, problems, "--filter_unlabeled")

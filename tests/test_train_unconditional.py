@@ -173,6 +173,44 @@ def test_filter_unlabeled_drops_the_most_s_like_images_records_them_and_keeps_th
     assert "--filter_unlabeled high: checkpoint-4 was trained with --filter_unlabeled 0.0625" in refused
 
 
+def test_filter_unlabeled_trains_as_a_run_on_estimate_prior_filtered_data_does(tmp_path, digits_dir, tiny_unet_config):
+    """One command (--filter_unlabeled) and the two-step route (estimate_prior.py --write_filtered_data, then
+    training on its folders) drop the same images and train the same UNet, bit for bit on one machine."""
+    split = ["--dataset_name", digits_dir, "--label_column", "label", "--sensitive_labels", *ODD, "--resolution", "8"]
+    split += ["--num_unlabeled_normal", "60", "--num_unlabeled_sensitive", "4", "--num_labeled_sensitive", "50"]
+    scoring = ["--prior_folds", "2", "--prior_epochs", "2", "--seed", "0"]
+    folder = tmp_path / "filtered"
+    assert_ok(
+        run_script("estimate_prior.py", *split, *scoring, "--output_dir", tmp_path / "prior",
+                   "--write_filtered_data", folder, "--filter_fraction", "0.1")
+    )  # fmt: skip
+    one_command = tmp_path / "one"
+    args = tiny_run_args(digits_dir, tiny_unet_config, one_command, "--max_train_steps", "3", *scoring[:4])
+    args += ["--num_labeled_sensitive", "50", "--num_unlabeled_normal", "60", "--filter_unlabeled", "0.1"]
+    assert_ok(run_script(SCRIPT, *args))
+    two_steps = tmp_path / "two"
+    split_flags = dict.fromkeys(["--label_column", "--num_unlabeled_normal", "--num_unlabeled_sensitive"], 1)
+    split_flags |= {"--num_labeled_sensitive": 1, "--sensitive_labels": len(ODD), "--filter_unlabeled": 1}
+    on_folders = []
+    position = 0
+    while position < len(args):  # the same flags without the label split and the filter, on the folders
+        flag = args[position]
+        if flag in split_flags:
+            position += 1 + split_flags[flag]
+            continue
+        on_folders.append(flag)
+        position += 1
+    on_folders[on_folders.index("--dataset_name") + 1] = folder / "unlabeled"
+    on_folders[on_folders.index("--output_dir") + 1] = two_steps
+    assert_ok(run_script(SCRIPT, *on_folders, "--sensitive_dataset_name", folder / "sensitive"))
+
+    made_here = json.loads((one_command / "unlabeled_filter.json").read_text())
+    written = json.loads((folder / "filter.json").read_text())
+    assert made_here["dropped_indices"] == written["dropped_indices"] and len(written["dropped_indices"]) == 6
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (one_command / weights).read_bytes() == (two_steps / weights).read_bytes()
+
+
 def test_checkpoint_limit_and_resume_continue_the_global_step(tmp_path, digits_dir, tiny_unet_config):
     output_dir = tmp_path / "out"
     common = tiny_run_args(
